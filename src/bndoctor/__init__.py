@@ -1,0 +1,44 @@
+"""bndoctor: diagnose and repair BatchNorm when the physical batch is tiny.
+
+The root package imports torch and numpy only; optional integrations live in
+``bndoctor.integrations`` and are never imported from here.
+"""
+
+from ._version import __version__
+from ._walk import BNInfo, find_bn, replace_module
+from .convert import convert_bn, default_num_groups, freeze_bn, unfreeze_bn
+from .errors import (
+    BNDoctorError,
+    BNDoctorWarning,
+    GroupCountError,
+    MissingRunningStatsError,
+    ModelSpecError,
+    ModuleSelectionError,
+    NotAModuleError,
+    UninitializedLayerError,
+)
+from .fold import fold_bn
+from .layers import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+
+__all__ = [
+    "BNDoctorError",
+    "BNDoctorWarning",
+    "BNInfo",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GroupCountError",
+    "MissingRunningStatsError",
+    "ModelSpecError",
+    "ModuleSelectionError",
+    "NotAModuleError",
+    "UninitializedLayerError",
+    "__version__",
+    "convert_bn",
+    "default_num_groups",
+    "find_bn",
+    "fold_bn",
+    "freeze_bn",
+    "replace_module",
+    "unfreeze_bn",
+]

@@ -1,0 +1,92 @@
+"""Argument parsing and dispatch for the ``bndoctor`` command.
+
+Each command is a plain function ``run(args) -> Result`` registered in
+:data:`COMMANDS`; a result knows how to print itself as text and as JSON.
+Exceptions are turned into one line plus a hint by :mod:`._errors`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .._version import __version__
+from ._errors import EXIT_OK, EXIT_USAGE, describe
+
+
+class Result(Protocol):
+    def to_json(self) -> Any: ...
+
+    def to_text(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], Result]
+
+
+def _commands() -> list[Command]:
+    from . import inspect
+
+    return [inspect.COMMAND]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line plus a hint, exit code 2."""
+
+    def error(self, message: str) -> Any:
+        sys.stderr.write(f"bndoctor: error: {message}\nhint: run `{self.prog} --help`\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="bndoctor",
+        description="Diagnose and repair BatchNorm when the physical batch is tiny.",
+    )
+    parser.add_argument("--version", action="version", version=f"bndoctor {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="output for people (text, default) or for programs (json)",
+    )
+    common.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for command in _commands():
+        child = sub.add_parser(command.name, help=command.help, description=command.help, parents=[common])
+        command.add_arguments(child)
+        child.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        result = args._run(args)
+        if args.format == "json":
+            print(json.dumps(result.to_json(), indent=2))
+        else:
+            print(result.to_text())
+        return EXIT_OK
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one place errors become messages
+        failure = describe(exc)
+        if args.debug and failure.code != EXIT_USAGE:
+            traceback.print_exc()
+        sys.stderr.write(f"bndoctor: error: {failure.message}\n")
+        if failure.hint:
+            sys.stderr.write(f"hint: {failure.hint}\n")
+        return failure.code

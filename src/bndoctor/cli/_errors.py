@@ -1,0 +1,41 @@
+"""One map from exception type to a one-line message, a hint and an exit code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import BNDoctorError
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class Failure:
+    message: str
+    hint: str
+    code: int
+
+
+def describe(exc: BaseException) -> Failure:
+    """Turn any exception into what the CLI prints. User errors never show a traceback."""
+    if isinstance(exc, BNDoctorError):
+        return Failure(str(exc), exc.hint, EXIT_USAGE)
+    if isinstance(exc, FileNotFoundError):
+        return Failure(f"file not found: {exc.filename or exc}", "check the path", EXIT_USAGE)
+    if isinstance(exc, IsADirectoryError):
+        return Failure(f"expected a file (got directory {exc.filename})", "pass a file path", EXIT_USAGE)
+    if isinstance(exc, PermissionError):
+        return Failure(f"permission denied: {exc.filename or exc}", "check file permissions", EXIT_USAGE)
+    if isinstance(exc, ModuleNotFoundError):
+        return Failure(str(exc), "install the missing package (see the message)", EXIT_USAGE)
+    if isinstance(exc, KeyboardInterrupt):
+        return Failure("interrupted", "", EXIT_INTERRUPTED)
+    one_line = " ".join(str(exc).split())
+    return Failure(
+        f"internal error: {type(exc).__name__}: {one_line}",
+        "rerun with --debug for the traceback, and please report it",
+        EXIT_INTERNAL,
+    )

@@ -1,0 +1,126 @@
+"""Turn a MODEL argument into a module (or a state_dict) without surprises.
+
+MODEL is one of:
+
+* the name of a bundled model (``tiny-resnet``, ``resnet18``);
+* ``package.module:callable`` — imported and called with no arguments;
+* a file saved with ``torch.save``: a state_dict is loaded with
+  ``weights_only=True``; a pickled full model only with ``trust_pickle=True``,
+  because unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+from ..errors import ModelSpecError
+from ..models import BUNDLED_MODELS
+
+_FORMS = (
+    "a bundled model ({names}), package.module:callable, or a file saved with torch.save"
+)
+
+
+def _forms() -> str:
+    return _FORMS.format(names=", ".join(sorted(BUNDLED_MODELS)))
+
+
+def _from_callable(spec: str) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelSpecError(
+            f"cannot import {module_name!r} for MODEL {spec!r} ({exc})",
+            hint="check the module path and that its package is installed in this environment",
+        ) from exc
+    obj: object = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelSpecError(
+                f"module {module_name!r} has no attribute {attr!r}",
+                hint="MODEL is package.module:callable, e.g. bndoctor.models:tiny_resnet",
+            )
+        obj = getattr(obj, part)
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise ModelSpecError(
+            f"expected {spec!r} to be a callable returning an nn.Module (got {type(obj).__name__})",
+            hint="point MODEL at a function or class that builds the model with no arguments",
+        )
+    try:
+        model = obj()
+    except TypeError as exc:
+        raise ModelSpecError(
+            f"calling {spec!r} with no arguments failed: {exc}",
+            hint="wrap it in a function that takes no arguments and returns the model",
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(
+            f"expected {spec!r}() to return an nn.Module (got {type(model).__name__})",
+            hint="return the model object from the callable",
+        )
+    return model
+
+
+def _from_file(path: str, trust_pickle: bool) -> nn.Module | Mapping[str, torch.Tensor]:
+    if trust_pickle:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises several types here
+            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+                raise ModelSpecError(
+                    f"{path!r} holds pickled objects, not just tensors (a full model?); "
+                    "bndoctor does not unpickle it by default because that runs code from the file",
+                    hint="pass --trust-pickle if you trust the file, or save model.state_dict() instead",
+                ) from exc
+            raise ModelSpecError(
+                f"cannot read {path!r} with torch.load ({' '.join(str(exc).split())[:200]})",
+                hint="MODEL files must be written by torch.save",
+            ) from exc
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, Mapping):
+        state = obj.get("state_dict", obj) if "state_dict" in obj else obj
+        if isinstance(state, Mapping) and all(isinstance(v, torch.Tensor) for v in state.values()):
+            return state
+    raise ModelSpecError(
+        f"expected {path!r} to hold an nn.Module or a state_dict (got {type(obj).__name__})",
+        hint="save the model with torch.save(model.state_dict(), path)",
+    )
+
+
+def load_model(spec: str, *, trust_pickle: bool = False) -> nn.Module | Mapping[str, torch.Tensor]:
+    """Resolve MODEL; a state_dict comes back as a mapping of tensors."""
+    if spec in BUNDLED_MODELS:
+        return BUNDLED_MODELS[spec]()
+    if os.path.exists(spec):
+        if os.path.isdir(spec):
+            raise ModelSpecError(f"expected MODEL to be a file (got directory {spec!r})", hint=_forms())
+        return _from_file(spec, trust_pickle)
+    if ":" in spec:
+        return _from_callable(spec)
+    raise ModelSpecError(f"unknown MODEL {spec!r}", hint=f"MODEL is {_forms()}")
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a state_dict file (``weights_only=True``) into ``model``; mismatches are errors."""
+    state = _from_file(path, trust_pickle=False)
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    result = model.load_state_dict(state, strict=False)
+    problems = [*result.missing_keys[:3], *result.unexpected_keys[:3]]
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelSpecError(
+            f"{path!r} does not match the model: {len(result.missing_keys)} missing and "
+            f"{len(result.unexpected_keys)} unexpected keys (e.g. {', '.join(problems)})",
+            hint="load weights saved from the same architecture",
+        )

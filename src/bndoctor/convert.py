@@ -1,0 +1,285 @@
+"""Module surgery on BatchNorm layers: freeze, unfreeze and convert to GroupNorm-style layers.
+
+All functions follow the same contract:
+
+* they work on a deep copy of ``model`` unless ``inplace=True``;
+* they return the root module (a new object when the root itself is a BN that
+  was replaced);
+* ``modules=`` limits the change to part of the model (qualified names,
+  prefixes such as ``"backbone"``, glob patterns such as ``"layer3.*.bn2"``,
+  or a predicate ``(name, module) -> bool``); a name that selects nothing is
+  an error;
+* device, dtype, ``requires_grad`` and training flags are kept, and a module
+  shared between several paths is converted once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, Union
+
+import torch
+import torch.nn as nn
+
+from ._walk import (
+    BNInfo,
+    ModuleSelection,
+    find_bn,
+    prepare,
+    replace_modules,
+    require_initialized,
+    require_running_stats,
+    select,
+    warn_unsupported,
+)
+from .errors import BNDoctorError, GroupCountError
+from .layers.frozen import FreezeState, frozen_class_for, is_bndoctor_frozen
+
+__all__ = ["convert_bn", "default_num_groups", "freeze_bn", "unfreeze_bn"]
+
+NormTarget = Literal["group", "layer", "instance"]
+GroupCount = Union[int, Callable[[int], int], None]
+
+_AFFINE = ("weight", "bias")
+
+
+# --------------------------------------------------------------------------- freeze
+
+
+def freeze_bn(
+    model: nn.Module,
+    *,
+    affine: bool = False,
+    modules: ModuleSelection = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Make BN layers normalise with their running statistics, whatever the model's mode.
+
+    After ``freeze_bn``, ``model.train()`` no longer switches the selected
+    layers to batch statistics and their running statistics never change —
+    the standard remedy when fine-tuning a pretrained model at a small
+    physical batch. With ``affine=True`` the scale and shift (γ, β) are frozen
+    too (``requires_grad=False``); by default they stay trainable.
+
+    Layers that are already frozen (by bndoctor or third-party
+    ``FrozenBatchNorm2d`` classes) are left as they are, except that
+    ``affine=True`` also freezes the affine of bndoctor-frozen layers.
+    :func:`unfreeze_bn` undoes this exactly.
+
+    Raises :class:`~bndoctor.errors.MissingRunningStatsError` for a selected
+    layer with ``track_running_stats=False`` and
+    :class:`~bndoctor.errors.UninitializedLayerError` for a lazy layer that
+    has not run yet.
+
+    >>> import torch.nn as nn
+    >>> net = freeze_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))).train()
+    >>> net[1].training
+    False
+    """
+    model = prepare(model, inplace)
+    records = select(find_bn(model), modules)
+    warn_unsupported(records, "freeze_bn")
+    targets = [r for r in records if r.kind in ("batchnorm", "sync", "frozen")]
+    for record in targets:
+        if record.kind != "frozen":
+            require_running_stats(record, "freeze_bn")
+    for record in targets:
+        module = record.module
+        if record.kind == "frozen" and not is_bndoctor_frozen(module):
+            continue  # a third-party frozen BN: already uses running statistics
+        if not is_bndoctor_frozen(module):
+            state = FreezeState(
+                original_class=type(module),
+                requires_grad={
+                    n: p.requires_grad
+                    for n in _AFFINE
+                    if (p := getattr(module, n, None)) is not None
+                },
+                requested_training=module.training,
+            )
+            module.__class__ = frozen_class_for(type(module))
+            module._bndoctor_freeze = state  # type: ignore[assignment]
+            module.training = False
+        if affine:
+            module._bndoctor_freeze.affine_frozen = True  # type: ignore[union-attr]
+            for name in _AFFINE:
+                param = getattr(module, name, None)
+                if param is not None:
+                    param.requires_grad_(False)
+    return model
+
+
+def unfreeze_bn(
+    model: nn.Module,
+    *,
+    modules: ModuleSelection = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Undo :func:`freeze_bn`: restore each frozen layer's class, requires_grad and mode.
+
+    The round trip is lossless: ``unfreeze_bn(freeze_bn(m))`` has the same
+    classes, state_dict, ``momentum``, ``eps``, ``affine``,
+    ``track_running_stats``, ``num_batches_tracked`` and ``requires_grad`` as
+    ``m``. Each layer's training flag becomes the mode the model last asked
+    for (``model.train()`` / ``model.eval()`` while frozen), or the layer's
+    mode at freeze time if none was asked for.
+
+    Third-party frozen classes (torchvision/detectron2 ``FrozenBatchNorm2d``)
+    have no original class to return to and are left as they are.
+    """
+    model = prepare(model, inplace)
+    records = select(find_bn(model), modules)
+    for record in records:
+        module = record.module
+        if not is_bndoctor_frozen(module):
+            continue
+        state: FreezeState = module._bndoctor_freeze  # type: ignore[assignment]
+        module.__class__ = state.original_class
+        del module._bndoctor_freeze
+        for name, flag in state.requires_grad.items():
+            param = getattr(module, name, None)
+            if param is not None:
+                param.requires_grad_(flag)
+        module.training = state.requested_training
+    return model
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def default_num_groups(num_channels: int, *, max_groups: int = 32, min_group_size: int = 4) -> int:
+    """The group count bndoctor uses for ``num_channels``.
+
+    The largest divisor of ``num_channels`` that is at most ``max_groups`` and
+    leaves at least ``min_group_size`` channels per group; 1 when no divisor
+    does (fewer than ``min_group_size`` channels). Unlike ``gcd(32, C)`` this
+    never gives one-channel groups for small C (e.g. C=4 -> 1 group, not 4).
+
+    >>> [default_num_groups(c) for c in (4, 24, 48, 64, 256, 13)]
+    [1, 6, 12, 16, 32, 1]
+    """
+    if num_channels < 1:
+        raise BNDoctorError(
+            f"expected a positive number of channels (got {num_channels})",
+            hint="this layer has no features to normalise",
+        )
+    limit = min(max_groups, num_channels // min_group_size)
+    for groups in range(max(limit, 1), 0, -1):
+        if num_channels % groups == 0:
+            return groups
+    return 1
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _group_count(record: BNInfo, to: NormTarget, num_groups: GroupCount) -> int:
+    channels = int(record.num_features or 0)
+    if to == "layer":
+        return 1
+    if to == "instance":
+        return channels
+    if num_groups is None:
+        return default_num_groups(channels)
+    groups = num_groups(channels) if callable(num_groups) else num_groups
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise GroupCountError(
+            f"expected num_groups to be an int (got {type(groups).__name__} for '{record.name}')",
+            hint="pass an int, a callable channels -> int, or None to let bndoctor choose",
+        )
+    if groups < 1 or channels % groups:
+        valid = ", ".join(str(d) for d in _divisors(channels))
+        raise GroupCountError(
+            f"num_groups={groups} does not divide the {channels} channels of '{record.name}'",
+            hint=f"pass one of {valid}, or num_groups=None to let bndoctor choose",
+        )
+    return groups
+
+
+def _affine_tensors(module: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return getattr(module, "weight", None), getattr(module, "bias", None)
+
+
+def _to_group_norm(record: BNInfo, groups: int) -> nn.GroupNorm:
+    module = record.module
+    weight, bias = _affine_tensors(module)
+    reference = weight if weight is not None else module.get_buffer("running_mean")
+    norm = nn.GroupNorm(
+        groups,
+        int(record.num_features or 0),
+        eps=record.eps,
+        affine=weight is not None,
+        device=reference.device,
+        dtype=reference.dtype,
+    )
+    with torch.no_grad():
+        for name, source in (("weight", weight), ("bias", bias)):
+            if source is None:
+                if weight is not None:  # affine with no bias (torch >= 2.13 `bias=False`)
+                    norm.register_parameter(name, None)
+                continue
+            target = getattr(norm, name)
+            target.copy_(source)
+            target.requires_grad_(
+                source.requires_grad if isinstance(source, nn.Parameter) else True
+            )
+    norm.train(record.training if not record.frozen else _requested_mode(module))
+    return norm
+
+
+def _requested_mode(module: nn.Module) -> bool:
+    state = getattr(module, "_bndoctor_freeze", None)
+    return state.requested_training if state is not None else module.training
+
+
+def convert_bn(
+    model: nn.Module,
+    to: NormTarget = "group",
+    *,
+    num_groups: GroupCount = None,
+    modules: ModuleSelection = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace BN layers by batch-independent normalisation, transferring the affine.
+
+    ``to="group"``: ``nn.GroupNorm(G, C)``; ``G`` is ``num_groups`` (an int or
+    a callable ``channels -> groups``) or, by default,
+    :func:`default_num_groups` — at most 32 groups and, where possible, at
+    least 4 channels per group. ``to="layer"``: ``GroupNorm(1, C)``, which
+    normalises each sample over all channels and positions (the LayerNorm
+    variant of the Group Normalization paper, Wu & He 2018). ``to="instance"``:
+    ``GroupNorm(C, C)``, InstanceNorm's math with a per-channel affine, for any
+    input rank (a ``(N, C)`` input has nothing to normalise over per channel,
+    so do not use it after ``Linear``).
+
+    γ and β are copied (``requires_grad`` kept); running statistics are
+    dropped because the new layers do not use them, so outputs change and the
+    model needs training or fine-tuning afterwards. Works for BN 1d/2d/3d and
+    SyncBatchNorm, bndoctor-frozen and third-party frozen BN.
+
+    Raises :class:`~bndoctor.errors.GroupCountError` when ``num_groups`` does
+    not divide a layer's channels (the message lists the valid values).
+    """
+    if to not in ("group", "layer", "instance"):
+        raise BNDoctorError(
+            f"expected to='group', 'layer' or 'instance' (got {to!r})",
+            hint="GroupNorm: 'group'; one group (LayerNorm-like): 'layer'; "
+            "one channel per group (InstanceNorm-like): 'instance'",
+        )
+    if to != "group" and num_groups is not None:
+        raise GroupCountError(
+            f"num_groups applies to to='group' only (got num_groups={num_groups!r} with to={to!r})",
+            hint="drop num_groups, or use to='group'",
+        )
+    model = prepare(model, inplace)
+    records = select(find_bn(model), modules)
+    warn_unsupported(records, "convert_bn")
+    targets = [r for r in records if r.kind != "bn-like"]
+    for record in targets:
+        require_initialized(record)
+    groups = {r.name: _group_count(r, to, num_groups) for r in targets}  # validate all first
+    replacements = {
+        id(r.module): (r.module, _to_group_norm(r, groups[r.name])) for r in targets
+    }
+    return replace_modules(model, replacements)

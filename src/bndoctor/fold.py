@@ -1,0 +1,195 @@
+"""Fold BatchNorm layers that run on running statistics into the layer before them.
+
+A BN layer in eval mode (or frozen) is a fixed per-channel affine map,
+``y = s * x + t`` with ``s = γ / sqrt(σ² + ε)`` and ``t = β - μ s``. When
+its input is the output of a convolution or linear layer ``x = W * z + b``
+that feeds nothing else, the two collapse into one layer with
+``W' = s W`` (per output channel) and ``b' = s b + t`` — exact up to
+rounding, and one fewer pass over the activations. The arithmetic is done in
+float64 and cast back to the layer's dtype.
+
+Which layer feeds which is read from a ``torch.fx`` trace of the model (used
+for analysis only: the returned model keeps its own classes and structure, the
+folded BN becomes ``nn.Identity``). When the model cannot be traced, pairs
+that sit next to each other in an ``nn.Sequential`` are folded instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import Counter
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from ._walk import BNInfo, find_bn, prepare, replace_modules, require_running_stats
+from .errors import BNDoctorWarning
+
+__all__ = ["fold_bn"]
+
+_PRODUCERS = (_ConvNd, nn.Linear)
+_PLAIN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
+
+
+def _foldable(record: BNInfo) -> bool:
+    if not record.supported or record.uses_batch_stats:
+        return False
+    if isinstance(record.module, _BatchNorm):
+        # a subclass with its own forward (timm's BatchNormAct2d) does more than BN
+        return type(record.module).forward in _PLAIN_FORWARDS
+    return True  # third-party frozen BN: a pure affine map
+
+
+def _out_channels(producer: nn.Module) -> int:
+    if isinstance(producer, nn.Linear):
+        return producer.out_features
+    return producer.out_channels  # type: ignore[return-value]
+
+
+def _pairs_from_trace(
+    model: nn.Module, bn_by_id: dict[int, BNInfo]
+) -> list[tuple[nn.Module, BNInfo]]:
+    import torch.fx
+
+    class _Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return id(m) in bn_by_id or isinstance(m, _PRODUCERS) or super().is_leaf_module(m, qualname)
+
+    graph = _Tracer().trace(model)
+    calls = Counter()
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[id(model.get_submodule(node.target))] += 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        bn = model.get_submodule(node.target)
+        record = bn_by_id.get(id(bn))
+        if record is None or len(node.args) != 1 or node.kwargs:
+            continue
+        source = node.args[0]
+        if not isinstance(source, torch.fx.Node) or source.op != "call_module":
+            continue
+        producer = model.get_submodule(source.target)
+        if (
+            isinstance(producer, _PRODUCERS)
+            and len(source.users) == 1
+            and calls[id(producer)] == 1
+            and calls[id(bn)] == 1
+        ):
+            pairs.append((producer, record))
+    return pairs
+
+
+def _pairs_from_sequentials(
+    model: nn.Module, bn_by_id: dict[int, BNInfo]
+) -> list[tuple[nn.Module, BNInfo]]:
+    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    pairs = []
+    for container in model.modules():
+        if not isinstance(container, nn.Sequential):
+            continue
+        children = list(container)
+        for producer, bn in zip(children, children[1:]):
+            record = bn_by_id.get(id(bn))
+            if (
+                record is not None
+                and isinstance(producer, _PRODUCERS)
+                and uses[id(producer)] == 1
+                and uses[id(bn)] == 1
+            ):
+                pairs.append((producer, record))
+    return pairs
+
+
+def _scale_shift(record: BNInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    module = record.module
+    mean = module.get_buffer("running_mean").detach().double()
+    var = module.get_buffer("running_var").detach().double()
+    scale = torch.rsqrt(var + record.eps)
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    if weight is not None:
+        scale = scale * weight.detach().double()
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.detach().double()
+    return scale, shift
+
+
+def _folded(producer: nn.Module, record: BNInfo) -> nn.Module:
+    scale, shift = _scale_shift(record)
+    new = copy.deepcopy(producer)
+    weight = new.weight.detach().double()
+    if isinstance(new, nn.Linear) or not getattr(new, "transposed", False):
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        folded_weight = weight * scale.to(weight.device).view(shape)
+    else:  # ConvTranspose: weight is (in, out // groups, *kernel)
+        groups = new.groups
+        grouped = weight.view(groups, weight.shape[0] // groups, *weight.shape[1:])
+        s = scale.to(weight.device).view(groups, 1, weight.shape[1], *(1,) * (weight.dim() - 2))
+        folded_weight = (grouped * s).view_as(weight)
+    old_bias = new.bias.detach().double() if new.bias is not None else torch.zeros_like(scale)
+    folded_bias = old_bias.to(scale.device) * scale + shift
+    with torch.no_grad():
+        new.weight.copy_(folded_weight.to(new.weight.dtype))
+        bias_param = nn.Parameter(
+            folded_bias.to(device=new.weight.device, dtype=new.weight.dtype),
+            requires_grad=new.weight.requires_grad,
+        )
+    new.bias = bias_param
+    return new
+
+
+def fold_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Fold every BN that normalises with running statistics into the conv/linear before it.
+
+    A BN layer is folded when it is in eval mode or frozen (see
+    :func:`bndoctor.freeze_bn`), keeps running statistics, and its input is
+    the output of a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear``
+    whose output feeds nothing else. The BN is replaced by ``nn.Identity``
+    and the producer by a copy with folded weight and bias; in eval mode the
+    model computes the same function (allclose in float32).
+
+    Use it for inference, or for fine-tuning with frozen statistics *and*
+    affine (the producer then learns the product). Build the optimizer after
+    folding: the folded layers have new parameters. Layers that cannot be
+    folded are left in place and named in a :class:`~bndoctor.errors.BNDoctorWarning`.
+    """
+    model = prepare(model, inplace)
+    records = find_bn(model)
+    bn_by_id = {id(r.module): r for r in records if _foldable(r)}
+    for record in bn_by_id.values():
+        require_running_stats(record, "fold_bn")
+    if not bn_by_id:
+        return model
+    try:
+        pairs = _pairs_from_trace(model, bn_by_id)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the fallback
+        warnings.warn(
+            f"fold_bn could not trace {type(model).__name__} with torch.fx ({exc}); "
+            "folding only conv/linear -> BN pairs that sit next to each other in nn.Sequential",
+            BNDoctorWarning,
+            stacklevel=2,
+        )
+        pairs = _pairs_from_sequentials(model, bn_by_id)
+    replacements: dict[int, tuple[nn.Module, nn.Module]] = {}
+    for producer, record in pairs:
+        if _out_channels(producer) != record.num_features:
+            continue
+        replacements[id(producer)] = (producer, _folded(producer, record))
+        replacements[id(record.module)] = (record.module, nn.Identity())
+    left = [r.name for r in records if id(r.module) not in replacements and r.supported]
+    if left:
+        warnings.warn(
+            f"fold_bn left {len(left)} BN layer(s) unfolded: {', '.join(left[:10])}"
+            f"{' ...' if len(left) > 10 else ''} (in training mode and not frozen, not fed by a "
+            "conv/linear whose output feeds only them, or a BN subclass with its own forward)",
+            BNDoctorWarning,
+            stacklevel=2,
+        )
+    return replace_modules(model, replacements)

@@ -1,0 +1,17 @@
+"""Normalisation layers shipped by bndoctor."""
+
+from .frozen import (
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    FrozenBatchNormMixin,
+    frozen_class_for,
+)
+
+__all__ = [
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "FrozenBatchNormMixin",
+    "frozen_class_for",
+]

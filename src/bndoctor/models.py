@@ -1,0 +1,142 @@
+"""Small ResNet-style models with a configurable norm layer, bundled for demos, tests and benchmarks.
+
+``tiny_resnet`` (about 77k parameters) fits scikit-learn's 8x8 digits;
+``resnet18`` follows the ResNet-18 layout of He et al. (2016) for a model of
+realistic size. Neither ships weights: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal, Union
+
+import torch
+import torch.nn as nn
+
+from .errors import BNDoctorError
+
+__all__ = ["BUNDLED_MODELS", "BasicBlock", "ResNet", "make_norm", "resnet18", "tiny_resnet"]
+
+NormName = Literal["batch", "group", "layer", "instance", "none"]
+NormSpec = Union[NormName, Callable[[int], nn.Module]]
+
+
+def make_norm(norm: NormSpec, channels: int) -> nn.Module:
+    """Build the norm layer for ``channels`` feature maps.
+
+    ``norm`` is ``"batch"`` (BatchNorm2d), ``"group"`` (GroupNorm with
+    bndoctor's default group count), ``"layer"`` (GroupNorm with one group),
+    ``"instance"`` (one channel per group), ``"none"`` (identity) or a callable
+    ``channels -> module``.
+    """
+    from .convert import default_num_groups
+
+    if callable(norm):
+        return norm(channels)
+    if norm == "batch":
+        return nn.BatchNorm2d(channels)
+    if norm == "group":
+        return nn.GroupNorm(default_num_groups(channels), channels)
+    if norm == "layer":
+        return nn.GroupNorm(1, channels)
+    if norm == "instance":
+        return nn.GroupNorm(channels, channels)
+    if norm == "none":
+        return nn.Identity()
+    raise BNDoctorError(
+        f"expected norm to be 'batch', 'group', 'layer', 'instance', 'none' or a callable "
+        f"(got {norm!r})",
+        hint="e.g. tiny_resnet(norm='group')",
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (He et al. 2016)."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int, norm: NormSpec) -> None:
+        super().__init__()
+        bias = norm == "none"  # a conv bias before a norm layer is redundant
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=bias)
+        self.bn1 = make_norm(norm, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=bias)
+        self.bn2 = make_norm(norm, channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=bias), make_norm(norm, channels)
+            )
+        else:
+            self.downsample = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.downsample(x))
+
+
+class ResNet(nn.Module):
+    """A ResNet of BasicBlocks: stem, stages of ``blocks[i]`` blocks of ``widths[i]`` channels, head."""
+
+    def __init__(
+        self,
+        blocks: Sequence[int],
+        widths: Sequence[int],
+        *,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        norm: NormSpec = "batch",
+        stem_stride: int = 1,
+    ) -> None:
+        super().__init__()
+        if len(blocks) != len(widths) or not blocks:
+            raise BNDoctorError(
+                f"expected as many block counts as widths (got {len(blocks)} and {len(widths)})",
+                hint="e.g. ResNet([2, 2], [16, 32])",
+            )
+        bias = norm == "none"
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=bias),
+            make_norm(norm, widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        stages = []
+        channels = widths[0]
+        for index, (count, width) in enumerate(zip(blocks, widths)):
+            layers = []
+            for block in range(count):
+                stride = 2 if index > 0 and block == 0 else 1
+                layers.append(BasicBlock(channels, width, stride, norm))
+                channels = width
+            stages.append(nn.Sequential(*layers))
+        self.layers = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def tiny_resnet(num_classes: int = 10, *, norm: NormSpec = "batch", in_channels: int = 1) -> ResNet:
+    """About 77k parameters; input ``(N, 1, 8, 8)`` (scikit-learn digits)."""
+    return ResNet([1, 1, 1], [16, 32, 64], in_channels=in_channels, num_classes=num_classes, norm=norm)
+
+
+def resnet18(num_classes: int = 1000, *, norm: NormSpec = "batch", in_channels: int = 3) -> ResNet:
+    """ResNet-18's layout (11.7M parameters with 1000 classes); input ``(N, 3, H, W)``."""
+    return ResNet(
+        [2, 2, 2, 2],
+        [64, 128, 256, 512],
+        in_channels=in_channels,
+        num_classes=num_classes,
+        norm=norm,
+        stem_stride=2,
+    )
+
+
+#: Names accepted by ``bndoctor inspect MODEL``.
+BUNDLED_MODELS: dict[str, Callable[[], nn.Module]] = {
+    "tiny-resnet": tiny_resnet,
+    "resnet18": resnet18,
+}
