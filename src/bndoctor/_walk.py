@@ -23,7 +23,7 @@ import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .errors import (
+    BNDoctorError,
     BNDoctorWarning,
     MissingRunningStatsError,
     ModuleSelectionError,
@@ -52,7 +53,7 @@ BNKind = Literal["batchnorm", "sync", "frozen", "lazy", "bn-like"]
 #: What ``modules=`` accepts everywhere: ``None`` (all layers), a qualified
 #: name, prefix or glob pattern, several of them, or a predicate on
 #: ``(qualified_name, module)``.
-ModuleSelection = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+ModuleSelection = None | str | Iterable[str] | Callable[[str, nn.Module], bool]
 
 _DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
 _LAZY_DIMS = {nn.LazyBatchNorm1d: 1, nn.LazyBatchNorm2d: 2, nn.LazyBatchNorm3d: 3}
@@ -132,8 +133,7 @@ def _is_frozen_by_behaviour(module: nn.Module) -> bool:
     buffers = dict(module.named_buffers(recurse=False))
     own_params = list(module.parameters(recurse=False))
     return (
-        all(name in buffers for name in ("weight", "bias", "running_mean", "running_var"))
-        and not own_params
+        all(name in buffers for name in ("weight", "bias", "running_mean", "running_var")) and not own_params
     )
 
 
@@ -174,9 +174,7 @@ def _classify(name: str, module: nn.Module) -> BNInfo | None:
         frozen = is_bndoctor_frozen(module)
         if frozen:
             kind = "frozen"
-        return BNInfo(
-            kind=kind, num_features=int(module.num_features), frozen=frozen, **common
-        )
+        return BNInfo(kind=kind, num_features=int(module.num_features), frozen=frozen, **common)
     if _is_frozen_by_behaviour(module):
         running_mean = module.get_buffer("running_mean")
         return BNInfo(
@@ -264,9 +262,7 @@ def _matches(pattern: str, name: str) -> bool:
     return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
 
 
-def select(
-    records: list[BNInfo], modules: ModuleSelection, *, argument: str = "modules"
-) -> list[BNInfo]:
+def select(records: list[BNInfo], modules: ModuleSelection, *, argument: str = "modules") -> list[BNInfo]:
     """Keep the records that ``modules`` selects (see :data:`ModuleSelection`).
 
     A name or pattern that selects no BN layer is an error, so that a typo does
@@ -281,10 +277,8 @@ def select(
     for pattern in patterns:
         if not isinstance(pattern, str):
             raise ModuleSelectionError(
-                f"expected `{argument}` to hold qualified module names "
-                f"(got {type(pattern).__name__})",
-                hint="pass names such as 'layer1' or 'layer3.*.bn2', or a "
-                "callable (name, module) -> bool",
+                f"expected `{argument}` to hold qualified module names (got {type(pattern).__name__})",
+                hint="pass names such as 'layer1' or 'layer3.*.bn2', or a callable (name, module) -> bool",
             )
     chosen = []
     for record in records:
@@ -292,16 +286,13 @@ def select(
         if any(_matches(p, n) for p in patterns for n in names):
             chosen.append(record)
     unmatched = [
-        p
-        for p in patterns
-        if not any(_matches(p, n) for r in records for n in (r.name, *r.aliases))
+        p for p in patterns if not any(_matches(p, n) for r in records for n in (r.name, *r.aliases))
     ]
     if unmatched:
         available = ", ".join(repr(r.name) for r in records[:8]) or "none"
         more = " ..." if len(records) > 8 else ""
         raise ModuleSelectionError(
-            f"`{argument}` entry {unmatched[0]!r} matches no BatchNorm layer "
-            f"(BN layers: {available}{more})",
+            f"`{argument}` entry {unmatched[0]!r} matches no BatchNorm layer (BN layers: {available}{more})",
             hint="use a qualified name from bndoctor.find_bn(model) or a "
             "prefix/glob such as 'layer3' or 'layer3.*.bn2'",
         )
@@ -325,8 +316,7 @@ def require_running_stats(record: BNInfo, operation: str) -> None:
     require_initialized(record)
     module = record.module
     has_buffers = (
-        getattr(module, "running_mean", None) is not None
-        and getattr(module, "running_var", None) is not None
+        getattr(module, "running_mean", None) is not None and getattr(module, "running_var", None) is not None
     )
     if not record.track_running_stats or not has_buffers:
         raise MissingRunningStatsError(
@@ -357,7 +347,41 @@ def prepare(model: nn.Module, inplace: bool) -> nn.Module:
     require_module(model)
     if not isinstance(inplace, bool):
         raise TypeError(f"expected `inplace` to be a bool (got {type(inplace).__name__})")
-    return model if inplace else copy.deepcopy(model)
+    if inplace:
+        return model
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        lazy = [r.name for r in find_bn(model) if r.kind == "lazy"]
+        why = f"it holds uninitialised lazy layers ({', '.join(lazy)})" if lazy else str(exc)
+        raise BNDoctorError(
+            f"cannot copy the model to convert it: {why}",
+            hint="run one forward pass first to initialise lazy layers, or pass inplace=True",
+        ) from exc
+
+
+def plan(
+    model: nn.Module,
+    modules: ModuleSelection,
+    inplace: bool,
+    validate: Callable[[BNInfo], None] | None = None,
+) -> tuple[nn.Module, list[BNInfo]]:
+    """Select and validate BN layers on ``model``, then return the model to change and its records.
+
+    Validation runs before anything is copied or changed, so a bad layer
+    leaves the caller's model as it was even with ``inplace=True``. The
+    records returned point into the copy when ``inplace`` is false.
+    """
+    require_module(model)
+    records = select(find_bn(model), modules)
+    if validate is not None:
+        for record in records:
+            validate(record)
+    work = prepare(model, inplace)
+    if work is not model:
+        chosen = {r.name for r in records}
+        records = [r for r in find_bn(work) if r.name in chosen]
+    return work, records
 
 
 def _containers(root: nn.Module) -> Iterator[nn.Module]:

@@ -16,7 +16,7 @@ All functions follow the same contract:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -24,12 +24,10 @@ import torch.nn as nn
 from ._walk import (
     BNInfo,
     ModuleSelection,
-    find_bn,
-    prepare,
+    plan,
     replace_modules,
     require_initialized,
     require_running_stats,
-    select,
     warn_unsupported,
 )
 from .errors import BNDoctorError, GroupCountError
@@ -38,7 +36,7 @@ from .layers.frozen import FreezeState, frozen_class_for, is_bndoctor_frozen
 __all__ = ["convert_bn", "default_num_groups", "freeze_bn", "unfreeze_bn"]
 
 NormTarget = Literal["group", "layer", "instance"]
-GroupCount = Union[int, Callable[[int], int], None]
+GroupCount = int | Callable[[int], int] | None
 
 _AFFINE = ("weight", "bias")
 
@@ -76,14 +74,16 @@ def freeze_bn(
     >>> net[1].training
     False
     """
-    model = prepare(model, inplace)
-    records = select(find_bn(model), modules)
-    warn_unsupported(records, "freeze_bn")
-    targets = [r for r in records if r.kind in ("batchnorm", "sync", "frozen")]
-    for record in targets:
-        if record.kind != "frozen":
+
+    def validate(record: BNInfo) -> None:
+        if record.kind in ("batchnorm", "sync", "lazy"):
             require_running_stats(record, "freeze_bn")
-    for record in targets:
+
+    model, records = plan(model, modules, inplace, validate)
+    warn_unsupported(records, "freeze_bn")
+    for record in records:
+        if record.kind not in ("batchnorm", "sync", "frozen"):
+            continue
         module = record.module
         if record.kind == "frozen" and not is_bndoctor_frozen(module):
             continue  # a third-party frozen BN: already uses running statistics
@@ -91,9 +91,7 @@ def freeze_bn(
             state = FreezeState(
                 original_class=type(module),
                 requires_grad={
-                    n: p.requires_grad
-                    for n in _AFFINE
-                    if (p := getattr(module, n, None)) is not None
+                    n: p.requires_grad for n in _AFFINE if (p := getattr(module, n, None)) is not None
                 },
                 requested_training=module.training,
             )
@@ -127,8 +125,7 @@ def unfreeze_bn(
     Third-party frozen classes (torchvision/detectron2 ``FrozenBatchNorm2d``)
     have no original class to return to and are left as they are.
     """
-    model = prepare(model, inplace)
-    records = select(find_bn(model), modules)
+    model, records = plan(model, modules, inplace)
     for record in records:
         module = record.module
         if not is_bndoctor_frozen(module):
@@ -221,9 +218,7 @@ def _to_group_norm(record: BNInfo, groups: int) -> nn.GroupNorm:
                 continue
             target = getattr(norm, name)
             target.copy_(source)
-            target.requires_grad_(
-                source.requires_grad if isinstance(source, nn.Parameter) else True
-            )
+            target.requires_grad_(source.requires_grad if isinstance(source, nn.Parameter) else True)
     norm.train(record.training if not record.frozen else _requested_mode(module))
     return norm
 
@@ -272,14 +267,15 @@ def convert_bn(
             f"num_groups applies to to='group' only (got num_groups={num_groups!r} with to={to!r})",
             hint="drop num_groups, or use to='group'",
         )
-    model = prepare(model, inplace)
-    records = select(find_bn(model), modules)
+
+    def validate(record: BNInfo) -> None:
+        if record.kind != "bn-like":
+            require_initialized(record)
+            _group_count(record, to, num_groups)
+
+    model, records = plan(model, modules, inplace, validate)
     warn_unsupported(records, "convert_bn")
     targets = [r for r in records if r.kind != "bn-like"]
-    for record in targets:
-        require_initialized(record)
-    groups = {r.name: _group_count(r, to, num_groups) for r in targets}  # validate all first
-    replacements = {
-        id(r.module): (r.module, _to_group_norm(r, groups[r.name])) for r in targets
-    }
+    groups = {r.name: _group_count(r, to, num_groups) for r in targets}
+    replacements = {id(r.module): (r.module, _to_group_norm(r, groups[r.name])) for r in targets}
     return replace_modules(model, replacements)

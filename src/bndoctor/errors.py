@@ -11,9 +11,9 @@ __all__ = [
     "BNDoctorError",
     "BNDoctorWarning",
     "GroupCountError",
+    "MissingRunningStatsError",
     "ModelSpecError",
     "ModuleSelectionError",
-    "MissingRunningStatsError",
     "NotAModuleError",
     "UninitializedLayerError",
 ]

@@ -17,6 +17,7 @@ that sit next to each other in an ``nn.Sequential`` are folded instead.
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from collections import Counter
 
@@ -25,7 +26,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ._walk import BNInfo, find_bn, prepare, replace_modules, require_running_stats
+from ._walk import BNInfo, ModuleSelection, plan, replace_modules
 from .errors import BNDoctorWarning
 
 __all__ = ["fold_bn"]
@@ -49,9 +50,7 @@ def _out_channels(producer: nn.Module) -> int:
     return producer.out_channels  # type: ignore[return-value]
 
 
-def _pairs_from_trace(
-    model: nn.Module, bn_by_id: dict[int, BNInfo]
-) -> list[tuple[nn.Module, BNInfo]]:
+def _pairs_from_trace(model: nn.Module, bn_by_id: dict[int, BNInfo]) -> list[tuple[nn.Module, BNInfo]]:
     import torch.fx
 
     class _Tracer(torch.fx.Tracer):
@@ -85,16 +84,14 @@ def _pairs_from_trace(
     return pairs
 
 
-def _pairs_from_sequentials(
-    model: nn.Module, bn_by_id: dict[int, BNInfo]
-) -> list[tuple[nn.Module, BNInfo]]:
+def _pairs_from_sequentials(model: nn.Module, bn_by_id: dict[int, BNInfo]) -> list[tuple[nn.Module, BNInfo]]:
     uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     pairs = []
     for container in model.modules():
         if not isinstance(container, nn.Sequential):
             continue
         children = list(container)
-        for producer, bn in zip(children, children[1:]):
+        for producer, bn in itertools.pairwise(children):
             record = bn_by_id.get(id(bn))
             if (
                 record is not None
@@ -145,7 +142,7 @@ def _folded(producer: nn.Module, record: BNInfo) -> nn.Module:
     return new
 
 
-def fold_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+def fold_bn(model: nn.Module, *, modules: ModuleSelection = None, inplace: bool = False) -> nn.Module:
     """Fold every BN that normalises with running statistics into the conv/linear before it.
 
     A BN layer is folded when it is in eval mode or frozen (see
@@ -160,16 +157,13 @@ def fold_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     folding: the folded layers have new parameters. Layers that cannot be
     folded are left in place and named in a :class:`~bndoctor.errors.BNDoctorWarning`.
     """
-    model = prepare(model, inplace)
-    records = find_bn(model)
+    model, records = plan(model, modules, inplace)
     bn_by_id = {id(r.module): r for r in records if _foldable(r)}
-    for record in bn_by_id.values():
-        require_running_stats(record, "fold_bn")
     if not bn_by_id:
         return model
     try:
         pairs = _pairs_from_trace(model, bn_by_id)
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the fallback
+    except Exception as exc:
         warnings.warn(
             f"fold_bn could not trace {type(model).__name__} with torch.fx ({exc}); "
             "folding only conv/linear -> BN pairs that sit next to each other in nn.Sequential",
@@ -187,8 +181,9 @@ def fold_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if left:
         warnings.warn(
             f"fold_bn left {len(left)} BN layer(s) unfolded: {', '.join(left[:10])}"
-            f"{' ...' if len(left) > 10 else ''} (in training mode and not frozen, not fed by a "
-            "conv/linear whose output feeds only them, or a BN subclass with its own forward)",
+            f"{' ...' if len(left) > 10 else ''} (each is in training mode and not frozen, has no running "
+            "statistics, is not fed by a conv/linear whose output feeds only it, or is a BN subclass "
+            "with its own forward)",
             BNDoctorWarning,
             stacklevel=2,
         )

@@ -8,7 +8,7 @@ realistic size. Neither ships weights: nothing is downloaded.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from .errors import BNDoctorError
 __all__ = ["BUNDLED_MODELS", "BasicBlock", "ResNet", "make_norm", "resnet18", "tiny_resnet"]
 
 NormName = Literal["batch", "group", "layer", "instance", "none"]
-NormSpec = Union[NormName, Callable[[int], nn.Module]]
+NormSpec = NormName | Callable[[int], nn.Module]
 
 
 def make_norm(norm: NormSpec, channels: int) -> nn.Module:
@@ -44,8 +44,7 @@ def make_norm(norm: NormSpec, channels: int) -> nn.Module:
     if norm == "none":
         return nn.Identity()
     raise BNDoctorError(
-        f"expected norm to be 'batch', 'group', 'layer', 'instance', 'none' or a callable "
-        f"(got {norm!r})",
+        f"expected norm to be 'batch', 'group', 'layer', 'instance', 'none' or a callable (got {norm!r})",
         hint="e.g. tiny_resnet(norm='group')",
     )
 

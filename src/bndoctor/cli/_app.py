@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(result.to_text())
         return EXIT_OK
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one place errors become messages
+    except (Exception, KeyboardInterrupt) as exc:
         failure = describe(exc)
         if args.debug and failure.code != EXIT_USAGE:
             traceback.print_exc()

@@ -21,9 +21,7 @@ import torch.nn as nn
 from ..errors import ModelSpecError
 from ..models import BUNDLED_MODELS
 
-_FORMS = (
-    "a bundled model ({names}), package.module:callable, or a file saved with torch.save"
-)
+_FORMS = "a bundled model ({names}), package.module:callable, or a file saved with torch.save"
 
 
 def _forms() -> str:
@@ -75,7 +73,7 @@ def _from_file(path: str, trust_pickle: bool) -> nn.Module | Mapping[str, torch.
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises several types here
+        except Exception as exc:
             if "weights_only" in str(exc) or "Unsupported global" in str(exc):
                 raise ModelSpecError(
                     f"{path!r} holds pickled objects, not just tensors (a full model?); "

@@ -50,12 +50,21 @@ class InspectResult:
         if self.source == "state_dict":
             headers = ["layer", "features", "affine", "batches tracked"]
             rows = [
-                [r["name"], r["num_features"], r["affine"], r["num_batches_tracked"]]
-                for r in self.layers
+                [r["name"], r["num_features"], r["affine"], r["num_batches_tracked"]] for r in self.layers
             ]
         else:
-            headers = ["layer", "kind", "class", "features", "affine", "track", "momentum",
-                       "eps", "mode", "frozen"]
+            headers = [
+                "layer",
+                "kind",
+                "class",
+                "features",
+                "affine",
+                "track",
+                "momentum",
+                "eps",
+                "mode",
+                "frozen",
+            ]
             rows = [
                 [
                     r["name"] + (f" (= {', '.join(r['aliases'])})" if r["aliases"] else ""),
@@ -111,9 +120,12 @@ def run(args: argparse.Namespace) -> InspectResult:
                 "--weights needs MODEL to build a module, but MODEL is a state_dict file",
                 hint="pass the architecture as MODEL (package.module:callable) and the file as --weights",
             )
-        return InspectResult(args.model, "state_dict", sum(v.numel() for v in loaded.values()
-                                                          if v.is_floating_point()),
-                             bn_from_state_dict(loaded))
+        return InspectResult(
+            args.model,
+            "state_dict",
+            sum(v.numel() for v in loaded.values() if v.is_floating_point()),
+            bn_from_state_dict(loaded),
+        )
     if args.weights:
         load_weights(loaded, args.weights)
     if args.eval:
