@@ -44,6 +44,16 @@ def _foldable(record: BNInfo) -> bool:
     return True  # third-party frozen BN: a pure affine map
 
 
+def _why_not(record: BNInfo) -> str:
+    if not record.track_running_stats:
+        return "track_running_stats=False: no running statistics"
+    if record.uses_batch_stats:
+        return "in training mode and not frozen: call model.eval() or freeze_bn first"
+    if isinstance(record.module, _BatchNorm) and type(record.module).forward not in _PLAIN_FORWARDS:
+        return f"{type(record.module).__name__} has its own forward"
+    return "not fed by a conv/linear whose output feeds only this layer"
+
+
 def _out_channels(producer: nn.Module) -> int:
     if isinstance(producer, nn.Linear):
         return producer.out_features
@@ -103,6 +113,19 @@ def _pairs_from_sequentials(model: nn.Module, bn_by_id: dict[int, BNInfo]) -> li
     return pairs
 
 
+def _find_pairs(model: nn.Module, bn_by_id: dict[int, BNInfo]) -> list[tuple[nn.Module, BNInfo]]:
+    try:
+        return _pairs_from_trace(model, bn_by_id)
+    except Exception as exc:  # any tracing failure means: use the fallback
+        warnings.warn(
+            f"fold_bn could not trace {type(model).__name__} with torch.fx ({exc}); "
+            "folding only conv/linear -> BN pairs that sit next to each other in nn.Sequential",
+            BNDoctorWarning,
+            stacklevel=3,
+        )
+        return _pairs_from_sequentials(model, bn_by_id)
+
+
 def _scale_shift(record: BNInfo) -> tuple[torch.Tensor, torch.Tensor]:
     module = record.module
     mean = module.get_buffer("running_mean").detach().double()
@@ -159,31 +182,18 @@ def fold_bn(model: nn.Module, *, modules: ModuleSelection = None, inplace: bool 
     """
     model, records = plan(model, modules, inplace)
     bn_by_id = {id(r.module): r for r in records if _foldable(r)}
-    if not bn_by_id:
-        return model
-    try:
-        pairs = _pairs_from_trace(model, bn_by_id)
-    except Exception as exc:
-        warnings.warn(
-            f"fold_bn could not trace {type(model).__name__} with torch.fx ({exc}); "
-            "folding only conv/linear -> BN pairs that sit next to each other in nn.Sequential",
-            BNDoctorWarning,
-            stacklevel=2,
-        )
-        pairs = _pairs_from_sequentials(model, bn_by_id)
+    pairs = _find_pairs(model, bn_by_id) if bn_by_id else []
     replacements: dict[int, tuple[nn.Module, nn.Module]] = {}
     for producer, record in pairs:
         if _out_channels(producer) != record.num_features:
             continue
         replacements[id(producer)] = (producer, _folded(producer, record))
         replacements[id(record.module)] = (record.module, nn.Identity())
-    left = [r.name for r in records if id(r.module) not in replacements and r.supported]
+    left = [r for r in records if id(r.module) not in replacements and r.supported]
     if left:
+        listed = "; ".join(f"'{r.name}' ({_why_not(r)})" for r in left[:10])
         warnings.warn(
-            f"fold_bn left {len(left)} BN layer(s) unfolded: {', '.join(left[:10])}"
-            f"{' ...' if len(left) > 10 else ''} (each is in training mode and not frozen, has no running "
-            "statistics, is not fed by a conv/linear whose output feeds only it, or is a BN subclass "
-            "with its own forward)",
+            f"fold_bn left {len(left)} BN layer(s) unfolded: {listed}{' ...' if len(left) > 10 else ''}",
             BNDoctorWarning,
             stacklevel=2,
         )

@@ -74,7 +74,7 @@ def _from_file(path: str, trust_pickle: bool) -> nn.Module | Mapping[str, torch.
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            if "Unsupported global" in str(exc):
                 raise ModelSpecError(
                     f"{path!r} holds pickled objects, not just tensors (a full model?); "
                     "bndoctor does not unpickle it by default because that runs code from the file",
@@ -114,7 +114,14 @@ def load_weights(model: nn.Module, path: str) -> None:
     state = _from_file(path, trust_pickle=False)
     if isinstance(state, nn.Module):
         state = state.state_dict()
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise ModelSpecError(
+            f"{path!r} does not match the model: {detail}",
+            hint="load weights saved from the same architecture",
+        ) from exc
     problems = [*result.missing_keys[:3], *result.unexpected_keys[:3]]
     if result.missing_keys or result.unexpected_keys:
         raise ModelSpecError(
