@@ -41,9 +41,7 @@ def test_frozen_model_in_train_mode_folds():
 
 def test_training_mode_bn_is_left_with_a_warning():
     model = tiny_resnet().train()
-    with pytest.warns(
-        bd.BNDoctorWarning, match=r"left 9 BN layer\(s\) unfolded: 'stem.1' \(in training mode"
-    ):
+    with pytest.warns(bd.BNDoctorWarning, match=r"left 9 BN layer\(s\) unfolded: 'stem.1' \(in training mode"):
         out = bd.fold_bn(model)
     assert len(bd.find_bn(out)) == 9
 

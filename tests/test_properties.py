@@ -17,9 +17,7 @@ from hypothesis import strategies as st
 import bndoctor as bd
 from tests._fakes import randomize_bn
 
-SETTINGS = settings(
-    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 class Residual(nn.Module):
@@ -85,14 +83,10 @@ def _bn(draw, channels, dims=2):
 
 @st.composite
 def blocks(draw, channels, depth):
-    kind = draw(
-        st.sampled_from(["convbn", "convbn", "residual", "list", "dict", "shared"] if depth else ["convbn"])
-    )
+    kind = draw(st.sampled_from(["convbn", "convbn", "residual", "list", "dict", "shared"] if depth else ["convbn"]))
     if kind == "convbn":
         out = draw(st.sampled_from([channels, 4, 6, 8]))
-        conv = nn.Conv2d(
-            channels, out, draw(st.sampled_from([1, 3])), padding="same", bias=draw(st.booleans())
-        )
+        conv = nn.Conv2d(channels, out, draw(st.sampled_from([1, 3])), padding="same", bias=draw(st.booleans()))
         layers = [conv, _bn(draw, out)]
         if draw(st.booleans()):
             layers.append(nn.ReLU())

@@ -132,9 +132,7 @@ def _bn_dims(module: nn.Module) -> int | None:
 def _is_frozen_by_behaviour(module: nn.Module) -> bool:
     buffers = dict(module.named_buffers(recurse=False))
     own_params = list(module.parameters(recurse=False))
-    return (
-        all(name in buffers for name in ("weight", "bias", "running_mean", "running_var")) and not own_params
-    )
+    return all(name in buffers for name in ("weight", "bias", "running_mean", "running_var")) and not own_params
 
 
 def _has_running_buffers(module: nn.Module) -> bool:
@@ -285,9 +283,7 @@ def select(records: list[BNInfo], modules: ModuleSelection, *, argument: str = "
         names = (record.name, *record.aliases)
         if any(_matches(p, n) for p in patterns for n in names):
             chosen.append(record)
-    unmatched = [
-        p for p in patterns if not any(_matches(p, n) for r in records for n in (r.name, *r.aliases))
-    ]
+    unmatched = [p for p in patterns if not any(_matches(p, n) for r in records for n in (r.name, *r.aliases))]
     if unmatched:
         available = ", ".join(repr(r.name) for r in records[:8]) or "none"
         more = " ..." if len(records) > 8 else ""
@@ -307,17 +303,14 @@ def require_initialized(record: BNInfo) -> None:
         raise UninitializedLayerError(
             f"'{record.name}' ({record.cls.rsplit('.', 1)[-1]}) is an uninitialised "
             "lazy layer: its number of features is unknown",
-            hint="run one forward pass with a real input before converting, "
-            "e.g. model(torch.zeros(1, 3, 32, 32))",
+            hint="run one forward pass with a real input before converting, e.g. model(torch.zeros(1, 3, 32, 32))",
         )
 
 
 def require_running_stats(record: BNInfo, operation: str) -> None:
     require_initialized(record)
     module = record.module
-    has_buffers = (
-        getattr(module, "running_mean", None) is not None and getattr(module, "running_var", None) is not None
-    )
+    has_buffers = getattr(module, "running_mean", None) is not None and getattr(module, "running_var", None) is not None
     if not record.track_running_stats or not has_buffers:
         raise MissingRunningStatsError(
             f"{operation} needs running statistics, but '{record.name}' has "

@@ -90,9 +90,7 @@ def freeze_bn(
         if not is_bndoctor_frozen(module):
             state = FreezeState(
                 original_class=type(module),
-                requires_grad={
-                    n: p.requires_grad for n in _AFFINE if (p := getattr(module, n, None)) is not None
-                },
+                requires_grad={n: p.requires_grad for n in _AFFINE if (p := getattr(module, n, None)) is not None},
                 requested_training=module.training,
             )
             module.__class__ = frozen_class_for(type(module))

@@ -69,6 +69,5 @@ def require_module(obj: object, argument: str = "model") -> None:
         found = type(obj).__name__
         raise NotAModuleError(
             f"expected `{argument}` to be a torch.nn.Module (got {found})",
-            hint="pass the model object itself, e.g. bndoctor.find_bn(model), "
-            "not its state_dict or a list of modules",
+            hint="pass the model object itself, e.g. bndoctor.find_bn(model), not its state_dict or a list of modules",
         )

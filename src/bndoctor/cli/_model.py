@@ -73,6 +73,8 @@ def _from_file(path: str, trust_pickle: bool) -> nn.Module | Mapping[str, torch.
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
         except Exception as exc:
             if "Unsupported global" in str(exc):
                 raise ModelSpecError(

@@ -49,9 +49,7 @@ class InspectResult:
             return f"{head}\nno BatchNorm layers found"
         if self.source == "state_dict":
             headers = ["layer", "features", "affine", "batches tracked"]
-            rows = [
-                [r["name"], r["num_features"], r["affine"], r["num_batches_tracked"]] for r in self.layers
-            ]
+            rows = [[r["name"], r["num_features"], r["affine"], r["num_batches_tracked"]] for r in self.layers]
         else:
             headers = [
                 "layer",

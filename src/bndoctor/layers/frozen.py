@@ -127,8 +127,7 @@ def frozen_class_for(cls: type) -> type:
         (FrozenBatchNormMixin, cls),
         {
             "__module__": __name__,
-            "__doc__": f"{cls.__name__} that always uses its running statistics "
-            "(made by bndoctor.freeze_bn).",
+            "__doc__": f"{cls.__name__} that always uses its running statistics (made by bndoctor.freeze_bn).",
         },
     )
     frozen.__qualname__ = encoded  # what pickle looks up in this module
