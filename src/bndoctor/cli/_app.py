@@ -34,9 +34,9 @@ class Command:
 
 
 def _commands() -> list[Command]:
-    from . import inspect
+    from . import bench, inspect
 
-    return [inspect.COMMAND]
+    return [bench.DEMO_COMMAND, bench.BENCH, inspect.COMMAND]
 
 
 class _Parser(argparse.ArgumentParser):

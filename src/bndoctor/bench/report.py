@@ -1,0 +1,197 @@
+"""Write a suite's results: raw JSON, a Markdown table with a short reading, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .runner import SuiteResult
+from .scenarios import SWEEP_BATCHES, Scenario
+
+__all__ = ["findings", "markdown_table", "write_report"]
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def markdown_table(suite: SuiteResult) -> str:
+    """One row per scenario: mean ± sd over seeds, in percent."""
+    lines = [
+        "| scenario | setup | logical batch | seeds | final val acc % | last-5 val acc % (min–max over seeds) "
+        "| jitter (pp) | s/run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in suite.scenarios:
+        if not suite.runs_of(s.name):
+            continue
+        m = suite.summary(s.name)
+        setup = s.label() + (", shifted data" if s.domain == "shifted" else "")
+        lines.append(
+            f"| {s.name} | {setup} | {s.logical_batch} | {m['seeds']} "
+            f"| {_pct(m['final_mean'])} ± {_pct(m['final_sd'])} "
+            f"| {_pct(m['last5_mean'])} ± {_pct(m['last5_sd'])} ({_pct(m['last5_min'])}–{_pct(m['last5_max'])}) "
+            f"| {_pct(m['jitter'])} | {m['wall_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def findings(suite: SuiteResult) -> list[str]:
+    """Plain sentences on what the numbers show, for the scenarios that ran."""
+    ran = {s.name for s in suite.scenarios if suite.runs_of(s.name)}
+
+    def acc(name: str) -> float:
+        return suite.summary(name)["last5_mean"]
+
+    out = []
+    if {"bn-64", "bn-2x32-corr"} <= ran:
+        ref, bad = acc("bn-64"), acc("bn-2x32-corr")
+        jitter = suite.summary("bn-2x32-corr")["jitter"]
+        out.append(
+            f"BatchNorm at micro-batch 2 with class-correlated micro-batches reaches {_pct(bad)}% last-5 validation "
+            f"accuracy against {_pct(ref)}% at batch 64 ({_pct(ref - bad)} pp lower, epoch-to-epoch jitter "
+            f"{_pct(jitter)} pp), although both take the same optimizer steps on logical batches of 64: "
+            "accumulation gives the gradient of the large batch, not its statistics."
+        )
+        if "bn-2x32-iid" in ran:
+            out.append(
+                f"With shuffled micro-batches of 2 the same setup reaches {_pct(acc('bn-2x32-iid'))}%: tiny batches "
+                "hurt most when the samples of a micro-batch are alike."
+            )
+        for name, what in (("gn-2x32-corr", "GroupNorm"), ("bn-eval-2x32-corr", "BN kept in eval mode")):
+            if name in ran and ref > bad:
+                closed = (acc(name) - bad) / (ref - bad)
+                out.append(
+                    f"{what} at the same micro-batch reaches {_pct(acc(name))}%, "
+                    f"closing {100 * closed:.0f}% of the gap."
+                )
+    if {"ft-bn-train-2x32-corr", "ft-bn-frozen-2x32-corr"} <= ran:
+        train, frozen = acc("ft-bn-train-2x32-corr"), acc("ft-bn-frozen-2x32-corr")
+        ref = f" (fine-tuning at batch 64: {_pct(acc('ft-bn-64'))}%)" if "ft-bn-64" in ran else ""
+        out.append(
+            f"Fine-tuning the batch-64 model on intensity-inverted digits at micro-batch 2 (correlated): BN left in "
+            f"training mode reaches {_pct(train)}%, BN statistics frozen with bndoctor.freeze_bn {_pct(frozen)}%{ref}."
+        )
+    if {"ft-bn-train-2x32-iid", "ft-bn-frozen-2x32-iid"} <= ran:
+        out.append(
+            f"With shuffled micro-batches the same fine-tuning gives {_pct(acc('ft-bn-train-2x32-iid'))}% (BN in "
+            f"training mode) and {_pct(acc('ft-bn-frozen-2x32-iid'))}% (frozen): the frozen statistics come from the "
+            "source domain, which a strong shift makes stale."
+        )
+    sweep = [(b, f"sweep-bn-{b}", f"sweep-gn-{b}") for b in SWEEP_BATCHES]
+    sweep = [row for row in sweep if {row[1], row[2]} <= ran]
+    if len(sweep) >= 2:
+        bn = [acc(r[1]) for r in sweep]
+        gn = [acc(r[2]) for r in sweep]
+        batches = "/".join(str(r[0]) for r in sweep)
+        out.append(
+            f"Batch-size sweep at a logical batch of 32 (batch {batches}): BN "
+            f"{'/'.join(_pct(v) for v in bn)}%, GN {'/'.join(_pct(v) for v in gn)}%; BN changes by "
+            f"{_pct(bn[-1] - bn[0])} pp from the largest to the smallest batch, GN by {_pct(gn[-1] - gn[0])} pp."
+        )
+    return out
+
+
+def _plot_curves(suite: SuiteResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups: dict[str, list[Scenario]] = {}
+    for s in suite.scenarios:
+        if suite.runs_of(s.name):
+            groups.setdefault(s.group, []).append(s)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False)
+    for ax, (group, scenarios) in zip(axes[0], groups.items()):
+        for s in scenarios:
+            curves = np.array([r.val_acc for r in suite.runs_of(s.name)]) * 100
+            epochs = np.arange(1, curves.shape[1] + 1)
+            (line,) = ax.plot(epochs, curves.mean(0), label=f"{s.name}")
+            if len(curves) > 1:
+                ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.15, color=line.get_color())
+        ax.set_title(f"{group}: validation accuracy (mean, min–max over seeds)", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("val accuracy %")
+        ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]), top=100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_sweep(suite: SuiteResult, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    drawn = False
+    for tag, label in (("bn", "BatchNorm"), ("gn", "GroupNorm")):
+        rows = [(b, suite.summary(f"sweep-{tag}-{b}")) for b in SWEEP_BATCHES if suite.runs_of(f"sweep-{tag}-{b}")]
+        if not rows:
+            continue
+        drawn = True
+        ax.errorbar(
+            [b for b, _ in rows],
+            [100 * (1 - m["last5_mean"]) for _, m in rows],
+            yerr=[100 * m["last5_sd"] for _, m in rows],
+            marker="o",
+            capsize=3,
+            label=label,
+        )
+    if drawn:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(SWEEP_BATCHES), [str(b) for b in SWEEP_BATCHES])
+        ax.invert_xaxis()
+        ax.set_xlabel("images per normalisation batch (logical batch 32)")
+        ax.set_ylabel("val error % (last-5 mean, ± sd over seeds)")
+        ax.set_title("BN vs GN across batch sizes (GN paper, Fig. 1, in miniature)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def write_report(suite: SuiteResult, out_dir: Path, *, plots: bool = True) -> dict[str, Any]:
+    """Write results.json, report.md and the plots into ``out_dir``; return the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Any] = {}
+    results = out_dir / "results.json"
+    results.write_text(json.dumps(suite.to_json(), indent=1))
+    paths["results"] = str(results)
+    images = []
+    if plots:
+        curves = out_dir / "curves.png"
+        _plot_curves(suite, curves)
+        images.append(curves)
+        sweep = out_dir / "sweep.png"
+        if _plot_sweep(suite, sweep):
+            images.append(sweep)
+    paths["plots"] = [str(p) for p in images]
+    lines = ["# bndoctor benchmark", ""]
+    if suite.command:
+        lines += [f"Reproduce: `{suite.command}`", ""]
+    lines += [
+        f"Seeds {', '.join(map(str, suite.seeds))}; digits (scikit-learn), 1,437 train / 360 validation images; "
+        f"tiny ResNet (77k parameters); SGD with Nesterov momentum and cosine decay. Accuracies are on the "
+        f"validation set of the scenario's domain, mean ± sd over seeds; jitter is the standard deviation of "
+        f"the last 5 epochs within a run. Total wall time {suite.wall_s:.0f} s.",
+        "",
+        markdown_table(suite),
+        "",
+    ]
+    found = findings(suite)
+    if found:
+        lines += ["## What it shows", ""] + [f"- {f}" for f in found] + [""]
+    lines += [f"![{p.stem}]({p.name})" for p in images]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    paths["report"] = str(report)
+    return paths

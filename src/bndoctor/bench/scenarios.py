@@ -1,0 +1,214 @@
+"""The scenario registry: every experiment the harness can run, by name.
+
+A scenario fixes the model's norm layer, the micro-batch, the accumulation
+steps, the sampler, the schedule and optionally a pretrained start and a
+remedy applied to the model before training. Later features register their
+remedies here with :func:`register`, so that every fix is measured against
+the same references.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch.nn as nn
+
+from ..errors import BNDoctorError
+from ..models import NormName
+from .samplers import SamplerName
+
+__all__ = ["DEMO", "SCENARIOS", "Scenario", "get_scenario", "register", "resolve"]
+
+Remedy = Callable[[nn.Module], nn.Module]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One training recipe on the digits data.
+
+    ``lr`` is the SGD learning rate (momentum 0.9, Nesterov, weight decay
+    5e-4, cosine decay over all optimizer steps). ``bn_eval`` keeps BN layers
+    in eval mode while the rest trains (running statistics are then never
+    updated). ``pretrain`` names a scenario whose final weights (same seed)
+    start this one; ``remedy`` is applied to the model after loading them.
+    """
+
+    name: str
+    description: str
+    group: str = "core"
+    norm: NormName = "batch"
+    micro_batch: int = 64
+    accum_steps: int = 1
+    sampler: SamplerName = "iid"
+    epochs: int = 15
+    lr: float = 0.05
+    bn_eval: bool = False
+    domain: Literal["source", "shifted"] = "source"
+    pretrain: str | None = None
+    remedy: Remedy | None = field(default=None, compare=False)
+
+    @property
+    def logical_batch(self) -> int:
+        return self.micro_batch * self.accum_steps
+
+    def label(self) -> str:
+        """Short description of the setup, e.g. ``BN 2x32 correlated``."""
+        norm = {"batch": "BN", "group": "GN", "layer": "LN", "instance": "IN", "none": "no norm"}[self.norm]
+        if self.bn_eval:
+            norm += " (eval)"
+        batch = f"{self.micro_batch}x{self.accum_steps}" if self.accum_steps > 1 else str(self.micro_batch)
+        text = f"{norm} {batch} {self.sampler}"
+        if self.remedy is not None:
+            text += f" + {getattr(self.remedy, '__name__', 'remedy')}"
+        return text
+
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def register(scenario: Scenario, *, replace: bool = False) -> Scenario:
+    """Add a scenario to the registry (``replace=True`` to redefine one)."""
+    if scenario.name in SCENARIOS and not replace:
+        raise BNDoctorError(
+            f"a scenario named {scenario.name!r} is already registered",
+            hint="choose another name or pass replace=True",
+        )
+    if scenario.pretrain is not None and scenario.pretrain not in SCENARIOS:
+        raise BNDoctorError(
+            f"scenario {scenario.name!r} pretrains with unknown scenario {scenario.pretrain!r}",
+            hint="register the pretraining scenario first",
+        )
+    if scenario.micro_batch < 2:
+        raise BNDoctorError(
+            f"expected micro_batch >= 2 in scenario {scenario.name!r} (got {scenario.micro_batch})",
+            hint="BatchNorm in training mode needs at least two samples",
+        )
+    SCENARIOS[scenario.name] = scenario
+    return scenario
+
+
+def get_scenario(name: str) -> Scenario:
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise BNDoctorError(
+            f"unknown scenario {name!r}",
+            hint=f"choose from: {', '.join(SCENARIOS)} (or a group: {', '.join(_groups())})",
+        ) from None
+
+
+def _groups() -> list[str]:
+    return sorted({s.group for s in SCENARIOS.values()})
+
+
+def resolve(selection: Iterable[str] | None) -> list[Scenario]:
+    """Scenarios named by exact name, group name or glob pattern, in registry order."""
+    if selection is None:
+        return list(SCENARIOS.values())
+    chosen: list[str] = []
+    for item in selection:
+        matches = [
+            s.name for s in SCENARIOS.values() if s.name == item or s.group == item or fnmatch.fnmatchcase(s.name, item)
+        ]
+        if not matches:
+            get_scenario(item)  # raises the error with the list of names
+        chosen.extend(m for m in matches if m not in chosen)
+    return [SCENARIOS[n] for n in SCENARIOS if n in chosen]
+
+
+def frozen_bn(model: nn.Module) -> nn.Module:
+    """Remedy: freeze BN statistics (affine stays trainable)."""
+    from ..convert import freeze_bn
+
+    return freeze_bn(model, inplace=True)
+
+
+# --------------------------------------------------------------------------- built-in scenarios
+
+register(Scenario("bn-64", "BatchNorm at batch 64: the large-batch reference"))
+register(
+    Scenario(
+        "bn-2x32-iid",
+        "BatchNorm at micro-batch 2 x 32 accumulation steps (logical 64), shuffled data",
+        micro_batch=2,
+        accum_steps=32,
+    )
+)
+register(
+    Scenario(
+        "bn-2x32-corr",
+        "BatchNorm at micro-batch 2 x 32, each micro-batch from one class (logical batches mix classes)",
+        micro_batch=2,
+        accum_steps=32,
+        sampler="correlated",
+    )
+)
+register(
+    Scenario(
+        "bn-eval-2x32-corr",
+        "BN layers kept in eval mode while the rest trains (the seeds' diagnostic ablation), 2 x 32 correlated",
+        micro_batch=2,
+        accum_steps=32,
+        sampler="correlated",
+        bn_eval=True,
+    )
+)
+register(Scenario("gn-64", "GroupNorm at batch 64", norm="group"))
+register(
+    Scenario(
+        "gn-2x32-corr",
+        "GroupNorm at micro-batch 2 x 32, correlated micro-batches",
+        norm="group",
+        micro_batch=2,
+        accum_steps=32,
+        sampler="correlated",
+    )
+)
+
+SWEEP_BATCHES = (32, 16, 8, 4, 2)
+for _norm, _tag in (("batch", "bn"), ("group", "gn")):
+    for _b in SWEEP_BATCHES:
+        register(
+            Scenario(
+                f"sweep-{_tag}-{_b}",
+                f"{'BatchNorm' if _tag == 'bn' else 'GroupNorm'} at batch {_b}, accumulated to a logical batch "
+                "of 32 (the Group Normalization paper's sweep in miniature)",
+                group="sweep",
+                norm=_norm,
+                micro_batch=_b,
+                accum_steps=32 // _b,
+                lr=0.025,
+            )
+        )
+
+_FT = dict(group="finetune", domain="shifted", pretrain="bn-64", epochs=8, lr=0.01)
+register(Scenario("ft-bn-64", "fine-tune the batch-64 model on shifted data at batch 64 (reference)", **_FT))
+for _sampler, _tag in (("correlated", "corr"), ("iid", "iid")):
+    _data = "micro-batches of one class each" if _tag == "corr" else "shuffled data"
+    register(
+        Scenario(
+            f"ft-bn-train-2x32-{_tag}",
+            f"fine-tune on shifted data at micro-batch 2 x 32 ({_data}), BN left in training mode",
+            micro_batch=2,
+            accum_steps=32,
+            sampler=_sampler,
+            **_FT,
+        )
+    )
+    register(
+        Scenario(
+            f"ft-bn-frozen-2x32-{_tag}",
+            f"fine-tune on shifted data at micro-batch 2 x 32 ({_data}), BN statistics frozen (bndoctor.freeze_bn)",
+            micro_batch=2,
+            accum_steps=32,
+            sampler=_sampler,
+            remedy=frozen_bn,
+            **_FT,
+        )
+    )
+
+#: The curated subset that ``bndoctor demo`` runs: the failure and its fixes.
+DEMO = ("bn-64", "bn-2x32-corr", "gn-2x32-corr", "ft-bn-64", "ft-bn-train-2x32-corr", "ft-bn-frozen-2x32-corr")

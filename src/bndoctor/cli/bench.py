@@ -1,0 +1,137 @@
+"""``bndoctor bench`` and ``bndoctor demo``: run harness scenarios and write the report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BNDoctorError
+from ._app import Command
+from ._progress import ProgressBar
+
+
+@dataclass
+class BenchResult:
+    suite: Any
+    paths: dict[str, Any]
+    intro: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.suite.to_json(), "files": self.paths}
+
+    def to_text(self) -> str:
+        from ..bench.report import markdown_table
+
+        parts = [self.intro] if self.intro else []
+        parts.append(markdown_table(self.suite))
+        if self.notes:
+            parts.append("What it shows:\n" + "\n".join(f"- {n}" for n in self.notes))
+        files = [self.paths["report"], *self.paths.get("plots", [])]
+        parts.append("Wrote " + ", ".join(files) + f" (raw results: {self.paths['results']})")
+        return "\n\n".join(parts)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {value})")
+    return value
+
+
+def _default_jobs() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def _common(parser: argparse.ArgumentParser, default_out: str, default_seeds: int) -> None:
+    parser.add_argument("--seeds", type=_positive, default=default_seeds, help=f"seeds 0..N-1 (default {default_seeds})")
+    parser.add_argument("--out", type=Path, default=Path(default_out), help=f"output folder (default {default_out})")
+    parser.add_argument("--jobs", type=_positive, default=_default_jobs(), help="parallel processes (default: 2 or #cores)")
+    parser.add_argument("--epochs", type=_positive, help="override every scenario's epoch count (quick runs)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run(args: argparse.Namespace, names: list[str] | None, intro: str) -> BenchResult:
+    from ..bench import resolve, run_suite
+    from ..bench.report import findings, write_report
+
+    scenarios = resolve(names)
+    if not scenarios:
+        raise BNDoctorError("no scenarios selected", hint="see `bndoctor bench --list`")
+    progress = None if args.quiet else ProgressBar()
+    suite = run_suite(scenarios, list(range(args.seeds)), jobs=args.jobs, epochs=args.epochs, progress=progress)
+    suite.command = "bndoctor " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    paths = write_report(suite, args.out, plots=not args.no_plots)
+    return BenchResult(suite, paths, intro, findings(suite))
+
+
+@dataclass
+class ScenarioList:
+    rows: list[dict[str, Any]]
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return self.rows
+
+    def to_text(self) -> str:
+        from . import _table
+
+        return _table.render(
+            ["scenario", "group", "setup", "epochs", "description"],
+            [[r["name"], r["group"], r["label"], r["epochs"], r["description"]] for r in self.rows],
+        )
+
+
+def run_bench(args: argparse.Namespace) -> BenchResult | ScenarioList:
+    if args.list:
+        from ..bench import SCENARIOS
+
+        return ScenarioList(
+            [
+                {"name": s.name, "group": s.group, "label": s.label(), "epochs": s.epochs, "description": s.description}
+                for s in SCENARIOS.values()
+            ]
+        )
+    return _run(args, args.scenarios, "")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        metavar="NAME",
+        help="scenario names, groups (core, sweep, finetune) or globs; default: all",
+    )
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    _common(parser, "bndoctor-out/bench", 3)
+
+
+DEMO_INTRO = (
+    "bndoctor demo: BatchNorm at a tiny physical batch, on scikit-learn's digits (real 8x8 images),\n"
+    "against the batch-64 reference and the remedies. Gradient accumulation gives every run the same\n"
+    "logical batch of 64; only the batch that BatchNorm normalises over changes."
+)
+
+
+def run_demo(args: argparse.Namespace) -> BenchResult:
+    from ..bench import DEMO
+
+    return _run(args, list(DEMO), DEMO_INTRO)
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    _common(parser, "bndoctor-out/demo", 2)
+
+
+BENCH = Command("bench", "run benchmark scenarios on the digits data and write a report", add_bench_arguments, run_bench)
+DEMO_COMMAND = Command(
+    "demo", "show BatchNorm failing at micro-batch 2 and the fixes (about a minute)", add_demo_arguments, run_demo
+)
