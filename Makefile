@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/bndoctor inspect tiny-resnet
+	$(VENV)/bin/bndoctor demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -1,7 +1,7 @@
 """scikit-learn's digits as tensors: a fixed stratified split, normalisation, a shifted domain.
 
 The 1,797 8x8 images ship inside scikit-learn (no download). The split is
-stratified by class and fixed (seed 0): 1,437 training and 360 validation
+stratified by class and fixed (seed 0): 1,438 training and 359 validation
 images. Pixels (0..16) are scaled to zero mean and unit variance with the
 training set's mean and standard deviation.
 
@@ -57,9 +57,7 @@ def _require_sklearn():
     try:
         from sklearn import datasets
     except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError(
-            "the benchmark data set needs scikit-learn: pip install 'bndoctor[demo]'"
-        ) from exc
+        raise ModuleNotFoundError("the benchmark data set needs scikit-learn: pip install 'bndoctor[demo]'") from exc
     return datasets
 
 

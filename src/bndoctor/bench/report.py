@@ -179,7 +179,7 @@ def write_report(suite: SuiteResult, out_dir: Path, *, plots: bool = True) -> di
     if suite.command:
         lines += [f"Reproduce: `{suite.command}`", ""]
     lines += [
-        f"Seeds {', '.join(map(str, suite.seeds))}; digits (scikit-learn), 1,437 train / 360 validation images; "
+        f"Seeds {', '.join(map(str, suite.seeds))}; digits (scikit-learn), 1,438 train / 359 validation images; "
         f"tiny ResNet (77k parameters); SGD with Nesterov momentum and cosine decay. Accuracies are on the "
         f"validation set of the scenario's domain, mean ± sd over seeds; jitter is the standard deviation of "
         f"the last 5 epochs within a run. Total wall time {suite.wall_s:.0f} s.",

@@ -36,7 +36,7 @@ Progress = Callable[[int, int, str], None]
 
 LAST_K = 5
 MKLDNN_MIN_BATCH = 8
-TRAIN_SIZE = 1437  # digits training images; only used to weigh progress
+TRAIN_SIZE = 1438  # digits training images; only used to weigh progress
 
 
 @dataclass
@@ -236,7 +236,9 @@ def _with_dependencies(scenarios: Sequence[Scenario]) -> list[Scenario]:
 
     def add(s: Scenario) -> None:
         if s.pretrain is not None:
-            add(SCENARIOS[s.pretrain] if s.pretrain not in names else next(x for x in scenarios if x.name == s.pretrain))
+            add(
+                SCENARIOS[s.pretrain] if s.pretrain not in names else next(x for x in scenarios if x.name == s.pretrain)
+            )
         if all(x.name != s.name for x in ordered):
             ordered.append(s)
 
@@ -287,10 +289,15 @@ def run_suite(
     pending = [(s, seed) for seed in seeds for s in planned]
     if jobs <= 1:
         for s, seed in pending:
-            finish((s.name, seed), run_scenario(
-                s, seed, init_state=states.get((s.pretrain, seed)) if s.pretrain else None,
-                on_epoch=lambda e, s=s, seed=seed: tick(s.name, seed, e),
-            ))
+            finish(
+                (s.name, seed),
+                run_scenario(
+                    s,
+                    seed,
+                    init_state=states.get((s.pretrain, seed)) if s.pretrain else None,
+                    on_epoch=lambda e, s=s, seed=seed: tick(s.name, seed, e),
+                ),
+            )
     else:
         _run_parallel(pending, jobs, states, finish, tick)
     requested = {s.name for s in scenarios}

@@ -52,9 +52,13 @@ def _default_jobs() -> int:
 
 
 def _common(parser: argparse.ArgumentParser, default_out: str, default_seeds: int) -> None:
-    parser.add_argument("--seeds", type=_positive, default=default_seeds, help=f"seeds 0..N-1 (default {default_seeds})")
+    parser.add_argument(
+        "--seeds", type=_positive, default=default_seeds, help=f"seeds 0..N-1 (default {default_seeds})"
+    )
     parser.add_argument("--out", type=Path, default=Path(default_out), help=f"output folder (default {default_out})")
-    parser.add_argument("--jobs", type=_positive, default=_default_jobs(), help="parallel processes (default: 2 or #cores)")
+    parser.add_argument(
+        "--jobs", type=_positive, default=_default_jobs(), help="parallel processes (default: 2 or #cores)"
+    )
     parser.add_argument("--epochs", type=_positive, help="override every scenario's epoch count (quick runs)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -131,7 +135,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser, "bndoctor-out/demo", 2)
 
 
-BENCH = Command("bench", "run benchmark scenarios on the digits data and write a report", add_bench_arguments, run_bench)
+BENCH = Command(
+    "bench", "run benchmark scenarios on the digits data and write a report", add_bench_arguments, run_bench
+)
 DEMO_COMMAND = Command(
     "demo", "show BatchNorm failing at micro-batch 2 and the fixes (about a minute)", add_demo_arguments, run_demo
 )

@@ -1,0 +1,54 @@
+import json
+
+from bndoctor.cli import main
+
+
+def test_list(capsys):
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "bn-2x32-corr" in out and "sweep-gn-2" in out
+
+
+def test_bench_json_and_files(capsys, tmp_path):
+    argv = [
+        "bench",
+        "--scenarios",
+        "bn-64",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--jobs",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--no-plots",
+        "--format",
+        "json",
+    ]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in data["scenarios"]] == ["bn-64"]
+    assert (tmp_path / "results.json").exists() and (tmp_path / "report.md").exists()
+    assert data["files"]["plots"] == []
+
+
+def test_demo_end_to_end(capsys, tmp_path):
+    assert main(["demo", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "bndoctor demo" in captured.out and "What it shows" in captured.out
+    assert "ft-bn-frozen-2x32-corr" in captured.out
+    assert "100%" in captured.err  # progress bar
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_bad_input_is_one_line(capsys):
+    assert main(["bench", "--scenarios", "nope", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown scenario 'nope'" in err and "hint:" in err and "Traceback" not in err
+    try:
+        main(["bench", "--seeds", "0"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    assert "expected a positive integer" in capsys.readouterr().err
