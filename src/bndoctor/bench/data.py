@@ -47,7 +47,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     train, val = [], []
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
-        n_val = int(round(len(members) * val_fraction))
+        n_val = round(len(members) * val_fraction)
         val.append(members[:n_val])
         train.append(members[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
