@@ -23,9 +23,8 @@ import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
@@ -140,6 +139,22 @@ def _has_running_buffers(module: nn.Module) -> bool:
     return "running_mean" in buffers and "running_var" in buffers
 
 
+def _behaviour_record(name: str, module: nn.Module, kind: BNKind, **fields: Any) -> BNInfo:
+    """A record for a layer recognised by its buffers rather than its class."""
+    return BNInfo(
+        name=name,
+        module=module,
+        kind=kind,
+        cls=_class_path(module),
+        dims=None,
+        num_features=int(module.get_buffer("running_mean").numel()),
+        track_running_stats=True,
+        eps=float(getattr(module, "eps", 1e-5)),
+        training=module.training,
+        **fields,
+    )
+
+
 def _classify(name: str, module: nn.Module) -> BNInfo | None:
     """Return a record for a BN or BN-like module, ``None`` for anything else."""
     from .layers.frozen import is_bndoctor_frozen
@@ -174,36 +189,15 @@ def _classify(name: str, module: nn.Module) -> BNInfo | None:
             kind = "frozen"
         return BNInfo(kind=kind, num_features=int(module.num_features), frozen=frozen, **common)
     if _is_frozen_by_behaviour(module):
-        running_mean = module.get_buffer("running_mean")
-        return BNInfo(
-            name=name,
-            module=module,
-            kind="frozen",
-            cls=_class_path(module),
-            dims=None,
-            num_features=int(running_mean.numel()),
-            affine=True,
-            track_running_stats=True,
-            momentum=None,
-            eps=float(getattr(module, "eps", 1e-5)),
-            training=module.training,
-            frozen=True,
-        )
+        return _behaviour_record(name, module, "frozen", affine=True, momentum=None, frozen=True)
     if _has_running_buffers(module):
-        running_mean = module.get_buffer("running_mean")
         momentum = getattr(module, "momentum", None)
-        return BNInfo(
-            name=name,
-            module=module,
-            kind="bn-like",
-            cls=_class_path(module),
-            dims=None,
-            num_features=int(running_mean.numel()),
+        return _behaviour_record(
+            name,
+            module,
+            "bn-like",
             affine=getattr(module, "weight", None) is not None,
-            track_running_stats=True,
             momentum=float(momentum) if isinstance(momentum, (int, float)) else None,
-            eps=float(getattr(module, "eps", 1e-5)),
-            training=module.training,
             frozen=False,
             supported=False,
             reason=(
@@ -424,10 +418,3 @@ def replace_module(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
             hint="list the paths with [n for n, _ in model.named_modules()]",
         ) from exc
     return replace_modules(root, {id(old): (old, new)})
-
-
-def module_device_dtype(module: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
-    for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return None, None
