@@ -19,6 +19,16 @@ from .errors import (
 )
 from .fold import fold_bn
 from .layers import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .stats import (
+    RecalibrationReport,
+    export_stats,
+    import_stats,
+    load_stats,
+    recalibrate,
+    stats_sets,
+    store_stats,
+    use_stats,
+)
 
 __all__ = [
     "BNDoctorError",
@@ -32,13 +42,21 @@ __all__ = [
     "ModelSpecError",
     "ModuleSelectionError",
     "NotAModuleError",
+    "RecalibrationReport",
     "UninitializedLayerError",
     "__version__",
     "convert_bn",
     "default_num_groups",
+    "export_stats",
     "find_bn",
     "fold_bn",
     "freeze_bn",
+    "import_stats",
+    "load_stats",
+    "recalibrate",
     "replace_module",
+    "stats_sets",
+    "store_stats",
     "unfreeze_bn",
+    "use_stats",
 ]

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._progress import ProgressBar
 from ..errors import BNDoctorError
 from ._app import Command
-from ._progress import ProgressBar
 
 
 @dataclass

@@ -1,0 +1,61 @@
+"""Snapshot and restore what bndoctor touches while it runs a model.
+
+``preserved(model, modules)`` records every module's training flag and, for
+the given modules, ``momentum``, ``track_running_stats`` and all their
+buffers. Whatever happens inside the block — including an exception from the
+user's forward or a KeyboardInterrupt — on exit the flags, momentum and
+buffers are put back and every hook registered through the snapshot is
+removed. Callers write their intended results *after* the block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["Snapshot", "preserved"]
+
+_ATTRS = ("momentum", "track_running_stats")
+
+
+class Snapshot:
+    def __init__(self, model: nn.Module, modules: Iterable[nn.Module]) -> None:
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.modules = list({id(m): m for m in modules}.values())
+        self.attrs: list[tuple[nn.Module, str, Any]] = [
+            (m, a, getattr(m, a)) for m in self.modules for a in _ATTRS if hasattr(m, a)
+        ]
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (b, b.detach().clone()) for m in self.modules for b in m.buffers(recurse=False)
+        ]
+        self.handles: list[RemovableHandle] = []
+
+    def hook(self, handle: RemovableHandle) -> None:
+        """Remove this hook when the block ends."""
+        self.handles.append(handle)
+
+    def restore(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        with torch.no_grad():
+            for live, saved in self.buffers:
+                live.copy_(saved)
+        for module, attr, value in self.attrs:
+            setattr(module, attr, value)
+        for module, training in self.modes:
+            module.training = training  # set directly: frozen layers pin train() to False
+
+
+@contextmanager
+def preserved(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[Snapshot]:
+    snapshot = Snapshot(model, modules)
+    try:
+        yield snapshot
+    finally:
+        snapshot.restore()

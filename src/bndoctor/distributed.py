@@ -1,0 +1,63 @@
+"""The only module that talks to torch.distributed.
+
+Every collective here is called by all ranks of the group the same number of
+times, whatever data each rank holds (including none), so callers cannot
+deadlock by skipping a call on a rank with an empty share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["active", "all_gather_stack", "all_ok", "rank", "world_size"]
+
+
+def active(group: Any = None) -> bool:
+    """True when torch.distributed is initialised and the group has more than one rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(group) > 1
+
+
+def world_size(group: Any = None) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank(group: Any = None) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def _collective_device(group: Any, like: torch.device) -> torch.device:
+    import torch.distributed as dist
+
+    backend = dist.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else like
+
+
+def all_ok(ok: bool, group: Any = None) -> list[bool]:
+    """Every rank's flag (one all_gather); lets ranks agree to stop together after a failure."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if ok else 0.0], device=_collective_device(group, torch.device("cpu")))
+    gathered = [torch.zeros_like(flag) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, flag, group=group)
+    return [bool(t.item()) for t in gathered]
+
+
+def all_gather_stack(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Gather an equally shaped tensor from every rank: returns ``(world_size, *tensor.shape)``."""
+    import torch.distributed as dist
+
+    device = _collective_device(group, tensor.device)
+    local = tensor.to(device).contiguous()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    return torch.stack(gathered).to(tensor.device)

@@ -1,0 +1,149 @@
+"""Named sets of BN running statistics, one per data domain, with the affine shared.
+
+Recalibrate once per domain (``recalibrate(model, loader, domain="target")``
+or :func:`store_stats` after any recalibration), then switch::
+
+    with bndoctor.use_stats(model, "target"):
+        evaluate(model, target_loader)
+
+The sets live on each BN layer as non-persistent buffers: they follow
+``model.to(device)`` and ``copy.deepcopy`` but are not in ``state_dict()``;
+use :func:`export_stats` / :func:`import_stats` to save and load them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from .._walk import BNInfo, ModuleSelection, find_bn, select
+from ..errors import BNDoctorError, require_module
+
+__all__ = ["export_stats", "import_stats", "load_stats", "stats_sets", "store_stats", "use_stats"]
+
+_PREFIX = "_bndoctor_stats__"
+_KEYS = ("running_mean", "running_var")
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise BNDoctorError(
+            f"expected a statistics set name: a non-empty string without '.' (got {name!r})",
+            hint="e.g. 'source' or 'target'",
+        )
+
+
+def _with_stats(model: nn.Module, modules: ModuleSelection = None) -> list[BNInfo]:
+    require_module(model)
+    return [
+        r
+        for r in select(find_bn(model), modules)
+        if r.kind != "bn-like"
+        and r.kind != "lazy"
+        and getattr(r.module, "running_mean", None) is not None
+        and getattr(r.module, "running_var", None) is not None
+    ]
+
+
+def _buffer(name: str, key: str) -> str:
+    return f"{_PREFIX}{name}__{key}"
+
+
+def store_stats(model: nn.Module, name: str, *, modules: ModuleSelection = None) -> None:
+    """Save each BN layer's current running statistics as the set ``name`` (overwrites)."""
+    _check_name(name)
+    for record in _with_stats(model, modules):
+        for key in _KEYS:
+            value = record.module.get_buffer(key).detach().clone()
+            attr = _buffer(name, key)
+            if attr in record.module._buffers:
+                record.module._buffers[attr] = value
+            else:
+                record.module.register_buffer(attr, value, persistent=False)
+
+
+def stats_sets(model: nn.Module) -> list[str]:
+    """Names of the statistics sets stored on any BN layer of ``model``."""
+    names: list[str] = []
+    for record in _with_stats(model):
+        for attr in record.module._buffers:
+            if attr.startswith(_PREFIX) and attr.endswith("__running_mean"):
+                name = attr[len(_PREFIX) : -len("__running_mean")]
+                if name not in names:
+                    names.append(name)
+    return names
+
+
+def load_stats(model: nn.Module, name: str) -> list[str]:
+    """Copy the set ``name`` into the running statistics; returns the layers it was stored for."""
+    _check_name(name)
+    loaded = []
+    with torch.no_grad():
+        for record in _with_stats(model):
+            stored = [record.module._buffers.get(_buffer(name, key)) for key in _KEYS]
+            if any(t is None for t in stored):
+                continue
+            for key, tensor in zip(_KEYS, stored):
+                record.module.get_buffer(key).copy_(tensor)
+            loaded.append(record.name)
+    if not loaded:
+        known = stats_sets(model)
+        raise BNDoctorError(
+            f"no BN layer has a statistics set named {name!r} (sets: {', '.join(known) or 'none'})",
+            hint="store one first: recalibrate(model, loader, domain=name) or store_stats(model, name)",
+        )
+    return loaded
+
+
+@contextmanager
+def use_stats(model: nn.Module, name: str) -> Iterator[nn.Module]:
+    """Use the set ``name`` inside the block; the previous statistics come back afterwards, also on error."""
+    records = _with_stats(model)
+    saved = [(r.module.get_buffer(k), r.module.get_buffer(k).detach().clone()) for r in records for k in _KEYS]
+    load_stats(model, name)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for live, value in saved:
+                live.copy_(value)
+
+
+def export_stats(model: nn.Module) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """``{set: {layer: {"running_mean": ..., "running_var": ...}}}`` for ``torch.save``."""
+    out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for name in stats_sets(model):
+        for record in _with_stats(model):
+            stored = {k: record.module._buffers.get(_buffer(name, k)) for k in _KEYS}
+            if all(v is not None for v in stored.values()):
+                out.setdefault(name, {})[record.name] = {k: v.detach().cpu().clone() for k, v in stored.items()}
+    return out
+
+
+def import_stats(model: nn.Module, exported: dict[str, dict[str, dict[str, torch.Tensor]]]) -> None:
+    """Store sets produced by :func:`export_stats`; unknown layers or wrong shapes are errors."""
+    layers = {r.name: r for r in _with_stats(model)}
+    for name, per_layer in exported.items():
+        _check_name(name)
+        for layer, tensors in per_layer.items():
+            record = layers.get(layer)
+            if record is None:
+                raise BNDoctorError(
+                    f"statistics set {name!r} names layer {layer!r}, which is not a BN layer of this model",
+                    hint="import sets exported from the same architecture",
+                )
+            for key in _KEYS:
+                current = record.module.get_buffer(key)
+                value = tensors[key]
+                if value.shape != current.shape:
+                    raise BNDoctorError(
+                        f"statistics set {name!r}: {layer}.{key} has shape {tuple(value.shape)}, "
+                        f"expected {tuple(current.shape)}",
+                        hint="import sets exported from the same architecture",
+                    )
+                record.module.register_buffer(
+                    _buffer(name, key), value.to(current.device, current.dtype).clone(), persistent=False
+                )

@@ -1,0 +1,420 @@
+"""Recalibrate BatchNorm running statistics with the model's final weights (PreciseBN).
+
+Running statistics are an exponential moving average (EMA) of batch
+statistics: at small batch they are dominated by the last few batches, and
+they lag the weights. Recalibration runs the model over data and replaces them
+by the exact statistics of the whole pass (Wu & Johnson, "Rethinking 'Batch'
+in BatchNorm", 2021, call this PreciseBN).
+
+How the pass runs:
+
+* every module is in eval mode (dropout off), except the BN layers being
+  recalibrated, which normalise with batch statistics as in training, so that
+  later layers see the activations they see during training;
+* per layer and per forward the count ``n`` (batch x spatial positions), the
+  batch mean and the biased batch variance are recorded, and pooled in float64
+  with :func:`bndoctor.stats.moments.pool` — weighted by ``n``, including the
+  spread of the batch means (``torch.optim.swa_utils.update_bn`` averages the
+  batch variances instead and comes out too low when batches differ);
+* by default the batch statistics are the ones torch's BN kernel computes
+  anyway (read from the buffers with ``momentum=1``), so recalibration costs
+  about one no-grad forward; ``exact=True`` recomputes them from each layer's
+  input in float64 (slower; used automatically for half-precision buffers,
+  third-party frozen BN and SyncBatchNorm);
+* under torch.distributed the pooled moments of every rank are gathered with
+  one collective and pooled again, so every rank ends with the statistics of
+  the union of all ranks' data — also when ranks hold different amounts,
+  including none.
+
+``running_var`` receives the *unbiased* pooled variance ``M2 / (N - 1)``, the
+convention torch's BN uses for its running estimate (N is batch x positions
+over the whole pass, so the two differ by a factor ``N / (N - 1)``).
+
+Whatever happens — including an exception in the user's forward on any rank
+— the model's modes, momentum, hooks and buffers are restored first; new
+statistics are written only after the pass succeeded everywhere.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import distributed
+from .._progress import ProgressBar
+from .._state import preserved
+from .._walk import BNInfo, ModuleSelection, find_bn, require_running_stats, select, warn_unsupported
+from ..errors import BNDoctorError, BNDoctorWarning, require_module
+from .moments import Moments, pool
+
+__all__ = ["LayerChange", "RecalibrationReport", "default_forward", "recalibrate"]
+
+Forward = Callable[[nn.Module, Any], Any]
+_PLAIN_FORWARD = _BatchNorm.forward
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """How far one layer's statistics moved; ``count`` is the pooled values per channel."""
+
+    name: str
+    reached: bool
+    count: int
+    batches: int
+    mean_change: float
+    var_change: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RecalibrationReport:
+    """What :func:`recalibrate` did. ``samples`` counts this rank; ``global_samples`` all ranks."""
+
+    layers: list[LayerChange]
+    samples: int
+    global_samples: int
+    batches: int
+    world_size: int
+    seconds: float
+    domain: str | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def unreached(self) -> list[str]:
+        return [layer.name for layer in self.layers if not layer.reached]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "global_samples": self.global_samples,
+            "batches": self.batches,
+            "world_size": self.world_size,
+            "seconds": self.seconds,
+            "domain": self.domain,
+            "skipped": self.skipped,
+            "unreached": self.unreached,
+            "layers": [layer.to_json() for layer in self.layers],
+        }
+
+    def __str__(self) -> str:
+        from ..cli._table import render
+
+        head = (
+            f"recalibrated {sum(la.reached for la in self.layers)} BN layer(s) on {self.global_samples} samples "
+            f"({self.batches} batches on this rank, world size {self.world_size}) in {self.seconds:.2f} s"
+        )
+        rows = [
+            [la.name, la.count if la.reached else "not reached", f"{la.mean_change:.3g}", f"{la.var_change:.3g}"]
+            for la in self.layers
+        ]
+        table = render(["layer", "values/channel", "mean change", "var change"], rows)
+        notes = []
+        if self.unreached:
+            notes.append(f"not reached by the forward (statistics kept): {', '.join(self.unreached)}")
+        if self.skipped:
+            notes.append(f"skipped: {', '.join(self.skipped)}")
+        return "\n".join([head, table, *notes])
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """A tensor is the input; a tuple/list holds the input first; a dict is passed as keyword arguments."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (list, tuple)) and batch:
+        return model(batch[0])
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    raise BNDoctorError(
+        f"cannot feed a batch of type {type(batch).__name__} to the model",
+        hint="pass forward=lambda model, batch: model(...) to say how a batch is fed",
+    )
+
+
+def _to_device(batch: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        size = _batch_size(item)
+        if size:
+            return size
+    return 0
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return None
+
+
+# --------------------------------------------------------------------------- collection
+
+
+class _Collector:
+    """Per-forward counts, means and biased variances of one layer."""
+
+    def __init__(self, record: BNInfo, exact: bool) -> None:
+        self.record = record
+        module = record.module
+        buffer_ok = module.get_buffer("running_mean").dtype in (torch.float32, torch.float64)
+        self.fast = (
+            not exact
+            and isinstance(module, _BatchNorm)
+            and not isinstance(module, nn.SyncBatchNorm)
+            and type(module).forward is _PLAIN_FORWARD
+            and buffer_ok
+        )
+        self.counts: list[int] = []
+        self.means: list[torch.Tensor] = []
+        self.vars: list[torch.Tensor] = []  # fast: unbiased (as torch stores it); exact: biased
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        x = args[0]
+        n = x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
+        self.counts.append(n)
+        if self.fast:
+            self.means.append(module.running_mean.clone())
+            self.vars.append(module.running_var.clone())
+        else:
+            dims = [0, *range(2, x.dim())]
+            var, mean = torch.var_mean(x.detach().double(), dim=dims, correction=0)
+            self.means.append(mean)
+            self.vars.append(var)
+
+    def moments(self, channels: int, device: torch.device) -> Moments:
+        if not self.counts:
+            return pool(
+                torch.zeros(1, dtype=torch.float64, device=device),
+                torch.zeros(1, channels, dtype=torch.float64, device=device),
+                torch.zeros(1, channels, dtype=torch.float64, device=device),
+            )
+        counts = torch.tensor(self.counts, dtype=torch.float64, device=device)
+        means = torch.stack(self.means).double()
+        variances = torch.stack(self.vars).double()
+        if self.fast:
+            variances = variances * ((counts - 1) / counts).unsqueeze(-1)
+        return pool(counts, means, variances)
+
+
+def _gather_moments(local: list[Moments], used: int, group: Any) -> tuple[list[Moments], int]:
+    """Pool every layer's moments across ranks with one all_gather; also sum the samples used."""
+    parts = [torch.tensor([float(used)], dtype=torch.float64)]
+    for m in local:
+        parts += [torch.tensor([m.count], dtype=torch.float64), m.mean.cpu(), m.m2.cpu()]
+    gathered = distributed.all_gather_stack(torch.cat(parts), group)  # (world, D)
+    out = []
+    offset = 1
+    for m in local:
+        channels = m.mean.numel()
+        counts = gathered[:, offset]
+        means = gathered[:, offset + 1 : offset + 1 + channels]
+        m2 = gathered[:, offset + 1 + channels : offset + 1 + 2 * channels]
+        offset += 1 + 2 * channels
+        pooled = pool(counts, means, m2 / counts.clamp(min=1).unsqueeze(-1))
+        out.append(Moments(pooled.count, pooled.mean.to(m.mean.device), pooled.m2.to(m.mean.device)))
+    return out, int(gathered[:, 0].sum().item())
+
+
+def _relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
+    old = old.double()
+    scale = old.norm().item()
+    diff = (new.double() - old).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def _progress_callback(progress: bool | Callable[[int, int | None], None], total: int | None):
+    if callable(progress):
+        return progress
+    if not progress:
+        return None
+    bar = ProgressBar()
+    if not bar.tty:
+        return None
+
+    def show(done: int, limit: int | None) -> None:
+        bar(done, limit or max(done, 1), f"recalibrating: {done} samples")
+
+    return show
+
+
+# --------------------------------------------------------------------------- public
+
+
+def recalibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    num_samples: int | None = None,
+    forward: Forward | None = None,
+    device: torch.device | str | None = None,
+    modules: ModuleSelection = None,
+    progress: bool | Callable[[int, int | None], None] = True,
+    process_group: Any = None,
+    exact: bool = False,
+    domain: str | None = None,
+) -> RecalibrationReport:
+    """Replace BN running statistics by the exact statistics of ``data`` under the current weights.
+
+    ``data`` is any iterable of batches: tensors, tuples/lists (input first),
+    dicts (passed as keyword arguments), or anything ``forward(model, batch)``
+    understands; nested tensors are moved to ``device`` (default: the model's
+    device). ``num_samples`` is a budget per process, in whole batches; when the
+    data run out first a :class:`~bndoctor.errors.BNDoctorWarning` says how many
+    samples were used.
+
+    By default every BN layer with running statistics is recalibrated except
+    frozen ones; ``modules=`` selects layers explicitly (frozen ones included).
+    Layers the forward never reaches keep their statistics and are listed in
+    the report. With ``domain="target"`` the new statistics are also stored as
+    a named set, see :func:`bndoctor.use_stats`.
+
+    Works on the model in place (it only changes running statistics) and
+    returns a :class:`RecalibrationReport`. Distributed: call it on every rank;
+    ``process_group`` defaults to the global group when torch.distributed is
+    initialised.
+    """
+    require_module(model)
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
+    ):
+        raise BNDoctorError(
+            f"expected num_samples to be a positive int or None (got {num_samples!r})",
+            hint="e.g. num_samples=2048, or None to use all the data",
+        )
+    if isinstance(data, (torch.Tensor, Mapping)) or not isinstance(data, Iterable):
+        raise BNDoctorError(
+            f"expected `data` to be an iterable of batches (got {type(data).__name__})",
+            hint="pass a DataLoader or a list of batches, e.g. [x[i:i + 64] for i in range(0, len(x), 64)]",
+        )
+    start = time.perf_counter()
+    records = select(find_bn(model), modules)
+    skipped: list[str] = []
+    if modules is None:
+        skipped = [f"{r.name} (frozen)" for r in records if r.frozen and r.kind != "bn-like"]
+        skipped += [
+            f"{r.name} (track_running_stats=False)"
+            for r in records
+            if not r.frozen and not r.track_running_stats and r.kind != "lazy"
+        ]
+        records = [r for r in records if not r.frozen and r.track_running_stats]
+    warn_unsupported(records, "recalibrate")
+    targets = [r for r in records if r.kind != "bn-like"]
+    for record in targets:
+        require_running_stats(record, "recalibrate")
+    forward = forward or default_forward
+    device = torch.device(device) if device is not None else _model_device(model)
+    dist_on = distributed.active(process_group)
+    world = distributed.world_size(process_group) if dist_on else 1
+    collectors = [_Collector(r, exact) for r in targets]
+    show = _progress_callback(progress, num_samples)
+    used = batches = 0
+    old = {r.name: (r.module.running_mean.detach().clone(), r.module.running_var.detach().clone()) for r in targets}
+
+    with preserved(model, [r.module for r in targets]) as snapshot, torch.no_grad():
+        error: BaseException | None = None
+        try:
+            for module in model.modules():
+                module.training = False
+            for collector in collectors:
+                module = collector.record.module
+                if collector.fast:
+                    module.training = True
+                    module.momentum = 1.0  # running buffers receive exactly the batch statistics
+                    module.running_mean.zero_()
+                    module.running_var.fill_(1.0)  # no NaN from earlier statistics can leak in
+                elif isinstance(module, _BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+                    module.training = True
+                    module.track_running_stats = False  # batch statistics, buffers untouched
+                snapshot.hook(module.register_forward_hook(collector))
+            for batch in data:
+                batch = _to_device(batch, device)
+                forward(model, batch)
+                used += _batch_size(batch)
+                batches += 1
+                if show is not None:
+                    show(used, num_samples)
+                if num_samples is not None and used >= num_samples:
+                    break
+        except BaseException as exc:  # re-raised below, after the ranks agreed
+            error = exc
+        if dist_on:
+            flags = distributed.all_ok(error is None, process_group)
+            if error is None and not all(flags):
+                failed = [i for i, ok in enumerate(flags) if not ok]
+                raise BNDoctorError(
+                    f"recalibration failed on rank(s) {failed}; statistics left unchanged on every rank",
+                    hint="see the error raised on those ranks",
+                )
+        if error is not None:
+            raise error
+        local = [c.moments(c.record.num_features or 0, c.record.module.running_mean.device) for c in collectors]
+        if dist_on:
+            pooled, global_samples = _gather_moments(local, used, process_group)
+        else:
+            pooled, global_samples = local, used
+
+    if global_samples == 0:
+        raise BNDoctorError(
+            "recalibrate got no batches from `data`" + (" on any rank" if dist_on else ""),
+            hint="pass a non-empty DataLoader or list of batches",
+        )
+    if num_samples is not None and used < num_samples:
+        warnings.warn(
+            f"recalibrate: the data ran out after {used} samples (num_samples={num_samples}); "
+            f"statistics use those {used}",
+            BNDoctorWarning,
+            stacklevel=2,
+        )
+    changes = []
+    with torch.no_grad():
+        for collector, moments in zip(collectors, pooled):
+            record = collector.record
+            module = record.module
+            reached = moments.count > 0
+            if reached:
+                module.running_mean.copy_(moments.mean.to(module.running_mean.dtype))
+                module.running_var.copy_(moments.var_unbiased.to(module.running_var.dtype))
+            old_mean, old_var = old[record.name]
+            changes.append(
+                LayerChange(
+                    record.name,
+                    reached,
+                    int(moments.count),
+                    len(collector.counts),
+                    _relative_change(module.running_mean, old_mean),
+                    _relative_change(module.running_var, old_var),
+                )
+            )
+    if domain is not None:
+        from .domains import store_stats
+
+        store_stats(model, domain, modules=[r.name for r in targets])
+    return RecalibrationReport(
+        changes, used, global_samples, batches, world, time.perf_counter() - start, domain, skipped
+    )
