@@ -1,0 +1,88 @@
+"""recalibrate under torch.distributed (gloo, real processes)."""
+
+import pytest
+import torch
+
+import bndoctor as bd
+from bndoctor.models import tiny_resnet
+from tests._dist import run_ranks
+
+SHARES = {0: [7, 16], 1: [3], 2: []}  # uneven, and rank 2 holds no batch
+
+
+def _batches(rank):
+    gen = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(n, 1, 8, 8, generator=gen) * 2 + rank for n in SHARES.get(rank, [])]
+
+
+def _model():
+    torch.manual_seed(0)
+    return tiny_resnet()
+
+
+def _stats(model):
+    return {r.name: (r.module.running_mean.clone(), r.module.running_var.clone()) for r in bd.find_bn(model)}
+
+
+def _recalibrate_rank(rank, world_size):
+    model = _model()
+    report = bd.recalibrate(model, _batches(rank), progress=False)
+    return _stats(model), report.samples, report.global_samples
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_every_rank_ends_with_the_union_statistics(world_size):
+    results = run_ranks(_recalibrate_rank, world_size)
+    for result in results:
+        assert not isinstance(result, BaseException), result
+    union = [b for rank in range(world_size) for b in _batches(rank)]
+    reference = _model()
+    bd.recalibrate(reference, union, progress=False)
+    expected = _stats(reference)
+    total = sum(len(b) for b in union)
+    for rank, (stats, samples, global_samples) in enumerate(results):
+        assert samples == sum(SHARES[rank]) and global_samples == total
+        for name, (mean, var) in expected.items():
+            torch.testing.assert_close(stats[name][0], mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(stats[name][1], var, rtol=1e-5, atol=1e-6)
+    first = results[0][0]
+    for stats, _, _ in results[1:]:
+        assert all(torch.equal(stats[n][0], first[n][0]) and torch.equal(stats[n][1], first[n][1]) for n in first)
+
+
+def _failing_rank(rank, world_size):
+    model = _model()
+    before = _stats(model)
+
+    def forward(m, batch):
+        if rank == 1:
+            raise RuntimeError("rank 1 broke")
+        return m(batch)
+
+    try:
+        bd.recalibrate(model, [torch.randn(4, 1, 8, 8)], forward=forward, progress=False)
+    except Exception as exc:
+        after = _stats(model)
+        unchanged = all(torch.equal(before[n][0], after[n][0]) and torch.equal(before[n][1], after[n][1])
+                        for n in before)
+        return type(exc).__name__, str(exc), unchanged
+    return "no error", "", False
+
+
+def test_a_failing_rank_stops_every_rank_without_deadlock():
+    results = run_ranks(_failing_rank, 2)
+    assert results[0][0] == "BNDoctorError" and "failed on rank(s) [1]" in results[0][1]
+    assert results[1][:2] == ("RuntimeError", "rank 1 broke")
+    assert results[0][2] and results[1][2]
+
+
+def _empty_everywhere(rank, world_size):
+    try:
+        bd.recalibrate(_model(), [], progress=False)
+    except bd.BNDoctorError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_no_data_on_any_rank_is_an_error_on_every_rank():
+    assert all("on any rank" in r for r in run_ranks(_empty_everywhere, 2))
