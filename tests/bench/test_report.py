@@ -34,7 +34,7 @@ def test_findings_quantify_gap_and_fix():
     text = " ".join(findings(_suite()))
     assert "80.5% last-5 validation accuracy against 98.5% at batch 64 (18.0 pp lower" in text
     assert "GroupNorm at the same micro-batch reaches 97.5%, closing 94% of the gap" in text
-    assert "BN changes by -8.0 pp" in text and "GN by 0.0 pp" in text
+    assert "BN loses 8.0 pp from the largest to the smallest batch while GN moves 0.0 pp" in text
 
 
 def test_write_report_files(tmp_path):

@@ -64,7 +64,7 @@ def test_result_json_round_trip():
 class TestRegistry:
     def test_resolve_names_groups_globs(self):
         assert [s.name for s in resolve(["bn-64"])] == ["bn-64"]
-        assert len(resolve(["sweep"])) == 10
+        assert len(resolve(["sweep"])) == 15
         assert {s.name for s in resolve(["ft-*-iid"])} == {"ft-bn-train-2x32-iid", "ft-bn-frozen-2x32-iid"}
 
     def test_unknown_scenario_lists_choices(self):

@@ -129,8 +129,7 @@ def test_forward_that_raises_leaves_model_exactly_as_before(exc_type):
         return model(batch)
 
     with pytest.raises(exc_type, match="data loader broke"):
-        bd.recalibrate(frozen_model, [torch.randn(8, 1, 8, 8)] * 5, forward=flaky_forward, modules="*",
-                       progress=False)
+        bd.recalibrate(frozen_model, [torch.randn(8, 1, 8, 8)] * 5, forward=flaky_forward, modules="*", progress=False)
     after = frozen_model.state_dict()
     assert all(torch.equal(before_state[k], after[k]) for k in before_state)
     assert [(n, m.training) for n, m in frozen_model.named_modules()] == before_modes
@@ -225,8 +224,12 @@ def test_bad_input_errors():
     with pytest.raises(bd.NotAModuleError):
         bd.recalibrate({"a": 1}, [torch.randn(4, 2)])
     with pytest.raises(bd.MissingRunningStatsError, match="recalibrate needs running statistics"):
-        bd.recalibrate(nn.Sequential(nn.BatchNorm1d(2, track_running_stats=False)), [torch.randn(4, 2)],
-                       modules="0", progress=False)
+        bd.recalibrate(
+            nn.Sequential(nn.BatchNorm1d(2, track_running_stats=False)),
+            [torch.randn(4, 2)],
+            modules="0",
+            progress=False,
+        )
 
 
 def test_track_running_stats_false_skipped_by_default_and_callable_progress():
@@ -258,6 +261,7 @@ def test_half_precision_buffers_use_the_exact_path():
     bd.recalibrate(model, [x], forward=forward, progress=False)
     capture.close()
     mean, var = capture.oracle("1")
+    torch.testing.assert_close(model[1].running_mean.double(), mean, rtol=2e-3, atol=1e-3)
     torch.testing.assert_close(model[1].running_var.double(), var, rtol=2e-3, atol=1e-3)
 
 

@@ -63,8 +63,9 @@ def _failing_rank(rank, world_size):
         bd.recalibrate(model, [torch.randn(4, 1, 8, 8)], forward=forward, progress=False)
     except Exception as exc:
         after = _stats(model)
-        unchanged = all(torch.equal(before[n][0], after[n][0]) and torch.equal(before[n][1], after[n][1])
-                        for n in before)
+        unchanged = all(
+            torch.equal(before[n][0], after[n][0]) and torch.equal(before[n][1], after[n][1]) for n in before
+        )
         return type(exc).__name__, str(exc), unchanged
     return "no error", "", False
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..models import tiny_resnet
-from .data import load_digits
+from .data import Digits, load_digits
 from .samplers import schedule
 from .scenarios import SCENARIOS, Scenario
 
@@ -91,6 +91,18 @@ def _set_bn_eval(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, _BatchNorm):
             module.eval()
+
+
+RECAL_BATCH = 64
+
+
+def _recalibrate(model: nn.Module, data: Digits, rng: np.random.Generator) -> None:
+    from ..stats.recalibrate import recalibrate
+
+    order = torch.from_numpy(rng.permutation(len(data.y_train)))
+    batches = [data.x_train[order[i : i + RECAL_BATCH]] for i in range(0, len(order), RECAL_BATCH)]
+    batches = [b for b in batches if len(b) > 1]
+    recalibrate(model, batches, modules="*", progress=False)
 
 
 @torch.no_grad()
@@ -164,6 +176,8 @@ def _train(
             optimizer.step()
             lr_at.step()
         train_loss.append(loss_sum.item() / max(seen, 1))
+        if scenario.recalibrate:
+            _recalibrate(model, data, rng)
         val_acc.append(_accuracy(model, data.x_val, data.y_val))
         if on_epoch is not None:
             on_epoch(epoch + 1)

@@ -34,6 +34,9 @@ class Scenario:
     in eval mode while the rest trains (running statistics are then never
     updated). ``pretrain`` names a scenario whose final weights (same seed)
     start this one; ``remedy`` is applied to the model after loading them.
+    ``recalibrate`` recomputes every BN layer's statistics (frozen ones
+    included) with :func:`bndoctor.recalibrate` at the end of each epoch, on
+    shuffled batches of 64 from the scenario's own training data (PreciseBN).
     """
 
     name: str
@@ -49,6 +52,7 @@ class Scenario:
     domain: Literal["source", "shifted"] = "source"
     pretrain: str | None = None
     remedy: Remedy | None = field(default=None, compare=False)
+    recalibrate: bool = False
 
     @property
     def logical_batch(self) -> int:
@@ -63,6 +67,8 @@ class Scenario:
         text = f"{norm} {batch} {self.sampler}"
         if self.remedy is not None:
             text += f" + {getattr(self.remedy, '__name__', 'remedy')}"
+        if self.recalibrate:
+            text += " + recalibrate"
         return text
 
 
@@ -156,6 +162,16 @@ register(
         bn_eval=True,
     )
 )
+register(
+    Scenario(
+        "bn-2x32-corr-recal",
+        "BatchNorm at micro-batch 2 x 32, correlated, statistics recalibrated every epoch (bndoctor.recalibrate)",
+        micro_batch=2,
+        accum_steps=32,
+        sampler="correlated",
+        recalibrate=True,
+    )
+)
 register(Scenario("gn-64", "GroupNorm at batch 64", norm="group"))
 register(
     Scenario(
@@ -169,17 +185,21 @@ register(
 )
 
 SWEEP_BATCHES = (32, 16, 8, 4, 2)
-for _norm, _tag in (("batch", "bn"), ("group", "gn")):
+#: (name prefix, norm, sampler) of each line of the batch-size sweep
+SWEEP_LINES = (("sweep-bn", "batch", "iid"), ("sweep-gn", "group", "iid"), ("sweep-bn-corr", "batch", "correlated"))
+for _prefix, _norm, _sampler in SWEEP_LINES:
     for _b in SWEEP_BATCHES:
         register(
             Scenario(
-                f"sweep-{_tag}-{_b}",
-                f"{'BatchNorm' if _tag == 'bn' else 'GroupNorm'} at batch {_b}, accumulated to a logical batch "
-                "of 32 (the Group Normalization paper's sweep in miniature)",
+                f"{_prefix}-{_b}",
+                f"{'BatchNorm' if _norm == 'batch' else 'GroupNorm'} at batch {_b}"
+                f"{', one class per micro-batch,' if _sampler == 'correlated' else ''} accumulated to a logical "
+                "batch of 32 (the Group Normalization paper's sweep in miniature)",
                 group="sweep",
                 norm=_norm,
                 micro_batch=_b,
                 accum_steps=32 // _b,
+                sampler=_sampler,
                 lr=0.025,
             )
         )
@@ -209,6 +229,28 @@ for _sampler, _tag in (("correlated", "corr"), ("iid", "iid")):
             **_FT,
         )
     )
+    register(
+        Scenario(
+            f"ft-bn-frozen-2x32-{_tag}-recal",
+            f"fine-tune on shifted data at micro-batch 2 x 32 ({_data}), BN frozen and its statistics "
+            "recalibrated on the target data every epoch (bndoctor.recalibrate)",
+            micro_batch=2,
+            accum_steps=32,
+            sampler=_sampler,
+            remedy=frozen_bn,
+            recalibrate=True,
+            **_FT,
+        )
+    )
 
 #: The curated subset that ``bndoctor demo`` runs: the failure and its fixes.
-DEMO = ("bn-64", "bn-2x32-corr", "gn-2x32-corr", "ft-bn-64", "ft-bn-train-2x32-corr", "ft-bn-frozen-2x32-corr")
+DEMO = (
+    "bn-64",
+    "bn-2x32-corr",
+    "gn-2x32-corr",
+    "bn-2x32-corr-recal",
+    "ft-bn-64",
+    "ft-bn-train-2x32-corr",
+    "ft-bn-frozen-2x32-corr",
+    "ft-bn-frozen-2x32-corr-recal",
+)
