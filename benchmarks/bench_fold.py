@@ -95,15 +95,16 @@ def render(results: dict[str, dict[str, float]], rounds: int, steps: int) -> str
     return "\n".join(lines)
 
 
-def update(path: Path, table: str, command: str) -> None:
-    start, end = "<!-- bench_fold:start -->", "<!-- bench_fold:end -->"
-    block = f"{start}\nReproduce: `{command}`\n\n{table}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in text:
-        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+def update(path: Path, text: str, command: str, *, key: str = "bench_fold", title: str = "fold_bn: step time") -> None:
+    """Replace (or append) the section between this benchmark's markers in a Markdown file."""
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    block = f"{start}\nReproduce: `{command}`\n\n{text}\n{end}"
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in current:
+        current = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, current, flags=re.S)
     else:
-        text = text.rstrip() + "\n\n## fold_bn: step time\n\n" + block + "\n"
-    path.write_text(text)
+        current = current.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
+    path.write_text(current)
 
 
 def main() -> None:
