@@ -124,12 +124,15 @@ def accuracy_table(seeds: int) -> str:
     for (method, order), values in results.items():
         errors = [e for e, _ in values]
         accs = [100 * a for _, a in values]
-        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
         lines.append(
             f"| {method} | {order} | {statistics.fmean(errors):.3g} ± {sd(errors):.2g} "
             f"| {statistics.fmean(accs):.1f} ± {sd(accs):.1f} |"
         )
     return "\n".join(lines)
+
+
+def sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _time(fn, repeats: int = 1) -> float:

@@ -70,7 +70,7 @@ def test_errors():
     model = _model()
     with pytest.raises(bd.BNDoctorError, match="no BN layer has a statistics set named 'x'"):
         bd.load_stats(model, "x")
-    with pytest.raises(bd.BNDoctorError, match="without '.'"):
+    with pytest.raises(bd.BNDoctorError, match=r"without '\.'"):
         bd.store_stats(model, "a.b")
     with pytest.raises(bd.BNDoctorError, match="not a BN layer"):
         bd.import_stats(model, {"t": {"fc": {"running_mean": torch.zeros(1), "running_var": torch.ones(1)}}})
