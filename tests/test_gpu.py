@@ -24,10 +24,12 @@ def test_conversions_keep_cuda_device_and_outputs():
 
 
 def test_recalibrate_moves_cpu_batches_to_the_model_device():
+    torch.manual_seed(0)
     model = tiny_resnet().cuda()
     cpu_batches = [torch.randn(16, 1, 8, 8) + 1 for _ in range(3)]
     report = bd.recalibrate(model, cpu_batches, progress=False)
     assert report.samples == 48 and model.stem[1].running_mean.device.type == "cuda"
+    torch.manual_seed(0)
     reference = tiny_resnet()
     bd.recalibrate(reference, cpu_batches, progress=False, exact=True)
     torch.testing.assert_close(model.stem[1].running_var.cpu(), reference.stem[1].running_var, rtol=1e-4, atol=1e-5)
