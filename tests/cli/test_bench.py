@@ -52,3 +52,28 @@ def test_bad_input_is_one_line(capsys):
     except SystemExit as exc:
         assert exc.code == 2
     assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_render_rewrites_report_from_results(capsys, tmp_path):
+    argv = [
+        "bench",
+        "--scenarios",
+        "bn-64",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--jobs",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--no-plots",
+    ]
+    assert main(argv) == 0
+    (tmp_path / "report.md").unlink()
+    assert main(["bench", "--render", str(tmp_path), "--no-plots"]) == 0
+    assert "| bn-64 |" in (tmp_path / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["bench", "--render", str(tmp_path / "nowhere")]) == 2
+    assert "no results.json" in capsys.readouterr().err

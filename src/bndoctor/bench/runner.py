@@ -10,12 +10,14 @@ start from (same seed), which is added to the suite when it was not asked for.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,7 @@ from .data import Digits, load_digits
 from .samplers import schedule
 from .scenarios import SCENARIOS, Scenario
 
-__all__ = ["Progress", "RunResult", "SuiteResult", "run_scenario", "run_suite"]
+__all__ = ["Progress", "RunResult", "SuiteResult", "load_suite", "run_scenario", "run_suite"]
 
 #: ``progress(done, total, label)``: called after every epoch of every run.
 Progress = Callable[[int, int, str], None]
@@ -234,6 +236,16 @@ class SuiteResult:
             ],
             "runs": [r.to_json() for r in self.runs],
         }
+
+
+def load_suite(path: str | Path) -> SuiteResult:
+    """Read a ``results.json`` written by :func:`bndoctor.bench.report.write_report`."""
+    from .scenarios import get_scenario
+
+    data = json.loads(Path(path).read_text())
+    scenarios = [get_scenario(s["name"]) for s in data["scenarios"]]
+    runs = [RunResult.from_json(r) for r in data["runs"]]
+    return SuiteResult(scenarios, list(data["seeds"]), runs, float(data["wall_s"]), data.get("command", ""))
 
 
 def _scenario_json(scenario: Scenario) -> dict[str, Any]:

@@ -104,6 +104,15 @@ def run_bench(args: argparse.Namespace) -> BenchResult | ScenarioList:
                 for s in SCENARIOS.values()
             ]
         )
+    if args.render:
+        from ..bench.report import findings, write_report
+        from ..bench.runner import load_suite
+
+        results = args.render / "results.json"
+        if not results.exists():
+            raise BNDoctorError(f"no results.json in {str(args.render)!r}", hint="pass the --out folder of a bench run")
+        suite = load_suite(results)
+        return BenchResult(suite, write_report(suite, args.render, plots=not args.no_plots), "", findings(suite))
     return _run(args, args.scenarios, "")
 
 
@@ -115,6 +124,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="scenario names, groups (core, sweep, finetune) or globs; default: all",
     )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument(
+        "--render", type=Path, metavar="DIR", help="rewrite the report of an earlier run from DIR/results.json"
+    )
     _common(parser, "bndoctor-out/bench", 3)
 
 
