@@ -150,6 +150,8 @@ def _plot_curves(suite: SuiteResult, path: Path) -> None:
             groups.setdefault(s.group, []).append(s)
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False)
     for ax, (group, scenarios) in zip(axes[0], groups.items()):
+        if len(scenarios) > 10:  # the default cycle has 10 colours
+            ax.set_prop_cycle(color=plt.cm.tab20.colors)
         for s in scenarios:
             curves = np.array([r.val_acc for r in suite.runs_of(s.name)]) * 100
             epochs = np.arange(1, curves.shape[1] + 1)
