@@ -2,7 +2,8 @@
 
 ``preserved(model, modules)`` records every module's training flag and, for
 the given modules, ``momentum``, ``track_running_stats`` and all their
-buffers. Whatever happens inside the block — including an exception from the
+buffers; instance attributes set with :meth:`Snapshot.patch` (such as a
+wrapped ``forward``) are removed again. Whatever happens inside the block — including an exception from the
 user's forward or a KeyboardInterrupt — on exit the flags, momentum and
 buffers are put back and every hook registered through the snapshot is
 removed. Callers write their intended results *after* the block.
@@ -34,22 +35,35 @@ class Snapshot:
             (b, b.detach().clone()) for m in self.modules for b in m.buffers(recurse=False)
         ]
         self.handles: list[RemovableHandle] = []
+        self.patches: list[tuple[nn.Module, str, bool, Any]] = []
 
     def hook(self, handle: RemovableHandle) -> None:
         """Remove this hook when the block ends."""
         self.handles.append(handle)
 
+    def patch(self, module: nn.Module, attr: str, value: Any) -> None:
+        """Set an instance attribute (e.g. ``forward``) until the block ends."""
+        had = attr in module.__dict__
+        self.patches.append((module, attr, had, module.__dict__.get(attr)))
+        module.__dict__[attr] = value
+
     def restore(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        for module, attr, had, value in reversed(self.patches):
+            if had:
+                module.__dict__[attr] = value
+            else:
+                module.__dict__.pop(attr, None)
+        self.patches.clear()
         with torch.no_grad():
             for live, saved in self.buffers:
                 live.copy_(saved)
         for module, attr, value in self.attrs:
             setattr(module, attr, value)
         for module, training in self.modes:
-            module.training = training  # set directly: frozen layers pin train() to False
+            module.__dict__["training"] = training  # not train(): frozen layers pin it to False
 
 
 @contextmanager

@@ -128,15 +128,15 @@ def _bn_dims(module: nn.Module) -> int | None:
     return getattr(module, "_bndoctor_dims", None)
 
 
-def _is_frozen_by_behaviour(module: nn.Module) -> bool:
-    buffers = dict(module.named_buffers(recurse=False))
-    own_params = list(module.parameters(recurse=False))
-    return all(name in buffers for name in ("weight", "bias", "running_mean", "running_var")) and not own_params
-
-
 def _has_running_buffers(module: nn.Module) -> bool:
-    buffers = dict(module.named_buffers(recurse=False))
-    return "running_mean" in buffers and "running_var" in buffers
+    buffers = module._buffers
+    return buffers.get("running_mean") is not None and buffers.get("running_var") is not None
+
+
+def _is_frozen_by_behaviour(module: nn.Module) -> bool:
+    buffers = module._buffers
+    own_params = any(p is not None for p in module._parameters.values())
+    return buffers.get("weight") is not None and buffers.get("bias") is not None and not own_params
 
 
 def _behaviour_record(name: str, module: nn.Module, kind: BNKind, **fields: Any) -> BNInfo:
@@ -188,25 +188,26 @@ def _classify(name: str, module: nn.Module) -> BNInfo | None:
         if frozen:
             kind = "frozen"
         return BNInfo(kind=kind, num_features=int(module.num_features), frozen=frozen, **common)
+    if not _has_running_buffers(module):
+        return None
     if _is_frozen_by_behaviour(module):
         return _behaviour_record(name, module, "frozen", affine=True, momentum=None, frozen=True)
-    if _has_running_buffers(module):
-        momentum = getattr(module, "momentum", None)
-        return _behaviour_record(
-            name,
-            module,
-            "bn-like",
-            affine=getattr(module, "weight", None) is not None,
-            momentum=float(momentum) if isinstance(momentum, (int, float)) else None,
-            frozen=False,
-            supported=False,
-            reason=(
-                "has running statistics but does not subclass torch.nn.BatchNorm "
-                "(_BatchNorm), so bndoctor cannot tell how its forward uses them; "
-                "convert it to a torch BatchNorm class first"
-            ),
-        )
-    return None
+    # running statistics next to trainable parameters: BN-like, not convertible
+    momentum = getattr(module, "momentum", None)
+    return _behaviour_record(
+        name,
+        module,
+        "bn-like",
+        affine=getattr(module, "weight", None) is not None,
+        momentum=float(momentum) if isinstance(momentum, (int, float)) else None,
+        frozen=False,
+        supported=False,
+        reason=(
+            "has running statistics but does not subclass torch.nn.BatchNorm "
+            "(_BatchNorm), so bndoctor cannot tell how its forward uses them; "
+            "convert it to a torch BatchNorm class first"
+        ),
+    )
 
 
 def find_bn(model: nn.Module) -> list[BNInfo]:

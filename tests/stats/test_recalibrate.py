@@ -278,3 +278,33 @@ def test_swa_update_bn_underestimates_where_bndoctor_is_exact():
     swa_error = ((swa[1].running_var.double() - var) / var).abs().max().item()
     ours_error = ((model[1].running_var.double() - var) / var).abs().max().item()
     assert swa_error > 0.5 and ours_error < 1e-6
+
+
+class SharedTwice(nn.Module):
+    """One BN applied at two depths in each forward, and one reached only for some batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.sometimes = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        h = self.bn(torch.tanh(h) * 3 + 1)
+        if x.shape[0] % 2:  # odd batches only
+            h = self.sometimes(h)
+        return h
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_layer_called_twice_per_forward_and_layer_reached_by_some_batches(exact):
+    model = SharedTwice()
+    capture = Capture(model)
+    batches = [torch.randn(n, 2, 3, 3) + n for n in (4, 5, 6, 7)]
+    report = bd.recalibrate(model, batches, exact=exact, progress=False)
+    capture.close()
+    _assert_matches_oracle(model, capture)
+    calls = {layer.name: layer.batches for layer in report.layers}
+    assert calls == {"bn": 8, "sometimes": 2}
+    assert "forward" not in model.bn.__dict__ and "forward" not in model.sometimes.__dict__

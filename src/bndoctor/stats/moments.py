@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Moments", "pool"]
+__all__ = ["Moments", "merge", "pool", "pool_columns"]
 
 
 @dataclass(frozen=True)
@@ -41,17 +41,35 @@ class Moments:
         return self.m2 / max(self.count - 1.0, 1.0)
 
 
-def pool(counts: torch.Tensor, means: torch.Tensor, variances: torch.Tensor) -> Moments:
-    """Pool groups: ``counts`` (B,), ``means`` and biased ``variances`` (B, C). Zero-count groups are ignored."""
-    counts = counts.to(torch.float64)
+def pool_columns(
+    counts: torch.Tensor, means: torch.Tensor, variances: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pool the rows of ``(B, C)`` moments; ``counts`` is ``(B,)`` or ``(B, C)`` (zero rows are ignored).
+
+    Returns per-column ``(N, mean, M2)`` in float64.
+    """
     means = means.to(torch.float64)
     variances = variances.to(torch.float64)
-    total = counts.sum()
-    if total <= 0:
-        zeros = torch.zeros(means.shape[-1], dtype=torch.float64, device=means.device)
-        return Moments(0.0, zeros, zeros.clone())
-    weights = (counts / total).unsqueeze(-1)
-    mean = (weights * means).sum(0)
-    spread = (counts.unsqueeze(-1) * (means - mean) ** 2).sum(0)
-    m2 = (counts.unsqueeze(-1) * variances).sum(0) + spread
-    return Moments(float(total), mean, m2)
+    counts = counts.to(torch.float64)
+    if counts.dim() == 1:
+        counts = counts.unsqueeze(-1).expand_as(means)
+    total = counts.sum(0)
+    safe = total.clamp(min=1.0)
+    mean = (counts * means).sum(0) / safe
+    m2 = (counts * variances).sum(0) + (counts * (means - mean) ** 2).sum(0)
+    return total, torch.where(total > 0, mean, torch.zeros_like(mean)), torch.where(total > 0, m2, torch.zeros_like(m2))
+
+
+def pool(counts: torch.Tensor, means: torch.Tensor, variances: torch.Tensor) -> Moments:
+    """Pool groups: ``counts`` (B,), ``means`` and biased ``variances`` (B, C). Zero-count groups are ignored."""
+    total, mean, m2 = pool_columns(counts, means, variances)
+    return Moments(float(total[0]) if total.numel() else 0.0, mean, m2)
+
+
+def merge(parts: list[Moments]) -> Moments:
+    """Pool several :class:`Moments` of the same channels (e.g. from different ranks or passes)."""
+    parts = [p for p in parts if p.count > 0] or parts[:1]
+    counts = torch.tensor([p.count for p in parts], dtype=torch.float64, device=parts[0].mean.device)
+    means = torch.stack([p.mean for p in parts])
+    variances = torch.stack([p.m2 / max(p.count, 1.0) for p in parts])
+    return pool(counts, means, variances)

@@ -37,6 +37,7 @@ statistics are written only after the pass succeeded everywhere.
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -52,7 +53,7 @@ from .._progress import ProgressBar
 from .._state import preserved
 from .._walk import BNInfo, ModuleSelection, find_bn, require_running_stats, select, warn_unsupported
 from ..errors import BNDoctorError, BNDoctorWarning, require_module
-from .moments import Moments, pool
+from .moments import Moments, merge, pool, pool_columns
 
 __all__ = ["LayerChange", "RecalibrationReport", "default_forward", "recalibrate"]
 
@@ -168,58 +169,124 @@ def _batch_size(batch: Any) -> int:
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return None
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return None if tensor is None else tensor.device
 
 
 # --------------------------------------------------------------------------- collection
 
 
-class _Collector:
-    """Per-forward counts, means and biased variances of one layer."""
+def _values_per_channel(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
 
-    def __init__(self, record: BNInfo, exact: bool) -> None:
-        self.record = record
-        module = record.module
-        buffer_ok = module.get_buffer("running_mean").dtype in (torch.float32, torch.float64)
-        self.fast = (
+
+class _Pass:
+    """Records, for every selected layer and every call, the count, mean and variance of its batch.
+
+    Layers take one of two paths. *Fast* (plain torch BN with float32/64
+    buffers): the layer runs in training mode with ``momentum=1``, so after a
+    call its buffers hold exactly that call's batch mean and unbiased
+    variance; they are read once per batch for all fast layers together (two
+    ``torch.cat``), and only a layer called twice in one forward has its first
+    call's values copied. *Exact*: the batch moments are computed in float64
+    from the layer's input. Calls are intercepted by a per-instance
+    ``forward`` wrapper (cheaper than forward hooks), which the snapshot
+    removes again.
+    """
+
+    def __init__(self, records: list[BNInfo], exact: bool) -> None:
+        self.records = records
+        device = records[0].module.running_mean.device if records else None
+        self.fast = [
             not exact
-            and isinstance(module, _BatchNorm)
-            and not isinstance(module, nn.SyncBatchNorm)
-            and type(module).forward is _PLAIN_FORWARD
-            and buffer_ok
-        )
-        self.counts: list[int] = []
-        self.means: list[torch.Tensor] = []
-        self.vars: list[torch.Tensor] = []  # fast: unbiased (as torch stores it); exact: biased
+            and isinstance(r.module, _BatchNorm)
+            and not isinstance(r.module, nn.SyncBatchNorm)
+            and type(r.module).forward is _PLAIN_FORWARD
+            and r.module.running_mean.dtype in (torch.float32, torch.float64)
+            and r.module.running_mean.device == device
+            for r in records
+        ]
+        self.fast_index = [i for i, f in enumerate(self.fast) if f]
+        self.fast_modules = [records[i].module for i in self.fast_index]
+        self.calls = [0] * len(records)  # all batches
+        self.batch_calls = [0] * len(records)
+        self.last_n = [0] * len(records)
+        self.extra: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[] for _ in records]  # biased var
+        self.fast_counts: list[list[int]] = []
+        self.fast_means: list[torch.Tensor] = []
+        self.fast_vars: list[torch.Tensor] = []  # unbiased, as torch stores them
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        x = args[0]
-        n = x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
-        self.counts.append(n)
-        if self.fast:
-            self.means.append(module.running_mean.clone())
-            self.vars.append(module.running_var.clone())
-        else:
+    def wrapper(self, index: int) -> Callable[..., Any]:
+        module = self.records[index].module
+        original = type(module).forward.__get__(module)
+        if self.fast[index]:
+
+            def fast_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                if self.batch_calls[index]:  # called again in this forward: keep the previous call
+                    self._keep(index)
+                out = original(x, *args, **kwargs)
+                self.batch_calls[index] += 1
+                self.last_n[index] = _values_per_channel(x)
+                return out
+
+            return fast_forward
+
+        def exact_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             dims = [0, *range(2, x.dim())]
             var, mean = torch.var_mean(x.detach().double(), dim=dims, correction=0)
-            self.means.append(mean)
-            self.vars.append(var)
+            self.extra[index].append((_values_per_channel(x), mean, var))
+            self.calls[index] += 1
+            return original(x, *args, **kwargs)
 
-    def moments(self, channels: int, device: torch.device) -> Moments:
-        if not self.counts:
-            return pool(
-                torch.zeros(1, dtype=torch.float64, device=device),
-                torch.zeros(1, channels, dtype=torch.float64, device=device),
-                torch.zeros(1, channels, dtype=torch.float64, device=device),
-            )
-        counts = torch.tensor(self.counts, dtype=torch.float64, device=device)
-        means = torch.stack(self.means).double()
-        variances = torch.stack(self.vars).double()
-        if self.fast:
-            variances = variances * ((counts - 1) / counts).unsqueeze(-1)
-        return pool(counts, means, variances)
+        return exact_forward
+
+    def _keep(self, index: int) -> None:
+        module = self.records[index].module
+        n = self.last_n[index]
+        var = module.running_var.double() * ((n - 1) / n if n > 1 else 0.0)
+        self.extra[index].append((n, module.running_mean.double().clone(), var))
+
+    def end_batch(self) -> None:
+        if not self.fast_modules:
+            return
+        self.fast_means.append(torch.cat([m.running_mean for m in self.fast_modules]))
+        self.fast_vars.append(torch.cat([m.running_var for m in self.fast_modules]))
+        self.fast_counts.append([self.last_n[i] if self.batch_calls[i] else 0 for i in self.fast_index])
+        for i in self.fast_index:
+            self.calls[i] += self.batch_calls[i]
+            self.batch_calls[i] = 0
+
+    def moments(self) -> list[Moments]:
+        out: list[Moments | None] = [None] * len(self.records)
+        if self.fast_means:
+            channels = [int(self.records[i].num_features or 0) for i in self.fast_index]
+            means = torch.stack(self.fast_means).double()
+            variances = torch.stack(self.fast_vars).double()
+            counts = torch.tensor(self.fast_counts, dtype=torch.float64, device=means.device)
+            counts = counts.repeat_interleave(torch.tensor(channels, device=means.device), dim=1)
+            variances = variances * torch.where(counts > 1, (counts - 1) / counts.clamp(min=1), 0.0)
+            total, mean, m2 = pool_columns(counts, means, variances)
+            start = 0
+            for i, c in zip(self.fast_index, channels):
+                out[i] = Moments(float(total[start]), mean[start : start + c], m2[start : start + c])
+                start += c
+        for i, record in enumerate(self.records):
+            parts = [out[i]] if out[i] is not None else []
+            if self.extra[i]:
+                counts = torch.tensor([n for n, _, _ in self.extra[i]], dtype=torch.float64)
+                parts.append(
+                    pool(
+                        counts.to(self.extra[i][0][1].device),
+                        torch.stack([m for _, m, _ in self.extra[i]]),
+                        torch.stack([v for _, _, v in self.extra[i]]),
+                    )
+                )
+            if not parts:
+                channels_i = int(record.num_features or 0)
+                zeros = torch.zeros(channels_i, dtype=torch.float64, device=record.module.running_mean.device)
+                parts.append(Moments(0.0, zeros, zeros.clone()))
+            out[i] = merge(parts) if len(parts) > 1 else parts[0]
+        return [m for m in out if m is not None]
 
 
 def _gather_moments(local: list[Moments], used: int, group: Any) -> tuple[list[Moments], int]:
@@ -241,11 +308,17 @@ def _gather_moments(local: list[Moments], used: int, group: Any) -> tuple[list[M
     return out, int(gathered[:, 0].sum().item())
 
 
-def _relative_change(new: torch.Tensor, old: torch.Tensor) -> float:
-    old = old.double()
-    scale = old.norm().item()
-    diff = (new.double() - old).norm().item()
-    return diff / scale if scale > 0 else diff
+def _relative_changes(new: list[torch.Tensor], old: list[torch.Tensor]) -> list[float]:
+    """``|new - old| / |old|`` (Euclidean norms) for each pair, in one pass over all layers."""
+    if not new:
+        return []
+    sizes = [t.numel() for t in new]
+    layer = torch.repeat_interleave(torch.arange(len(new)), torch.tensor(sizes))
+    new_flat = torch.cat([t.detach().double().cpu() for t in new])
+    old_flat = torch.cat([t.detach().double().cpu() for t in old])
+    diff = torch.zeros(len(new), dtype=torch.float64).index_add_(0, layer, (new_flat - old_flat) ** 2).sqrt()
+    scale = torch.zeros(len(new), dtype=torch.float64).index_add_(0, layer, old_flat**2).sqrt()
+    return torch.where(scale > 0, diff / scale.clamp(min=1e-300), diff).tolist()
 
 
 def _progress_callback(progress: bool | Callable[[int, int | None], None], total: int | None):
@@ -331,30 +404,30 @@ def recalibrate(
     device = torch.device(device) if device is not None else _model_device(model)
     dist_on = distributed.active(process_group)
     world = distributed.world_size(process_group) if dist_on else 1
-    collectors = [_Collector(r, exact) for r in targets]
+    recorder = _Pass(targets, exact)
     show = _progress_callback(progress, num_samples)
     used = batches = 0
-    old = {r.name: (r.module.running_mean.detach().clone(), r.module.running_var.detach().clone()) for r in targets}
 
     with preserved(model, [r.module for r in targets]) as snapshot, torch.no_grad():
         error: BaseException | None = None
         try:
             for module in model.modules():
-                module.training = False
-            for collector in collectors:
-                module = collector.record.module
-                if collector.fast:
-                    module.training = True
+                module.__dict__["training"] = False  # no __setattr__ round trip; frozen layers included
+            for index, record in enumerate(targets):
+                module = record.module
+                if recorder.fast[index]:
+                    module.__dict__["training"] = True
                     module.momentum = 1.0  # running buffers receive exactly the batch statistics
                     module.running_mean.zero_()
                     module.running_var.fill_(1.0)  # no NaN from earlier statistics can leak in
                 elif isinstance(module, _BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
-                    module.training = True
+                    module.__dict__["training"] = True
                     module.track_running_stats = False  # batch statistics, buffers untouched
-                snapshot.hook(module.register_forward_hook(collector))
+                snapshot.patch(module, "forward", recorder.wrapper(index))
             for batch in data:
                 batch = _to_device(batch, device)
                 forward(model, batch)
+                recorder.end_batch()
                 used += _batch_size(batch)
                 batches += 1
                 if show is not None:
@@ -373,7 +446,7 @@ def recalibrate(
                 )
         if error is not None:
             raise error
-        local = [c.moments(c.record.num_features or 0, c.record.module.running_mean.device) for c in collectors]
+        local = recorder.moments()
         if dist_on:
             pooled, global_samples = _gather_moments(local, used, process_group)
         else:
@@ -391,26 +464,22 @@ def recalibrate(
             BNDoctorWarning,
             stacklevel=2,
         )
-    changes = []
+    old_means = [r.module.running_mean.detach().clone() for r in targets]
+    old_vars = [r.module.running_var.detach().clone() for r in targets]
     with torch.no_grad():
-        for collector, moments in zip(collectors, pooled):
-            record = collector.record
-            module = record.module
-            reached = moments.count > 0
-            if reached:
+        for record, moments in zip(targets, pooled):
+            if moments.count > 0:
+                module = record.module
                 module.running_mean.copy_(moments.mean.to(module.running_mean.dtype))
                 module.running_var.copy_(moments.var_unbiased.to(module.running_var.dtype))
-            old_mean, old_var = old[record.name]
-            changes.append(
-                LayerChange(
-                    record.name,
-                    reached,
-                    int(moments.count),
-                    len(collector.counts),
-                    _relative_change(module.running_mean, old_mean),
-                    _relative_change(module.running_var, old_var),
-                )
-            )
+    both = _relative_changes(
+        [r.module.running_mean for r in targets] + [r.module.running_var for r in targets], old_means + old_vars
+    )
+    mean_changes, var_changes = both[: len(targets)], both[len(targets) :]
+    changes = [
+        LayerChange(r.name, m.count > 0, int(m.count), recorder.calls[i], mean_changes[i], var_changes[i])
+        for i, (r, m) in enumerate(zip(targets, pooled))
+    ]
     if domain is not None:
         from .domains import store_stats
 
