@@ -9,25 +9,14 @@ def test_list(capsys):
     assert "bn-2x32-corr" in out and "sweep-gn-2" in out
 
 
+def _quick_bench(out, *extra):
+    """One scenario, one seed, one epoch: a bench run that takes a few seconds."""
+    argv = ["bench", "--scenarios", "bn-64", "--seeds", "1", "--epochs", "1", "--jobs", "1", "--out", str(out)]
+    return main([*argv, "--quiet", "--no-plots", *extra])
+
+
 def test_bench_json_and_files(capsys, tmp_path):
-    argv = [
-        "bench",
-        "--scenarios",
-        "bn-64",
-        "--seeds",
-        "1",
-        "--epochs",
-        "1",
-        "--jobs",
-        "1",
-        "--out",
-        str(tmp_path),
-        "--quiet",
-        "--no-plots",
-        "--format",
-        "json",
-    ]
-    assert main(argv) == 0
+    assert _quick_bench(tmp_path, "--format", "json") == 0
     data = json.loads(capsys.readouterr().out)
     assert [s["name"] for s in data["scenarios"]] == ["bn-64"]
     assert (tmp_path / "results.json").exists() and (tmp_path / "report.md").exists()
@@ -55,22 +44,7 @@ def test_bad_input_is_one_line(capsys):
 
 
 def test_render_rewrites_report_from_results(capsys, tmp_path):
-    argv = [
-        "bench",
-        "--scenarios",
-        "bn-64",
-        "--seeds",
-        "1",
-        "--epochs",
-        "1",
-        "--jobs",
-        "1",
-        "--out",
-        str(tmp_path),
-        "--quiet",
-        "--no-plots",
-    ]
-    assert main(argv) == 0
+    assert _quick_bench(tmp_path) == 0
     (tmp_path / "report.md").unlink()
     assert main(["bench", "--render", str(tmp_path), "--no-plots"]) == 0
     assert "| bn-64 |" in (tmp_path / "report.md").read_text()
