@@ -18,7 +18,7 @@ from .errors import (
     UninitializedLayerError,
 )
 from .fold import fold_bn
-from .layers import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from .layers import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
 from .stats import (
     RecalibrationReport,
     export_stats,
@@ -29,6 +29,7 @@ from .stats import (
     store_stats,
     use_stats,
 )
+from .sync import from_sync_bn, to_sync_bn
 
 __all__ = [
     "BNDoctorError",
@@ -43,6 +44,7 @@ __all__ = [
     "ModuleSelectionError",
     "NotAModuleError",
     "RecalibrationReport",
+    "SyncBatchNorm",
     "UninitializedLayerError",
     "__version__",
     "convert_bn",
@@ -51,12 +53,14 @@ __all__ = [
     "find_bn",
     "fold_bn",
     "freeze_bn",
+    "from_sync_bn",
     "import_stats",
     "load_stats",
     "recalibrate",
     "replace_module",
     "stats_sets",
     "store_stats",
+    "to_sync_bn",
     "unfreeze_bn",
     "use_stats",
 ]

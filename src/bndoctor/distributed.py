@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["active", "all_gather_stack", "all_ok", "rank", "world_size"]
+__all__ = ["active", "all_gather_stack", "all_ok", "rank", "subgroup", "world_size"]
 
 
 def active(group: Any = None) -> bool:
@@ -61,3 +61,30 @@ def all_gather_stack(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     return torch.stack(gathered).to(tensor.device)
+
+
+def subgroup(group_size: int, group: Any = None) -> Any:
+    """This rank's group among consecutive blocks of ``group_size`` ranks (e.g. one per node).
+
+    Every rank must call this (``new_group`` is collective), with the same ``group_size``.
+    """
+    import torch.distributed as dist
+
+    from .errors import BNDoctorError
+
+    world = world_size(group)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or world % group_size:
+        raise BNDoctorError(
+            f"expected group_size to divide the world size {world} (got {group_size!r})",
+            hint=f"pass a divisor of {world}, e.g. the number of GPUs per node",
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
+    mine = None
+    for start in range(0, world, group_size):
+        members = ranks[start : start + group_size]
+        created = dist.new_group(members)
+        if dist.get_rank() in members:
+            mine = created
+    return mine

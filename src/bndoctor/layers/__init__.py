@@ -7,11 +7,13 @@ from .frozen import (
     FrozenBatchNormMixin,
     frozen_class_for,
 )
+from .sync import SyncBatchNorm
 
 __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
     "FrozenBatchNormMixin",
+    "SyncBatchNorm",
     "frozen_class_for",
 ]
