@@ -19,6 +19,7 @@ from .errors import (
 )
 from .fold import fold_bn
 from .layers import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
+from .ranks import DivergenceReport, merge_running_stats, rank_divergence
 from .stats import (
     RecalibrationReport,
     export_stats,
@@ -35,6 +36,7 @@ __all__ = [
     "BNDoctorError",
     "BNDoctorWarning",
     "BNInfo",
+    "DivergenceReport",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
@@ -56,6 +58,8 @@ __all__ = [
     "from_sync_bn",
     "import_stats",
     "load_stats",
+    "merge_running_stats",
+    "rank_divergence",
     "recalibrate",
     "replace_module",
     "stats_sets",
