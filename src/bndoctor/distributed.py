@@ -11,7 +11,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["active", "all_gather_stack", "all_ok", "rank", "subgroup", "world_size"]
+__all__ = [
+    "active",
+    "all_gather_stack",
+    "all_ok",
+    "differentiable_all_reduce",
+    "rank",
+    "subgroup",
+    "world_size",
+]
 
 
 def active(group: Any = None) -> bool:
@@ -88,3 +96,29 @@ def subgroup(group_size: int, group: Any = None) -> Any:
         if dist.get_rank() in members:
             mine = created
     return mine
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is again a sum over ranks (the gradient of a sum is shared)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        import torch.distributed as dist
+
+        out = grad.contiguous().clone()
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+def differentiable_all_reduce(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """``all_reduce(SUM)`` that autograd differentiates: one collective forward, one backward."""
+    return _AllReduceSum.apply(tensor, group)

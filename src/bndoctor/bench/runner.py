@@ -9,6 +9,7 @@ start from (same seed), which is added to the suite when it was not asked for.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -132,6 +133,8 @@ def run_scenario(
     # native kernels are about 1.7x faster per step (measured, batch 2: 1.7 vs 3.0 ms)
     torch.backends.mkldnn.enabled = mkldnn and scenario.micro_batch > MKLDNN_MIN_BATCH
     try:
+        if scenario.world_size > 1:
+            return _run_distributed(scenario, seed, init_state, on_epoch)
         return _train(scenario, seed, init_state, on_epoch)
     finally:
         torch.backends.mkldnn.enabled = mkldnn
@@ -143,36 +146,52 @@ def _train(
     seed: int,
     init_state: dict[str, torch.Tensor] | None,
     on_epoch: Callable[[int], None] | None,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[RunResult, dict[str, torch.Tensor]]:
+    """The training loop; with ``world > 1`` this is one DDP rank (torch.distributed initialised)."""
     start = time.perf_counter()
     data = load_digits(scenario.domain)
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # the same on every rank: one global schedule, split by rank
     model = tiny_resnet(data.num_classes, norm=scenario.norm)
     if init_state is not None:
         model.load_state_dict(init_state)
     if scenario.remedy is not None:
         model = scenario.remedy(model)
+    if scenario.sync_bn:
+        from ..sync import to_sync_bn
+
+        model = to_sync_bn(model, inplace=True)
+    net: nn.Module = model
+    if world > 1:
+        net = _ddp(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=scenario.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    steps_per_epoch = math.ceil(len(data.y_train) // scenario.micro_batch / scenario.accum_steps)
-    total_steps = max(1, steps_per_epoch * scenario.epochs)
+    per_step = scenario.micro_batch * scenario.accum_steps * world
+    total_steps = max(1, len(data.y_train) // per_step * scenario.epochs)
     lr_at = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
     val_acc: list[float] = []
     train_loss: list[float] = []
+    group = scenario.accum_steps * world
     for epoch in range(scenario.epochs):
         model.train()
         if scenario.bn_eval:
             _set_bn_eval(model)
         loss_sum, seen = torch.zeros((), dtype=torch.float64), 0
-        for logical in schedule(data.y_train, scenario.micro_batch, scenario.accum_steps, scenario.sampler, rng):
+        for logical in schedule(data.y_train, scenario.micro_batch, group, scenario.sampler, rng):
+            if world > 1 and len(logical) < group:
+                continue  # every rank must take the same number of micro-steps
             total = sum(len(idx) for idx in logical)
+            mine = logical[rank::world]
             optimizer.zero_grad(set_to_none=True)
-            for idx in logical:
-                loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx], reduction="sum")
-                (loss / total).backward()
+            for step, idx in enumerate(mine):
+                last = step == len(mine) - 1
+                with net.no_sync() if world > 1 and not last else contextlib.nullcontext():  # type: ignore[operator]
+                    loss = F.cross_entropy(net(data.x_train[idx]), data.y_train[idx], reduction="sum")
+                    (loss * world / total).backward()  # DDP averages over ranks: the global mean gradient
                 loss_sum += loss.detach()
                 seen += len(idx)
             optimizer.step()
@@ -185,6 +204,88 @@ def _train(
             on_epoch(epoch + 1)
     result = RunResult(scenario.name, seed, val_acc, train_loss, time.perf_counter() - start)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return result, state
+
+
+def _ddp(model: nn.Module) -> nn.Module:
+    """DDP that does not overwrite buffers in forward: each rank keeps the statistics of its own batches."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return DistributedDataParallel(model, forward_sync_buffers=False)  # ranks start identical anyway
+    return DistributedDataParallel(model, broadcast_buffers=False)
+
+
+def _rank_entry(
+    rank: int, world: int, port: int, scenario: Scenario, seed: int, init_state: Any, queue: Any, out_dir: str
+) -> None:
+    import os
+    import pickle
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = scenario.micro_batch > MKLDNN_MIN_BATCH
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        callback = (lambda epoch: queue.put(epoch)) if rank == 0 else None
+        result, state = _train(scenario, seed, init_state, callback, rank, world)
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"{rank}.pt"), "wb") as f:
+        pickle.dump((result, state if rank == 0 else None), f)
+
+
+def _run_distributed(
+    scenario: Scenario,
+    seed: int,
+    init_state: dict[str, torch.Tensor] | None,
+    on_epoch: Callable[[int], None] | None,
+) -> tuple[RunResult, dict[str, torch.Tensor]]:
+    """Run one scenario on ``scenario.world_size`` gloo ranks (local processes); report rank 0, keep all ranks."""
+    import os
+    import pickle
+    import queue as queue_module
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.get_context("spawn")
+    epochs = context.Queue()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = mp.start_processes(
+            _rank_entry,
+            args=(scenario.world_size, port, scenario, seed, init_state, epochs, out_dir),
+            nprocs=scenario.world_size,
+            join=False,
+            start_method="spawn",
+        )
+        while not procs.join(timeout=0.2):
+            while True:
+                try:
+                    epoch = epochs.get_nowait()
+                except queue_module.Empty:
+                    break
+                if on_epoch is not None:
+                    on_epoch(epoch)
+        outcomes = []
+        for rank in range(scenario.world_size):
+            with open(os.path.join(out_dir, f"{rank}.pt"), "rb") as f:
+                outcomes.append(pickle.load(f))
+    result, state = outcomes[0]
+    result.wall_s = time.perf_counter() - start
+    result.extra["world_size"] = scenario.world_size
+    result.extra["rank_val_acc"] = [r.val_acc for r, _ in outcomes]
+    result.extra["rank_last5"] = [r.last5_mean for r, _ in outcomes]
     return result, state
 
 
@@ -312,20 +413,21 @@ def run_suite(
         if key[0] in sources:
             states[key] = outcome[1]
 
+    def run_here(s: Scenario, seed: int) -> None:
+        init = states.get((s.pretrain, seed)) if s.pretrain else None
+        finish((s.name, seed), run_scenario(s, seed, init_state=init, on_epoch=lambda e: tick(s.name, seed, e)))
+
     pending = [(s, seed) for seed in seeds for s in planned]
+    # multi-rank scenarios start their own processes: run them from here, one at a time, after the rest
+    ranked = [(s, seed) for s, seed in pending if s.world_size > 1]
+    pending = [(s, seed) for s, seed in pending if s.world_size == 1]
     if jobs <= 1:
         for s, seed in pending:
-            finish(
-                (s.name, seed),
-                run_scenario(
-                    s,
-                    seed,
-                    init_state=states.get((s.pretrain, seed)) if s.pretrain else None,
-                    on_epoch=lambda e, s=s, seed=seed: tick(s.name, seed, e),
-                ),
-            )
+            run_here(s, seed)
     else:
         _run_parallel(pending, jobs, states, finish, tick)
+    for s, seed in ranked:
+        run_here(s, seed)
     requested = {s.name for s in scenarios}
     runs = [results[(s.name, seed)] for s in planned for seed in seeds if s.name in requested or s.name in sources]
     shown = [s for s in planned if s.name in requested or s.name in sources]

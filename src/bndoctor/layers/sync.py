@@ -99,7 +99,7 @@ class SyncBatchNorm(_BatchNorm):
         return self._sync_forward(input)
 
     def _sync_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_reduce
+        from ..distributed import differentiable_all_reduce
 
         channels = x.shape[1]
         if channels != self.num_features:
@@ -117,7 +117,7 @@ class SyncBatchNorm(_BatchNorm):
                 torch.full((1,), float(x.numel() // channels), dtype=acc, device=x.device),
             ]
         )
-        total = all_reduce(local, group=self.process_group)  # differentiable: backward all-reduces the grads
+        total = differentiable_all_reduce(local, self.process_group)  # backward all-reduces the grads
         n = total[-1]
         safe_n = n.clamp(min=1.0)  # all ranks empty: outputs are empty too; statistics are left alone
         mean = total[:channels] / safe_n
