@@ -45,3 +45,13 @@ def test_write_report_files(tmp_path):
     assert all((tmp_path / name).stat().st_size > 10_000 for name in ("curves.png", "sweep.png"))
     report = (tmp_path / "report.md").read_text()
     assert "Reproduce: `bndoctor bench`" in report and "![sweep](sweep.png)" in report
+
+
+def test_distributed_finding_reports_rank_spread():
+    runs = [
+        RunResult("bn-2x8x4-corr", 0, [0.7] * 5, [1.0] * 5, 1.0, {"rank_last5": [0.70, 0.95, 0.80, 0.75]}),
+        RunResult("syncbn-2x8x4-corr", 0, [0.98] * 5, [1.0] * 5, 1.0, {"rank_last5": [0.98] * 4}),
+    ]
+    suite = SuiteResult([SCENARIOS["bn-2x8x4-corr"], SCENARIOS["syncbn-2x8x4-corr"]], [0], runs, 2.0)
+    text = " ".join(findings(suite))
+    assert "On 4 DDP ranks" in text and "differ by up to 25.0 pp" in text and "98.0% with 0.0 pp" in text

@@ -85,3 +85,14 @@ class TestRegistry:
         assert SCENARIOS["bn-2x32-corr"].label() == "BN 2x32 correlated"
         assert SCENARIOS["ft-bn-frozen-2x32-corr"].label() == "BN 2x32 correlated + frozen_bn"
         assert SCENARIOS["bn-eval-2x32-corr"].label() == "BN (eval) 2x32 correlated"
+
+
+def test_multi_rank_scenario_with_sync_bn_keeps_ranks_identical():
+    scenario = dataclasses.replace(SCENARIOS["syncbn-2x8x4-corr"], world_size=2, micro_batch=8, accum_steps=2, epochs=1)
+    epochs = []
+    result, state = run_scenario(scenario, 0, on_epoch=epochs.append)
+    assert epochs == [1] and result.extra["world_size"] == 2
+    first, second = result.extra["rank_val_acc"]
+    assert first == second == result.val_acc  # SyncBN: the same statistics on every rank
+    assert "bn.running_mean" not in state and "stem.1.running_mean" in state
+    assert scenario.logical_batch == 32 and scenario.label() == "SyncBN 8x2x2 ranks correlated"

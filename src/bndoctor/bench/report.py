@@ -83,6 +83,19 @@ def findings(suite: SuiteResult) -> list[str]:
                 f"{_pct(acc(recal))}% against {_pct(acc(frozen))}% frozen alone "
                 f"(jitter {_pct(suite.summary(recal)['jitter'])} vs {_pct(suite.summary(frozen)['jitter'])} pp)."
             )
+    for local, synced in (("bn-2x8x4-corr", "syncbn-2x8x4-corr"),):
+        if {local, synced} <= ran:
+            spreads = {}
+            for name in (local, synced):
+                per_run = [r.extra.get("rank_last5", [r.last5_mean]) for r in suite.runs_of(name)]
+                spreads[name] = max(max(v) - min(v) for v in per_run)
+            world = next(sc.world_size for sc in suite.scenarios if sc.name == local)
+            out.append(
+                f"On {world} DDP ranks with micro-batches of 2 from one class each, local BN reaches "
+                f"{_pct(acc(local))}% on rank 0 and the ranks' own running statistics make their accuracies differ "
+                f"by up to {_pct(spreads[local])} pp; bndoctor SyncBatchNorm (normalising over all ranks' "
+                f"micro-batches) reaches {_pct(acc(synced))}% with {_pct(spreads[synced])} pp between ranks."
+            )
     if {"ft-bn-train-2x32-corr", "ft-bn-frozen-2x32-corr"} <= ran:
         train, frozen = acc("ft-bn-train-2x32-corr"), acc("ft-bn-frozen-2x32-corr")
         ref = f" (fine-tuning at batch 64: {_pct(acc('ft-bn-64'))}%)" if "ft-bn-64" in ran else ""
