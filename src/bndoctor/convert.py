@@ -15,11 +15,13 @@ All functions follow the same contract:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._walk import (
     BNInfo,
@@ -30,7 +32,7 @@ from ._walk import (
     require_running_stats,
     warn_unsupported,
 )
-from .errors import BNDoctorError, GroupCountError
+from .errors import BNDoctorError, BNDoctorWarning, GroupCountError
 from .layers.frozen import FreezeState, frozen_class_for, is_bndoctor_frozen
 
 __all__ = ["convert_bn", "default_num_groups", "freeze_bn", "unfreeze_bn"]
@@ -140,6 +142,25 @@ def unfreeze_bn(
 
 
 # --------------------------------------------------------------------------- convert
+
+
+def transfer_bn_state(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Give BN ``target`` the parameters, buffers, hyper-parameters and mode of BN ``source``.
+
+    The Parameter objects themselves move, so requires_grad, sharing and any
+    optimizer state keyed by them carry over.
+    """
+    for name in _AFFINE:
+        param = getattr(source, name, None)
+        if param is None:
+            target.register_parameter(name, None)
+        else:
+            setattr(target, name, param)
+    for name, buffer in source._buffers.items():
+        target._buffers[name] = buffer
+    for attr in ("momentum", "eps", "affine", "track_running_stats", "training"):
+        setattr(target, attr, getattr(source, attr))
+    return target
 
 
 def default_num_groups(num_channels: int, *, max_groups: int = 32, min_group_size: int = 4) -> int:
@@ -277,3 +298,82 @@ def convert_bn(
     groups = {r.name: _group_count(r, to, num_groups) for r in targets}
     replacements = {id(r.module): (r.module, _to_group_norm(r, groups[r.name])) for r in targets}
     return replace_modules(model, replacements)
+
+
+# --------------------------------------------------------------------------- class swaps (SyncBN, AccumBN)
+
+_DIMS_TO_CLASS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def swap_bn_layers(
+    model: nn.Module,
+    make: Callable[[BNInfo], _BatchNorm],
+    *,
+    modules: ModuleSelection,
+    inplace: bool,
+    operation: str,
+) -> nn.Module:
+    """Replace trainable BN layers by ``make(record)``, moving their state and remembering their class.
+
+    Frozen layers are left alone (they do not use batch statistics), and so are
+    BN subclasses with their own forward (a warning names them).
+    """
+
+    def validate(record: BNInfo) -> None:
+        if record.kind in ("batchnorm", "sync", "lazy"):
+            require_initialized(record)
+
+    model, records = plan(model, modules, inplace, validate)
+    warn_unsupported(records, operation)
+    custom = [r.name for r in records if r.kind == "batchnorm" and type(r.module).forward not in _PLAIN_FORWARDS]
+    if custom:
+        warnings.warn(
+            f"{operation} left {len(custom)} BN subclass(es) with their own forward unchanged: "
+            f"{', '.join(custom)} (converting them would drop what their forward adds)",
+            BNDoctorWarning,
+            stacklevel=3,
+        )
+    replacements = {}
+    for record in records:
+        if record.kind not in ("batchnorm", "sync") or record.name in custom:
+            continue
+        new = make(record)
+        if type(new) is type(record.module):
+            continue
+        transfer_bn_state(record.module, new)
+        new._bndoctor_source_class = type(record.module)  # type: ignore[assignment]
+        replacements[id(record.module)] = (record.module, new)
+    return replace_modules(model, replacements)
+
+
+def revert_bn(model: nn.Module, classes: tuple[type, ...], *, dims: int | None, inplace: bool) -> nn.Module:
+    """Replace layers of ``classes`` by the BatchNorm class they were converted from (or ``dims``)."""
+    if dims is not None and dims not in _DIMS_TO_CLASS:
+        raise BNDoctorError(f"expected dims=1, 2 or 3 (got {dims!r})", hint="2 for images (N, C, H, W)")
+    model, records = plan(model, None, inplace, validate=_require_closed_window)
+    replacements = {}
+    for record in records:
+        module = record.module
+        if not isinstance(module, classes):
+            continue
+        cls = getattr(module, "_bndoctor_source_class", None)
+        if cls is None or cls is nn.SyncBatchNorm:
+            if dims is None:
+                raise BNDoctorError(
+                    f"'{record.name}' is a {type(module).__name__} with no remembered BatchNorm class",
+                    hint="pass dims=1, 2 or 3 (e.g. dims=2 for BatchNorm2d)",
+                )
+            cls = _DIMS_TO_CLASS[dims]
+        new = cls(int(record.num_features or 0))
+        transfer_bn_state(module, new)
+        replacements[id(module)] = (module, new)
+    return replace_modules(model, replacements)
+
+
+def _require_closed_window(record: BNInfo) -> None:
+    if getattr(record.module, "window_open", False):
+        raise BNDoctorError(
+            f"'{record.name}' has an accumulation window open (statistics of micro-batches not yet committed)",
+            hint="call optimizer.step() (with accumulate_bn attached) or leave the accumulation_window block first",
+        )

@@ -1,0 +1,202 @@
+"""Accumulation-aware BatchNorm: normalise each micro-batch with the statistics of the window so far.
+
+Between two optimizer steps the weights do not change, so the statistics of
+earlier micro-batches of the accumulation window are statistics of the same
+network. ``AccumBatchNorm`` normalises micro-batch k with the statistics
+pooled over micro-batches 1..k of the window (earlier ones detached; the
+gradient flows through the current micro-batch's share) and updates its
+running statistics once per optimizer step, with the pooled statistics of the
+whole logical batch.
+
+Math, per channel: the window holds count N_w, mean m_w and sum of squared
+deviations M2_w; micro-batch k has n values with mean m and biased variance v.
+Pooling (Chan et al. 1979): N = N_w + n, mean = m_w + (m - m_w) n / N,
+M2 = M2_w + n v + (m - m_w)^2 N_w n / N, var = M2 / N. With x_hat = (x - mean)
+/ sqrt(var + eps) and g = dL/dy * gamma, the input gradient is
+
+    dL/dx_i = g_i / sqrt(var + eps) - (sum_k g + x_hat_i sum_k g x_hat) / (N sqrt(var + eps))
+
+(sums over the current micro-batch only): torch's BN backward with the
+reductions divided by N instead of n, computed as
+``(n/N) * bn_backward + (1 - n/N) * g / sqrt(var + eps)`` with torch's own kernels.
+
+Variants (``mode``):
+
+* ``"progressive"`` (default): pool over the window so far. The first
+  micro-batch of a window is normalised like plain BN; later ones see more.
+* ``"blend"``: while the window is still filling, also pool in the previous
+  window's statistics with the weight of the samples still missing, so every
+  micro-batch sees about a full window's worth (one optimizer step stale).
+
+A window is closed by :func:`bndoctor.accumulate_bn` (an optimizer step hook)
+or by the :func:`bndoctor.accumulation_window` context manager. In training
+mode without either, the layer behaves as plain BatchNorm and warns once.
+In eval mode it is plain BatchNorm with its running statistics.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..errors import BNDoctorError, BNDoctorWarning
+
+__all__ = ["AccumBatchNorm", "AccumMode"]
+
+AccumMode = Literal["progressive", "blend"]
+
+
+class _PooledNorm(torch.autograd.Function):
+    """y = BN(x) with given pooled statistics; backward treats earlier micro-batches as constants."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, mean, var, ratio: float, eps: float):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.ratio = ratio
+        ctx.eps = eps
+        return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad):  # type: ignore[override]
+        x, weight, mean, var = ctx.saved_tensors
+        invstd = torch.rsqrt(var + ctx.eps)
+        w = weight if weight is not None else torch.ones_like(mean)
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        dx_batch, dw, db = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(), x, w, None, None, mean, invstd, True, ctx.eps, [mask[0], True, True]
+        )
+        dx = None
+        if mask[0]:
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            dx = ctx.ratio * dx_batch + (1.0 - ctx.ratio) * grad * (invstd * w).view(shape)
+        return dx, (dw if mask[1] else None), (db if mask[2] else None), None, None, None, None
+
+
+class AccumBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics span the whole gradient-accumulation window.
+
+    Same arguments as ``torch.nn.BatchNorm2d`` plus ``mode``; accepts inputs
+    ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` and ``(N, C, D, H, W)``. Build
+    it with :func:`bndoctor.to_accum_bn` and attach the window control with
+    :func:`bndoctor.accumulate_bn`.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        mode: AccumMode = "progressive",
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        if mode not in ("progressive", "blend"):
+            raise BNDoctorError(f"expected mode 'progressive' or 'blend' (got {mode!r})", hint="the default is fine")
+        self.mode = mode
+        self._bndoctor_source_class: type | None = None
+        self._controllers = 0  # attached accumulate_bn hooks / open accumulation_window blocks
+        self._warned = False
+        self.reset_window()
+
+    # ----------------------------------------------------------------- window
+
+    def reset_window(self) -> None:
+        """Forget the open window's statistics without committing them."""
+        self._count = 0.0
+        self._mean: torch.Tensor | None = None
+        self._m2: torch.Tensor | None = None
+        self._calls = 0
+
+    @property
+    def window_open(self) -> bool:
+        return self._count > 0
+
+    @torch.no_grad()
+    def close_window(self) -> None:
+        """Commit the window: one EMA update of the running statistics with its pooled statistics."""
+        if self._count > 0 and self._mean is not None and self._m2 is not None:
+            count = self._count
+            if self.track_running_stats and self.running_mean is not None:
+                self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+                factor = (
+                    1.0 / float(self.num_batches_tracked)  # type: ignore[arg-type]
+                    if self.momentum is None
+                    else self.momentum
+                )
+                unbiased = self._m2 / max(count - 1.0, 1.0)
+                self.running_mean.mul_(1 - factor).add_(self._mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)  # type: ignore[union-attr]
+            self._previous = (count, self._mean, self._m2)
+        self.reset_window()
+
+    # ----------------------------------------------------------------- forward
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise BNDoctorError(
+                f"expected at least 2D input (got {input.dim()}D input)",
+                hint="AccumBatchNorm normalises dimension 1 of (N, C, ...) inputs",
+            )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not self.training or not self.track_running_stats or self.running_mean is None:
+            return super().forward(input)
+        if self._controllers == 0:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    "AccumBatchNorm is training without window control, so it behaves as plain BatchNorm; "
+                    "call bndoctor.accumulate_bn(model, optimizer) or use bndoctor.accumulation_window(model)",
+                    BNDoctorWarning,
+                    stacklevel=2,
+                )
+            return super().forward(input)
+        return self._window_forward(input)
+
+    def _window_forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = [0, *range(2, x.dim())]
+        n = x.numel() // x.shape[1]
+        if n == 0:
+            return x.clone()
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.detach().to(acc), dim=dims, correction=0)
+            count, m_w, m2_w = self._count, self._mean, self._m2
+            if m_w is None or m2_w is None:
+                total, pooled_mean, pooled_m2 = float(n), mean, var * n
+            else:
+                total = count + n
+                delta = mean - m_w
+                pooled_mean = m_w + delta * (n / total)
+                pooled_m2 = m2_w + var * n + delta * delta * (count * n / total)
+            self._count, self._mean, self._m2 = total, pooled_mean, pooled_m2
+            self._calls += 1
+            use_count, use_mean, use_m2 = total, pooled_mean, pooled_m2
+            previous = getattr(self, "_previous", None)
+            if self.mode == "blend" and previous is not None and previous[0] > total:
+                prior = previous[0] - total  # the samples this window has not seen yet, taken from the last one
+                p_mean, p_m2 = previous[1], previous[2] * (prior / previous[0])
+                use_count = total + prior
+                delta = p_mean - pooled_mean
+                use_mean = pooled_mean + delta * (prior / use_count)
+                use_m2 = pooled_m2 + p_m2 + delta * delta * (total * prior / use_count)
+            use_var = (use_m2 / use_count).clamp(min=0)
+        return _PooledNorm.apply(
+            x,
+            self.weight,
+            self.bias,
+            use_mean.to(x.dtype),
+            use_var.to(x.dtype),
+            n / use_count,
+            self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", mode={self.mode}"
