@@ -6,6 +6,7 @@ The root package imports torch and numpy only; optional integrations live in
 
 from ._version import __version__
 from ._walk import BNInfo, find_bn, replace_module
+from .accumulate import accumulate_bn, accumulation_window, close_windows, from_accum_bn, to_accum_bn
 from .convert import convert_bn, default_num_groups, freeze_bn, unfreeze_bn
 from .errors import (
     BNDoctorError,
@@ -18,7 +19,7 @@ from .errors import (
     UninitializedLayerError,
 )
 from .fold import fold_bn
-from .layers import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
+from .layers import AccumBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
 from .ranks import DivergenceReport, merge_running_stats, rank_divergence
 from .stats import (
     RecalibrationReport,
@@ -33,6 +34,7 @@ from .stats import (
 from .sync import from_sync_bn, to_sync_bn
 
 __all__ = [
+    "AccumBatchNorm",
     "BNDoctorError",
     "BNDoctorWarning",
     "BNInfo",
@@ -49,12 +51,16 @@ __all__ = [
     "SyncBatchNorm",
     "UninitializedLayerError",
     "__version__",
+    "accumulate_bn",
+    "accumulation_window",
+    "close_windows",
     "convert_bn",
     "default_num_groups",
     "export_stats",
     "find_bn",
     "fold_bn",
     "freeze_bn",
+    "from_accum_bn",
     "from_sync_bn",
     "import_stats",
     "load_stats",
@@ -64,6 +70,7 @@ __all__ = [
     "replace_module",
     "stats_sets",
     "store_stats",
+    "to_accum_bn",
     "to_sync_bn",
     "unfreeze_bn",
     "use_stats",

@@ -1,5 +1,6 @@
 """Normalisation layers shipped by bndoctor."""
 
+from .accum import AccumBatchNorm
 from .frozen import (
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
@@ -10,6 +11,7 @@ from .frozen import (
 from .sync import SyncBatchNorm
 
 __all__ = [
+    "AccumBatchNorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",

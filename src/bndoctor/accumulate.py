@@ -1,0 +1,158 @@
+"""Accumulation-aware BatchNorm: conversion and window control.
+
+    model = bndoctor.to_accum_bn(model)              # BN -> AccumBatchNorm
+    handle = bndoctor.accumulate_bn(model, optimizer)
+    for i, (x, y) in enumerate(loader):              # an unchanged accumulation loop
+        loss_fn(model(x), y).div(accum).backward()
+        if (i + 1) % accum == 0:
+            optimizer.step()                         # closes the window: one running-stats update
+            optimizer.zero_grad()
+
+``accumulate_bn`` registers an optimizer step post-hook, so any loop that
+calls ``optimizer.step()`` once per accumulation window works as it is —
+plain loops, DDP with ``no_sync``, and frameworks that step the optimizer
+after ``accumulate_grad_batches`` micro-batches. For custom loops,
+``with bndoctor.accumulation_window(model): ...`` opens and closes a window
+explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ._walk import ModuleSelection
+from .convert import revert_bn, swap_bn_layers
+from .errors import BNDoctorError, require_module
+from .layers.accum import AccumBatchNorm, AccumMode
+
+__all__ = [
+    "AccumulationHandle",
+    "accumulate_bn",
+    "accumulation_window",
+    "close_windows",
+    "from_accum_bn",
+    "to_accum_bn",
+]
+
+
+def to_accum_bn(
+    model: nn.Module, *, mode: AccumMode = "progressive", modules: ModuleSelection = None, inplace: bool = False
+) -> nn.Module:
+    """Replace trainable BN layers by :class:`bndoctor.AccumBatchNorm` (state and class remembered)."""
+    if mode not in ("progressive", "blend"):
+        raise BNDoctorError(f"expected mode 'progressive' or 'blend' (got {mode!r})", hint="the default is fine")
+    return swap_bn_layers(
+        model,
+        lambda record: AccumBatchNorm(int(record.num_features or 0), mode=mode),
+        modules=modules,
+        inplace=inplace,
+        operation="to_accum_bn",
+    )
+
+
+def from_accum_bn(model: nn.Module, *, dims: int | None = None, inplace: bool = False) -> nn.Module:
+    """Turn AccumBatchNorm layers back into the BatchNorm class they came from (for export).
+
+    A layer with an open window is an error: its last micro-batches have not
+    been committed to the running statistics yet.
+    """
+    return revert_bn(model, (AccumBatchNorm,), dims=dims, inplace=inplace)
+
+
+def _layers(model: nn.Module) -> list[AccumBatchNorm]:
+    require_module(model)
+    layers = [m for m in model.modules() if isinstance(m, AccumBatchNorm)]
+    if not layers:
+        raise BNDoctorError(
+            f"{type(model).__name__} has no AccumBatchNorm layer",
+            hint="convert it first: model = bndoctor.to_accum_bn(model)",
+        )
+    return layers
+
+
+def close_windows(model: nn.Module) -> int:
+    """Commit every open window of ``model`` (one running-statistics update each); returns how many."""
+    closed = 0
+    for layer in _layers(model):
+        closed += layer.window_open
+        layer.close_window()
+    return closed
+
+
+class AccumulationHandle:
+    """Returned by :func:`accumulate_bn`; ``remove()`` detaches the window control."""
+
+    def __init__(self, model: nn.Module, layers: list[AccumBatchNorm], hook: Any) -> None:
+        self._model = model
+        self._layers = layers
+        self._hook = hook
+        self.steps = 0
+
+    def remove(self) -> None:
+        if self._hook is None:
+            return
+        self._hook.remove()
+        self._hook = None
+        for layer in self._layers:
+            layer._controllers -= 1
+
+
+def accumulate_bn(model: nn.Module, optimizer: torch.optim.Optimizer) -> AccumulationHandle:
+    """Close the accumulation window of every AccumBatchNorm of ``model`` after each ``optimizer.step()``."""
+    layers = _layers(model)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise BNDoctorError(
+            f"expected a torch.optim.Optimizer (got {type(optimizer).__name__})",
+            hint="pass the optimizer whose step() ends each accumulation window",
+        )
+    handle = AccumulationHandle(model, layers, None)
+
+    def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        handle.steps += 1
+        for layer in layers:
+            layer.close_window()
+
+    handle._hook = optimizer.register_step_post_hook(after_step)
+    for layer in layers:
+        layer._controllers += 1
+    return handle
+
+
+@contextmanager
+def accumulation_window(model: nn.Module) -> Iterator[nn.Module]:
+    """One accumulation window: micro-batches inside share statistics; leaving commits them.
+
+    On an exception the window is discarded (nothing is committed). Windows do
+    not nest.
+    """
+    layers = _layers(model)
+    if any(getattr(layer, "_in_window_block", False) for layer in layers):
+        raise BNDoctorError(
+            "accumulation_window blocks do not nest",
+            hint="close the outer window before opening another",
+        )
+    for layer in layers:
+        if layer.window_open:
+            raise BNDoctorError(
+                "an accumulation window is already open (forward passes since the last optimizer step)",
+                hint="call optimizer.step() first, or bndoctor.close_windows(model)",
+            )
+        layer._in_window_block = True
+        layer._controllers += 1
+    ok = False
+    try:
+        yield model
+        ok = True
+    finally:
+        for layer in layers:
+            layer._in_window_block = False
+            layer._controllers -= 1
+            if ok:
+                layer.close_window()
+            else:
+                layer.reset_window()
