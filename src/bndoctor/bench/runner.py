@@ -170,8 +170,16 @@ def _train(
     net: nn.Module = model
     if world > 1:
         net = _ddp(model)
+    if scenario.accum_bn:
+        from ..accumulate import to_accum_bn
+
+        model = to_accum_bn(model, mode=scenario.accum_bn, inplace=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=scenario.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    if scenario.accum_bn:
+        from ..accumulate import accumulate_bn
+
+        accumulate_bn(model, optimizer)
     per_step = scenario.micro_batch * scenario.accum_steps * world
     total_steps = max(1, len(data.y_train) // per_step * scenario.epochs)
     lr_at = torch.optim.lr_scheduler.LambdaLR(

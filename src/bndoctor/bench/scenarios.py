@@ -40,7 +40,9 @@ class Scenario:
     ``world_size > 1`` trains with DDP on that many local gloo processes
     (``accum_steps`` micro-batches per rank per optimizer step, buffers not
     broadcast, so each rank keeps its own running statistics); ``sync_bn``
-    converts BN with :func:`bndoctor.to_sync_bn`.
+    converts BN with :func:`bndoctor.to_sync_bn`. ``accum_bn`` converts BN
+    with :func:`bndoctor.to_accum_bn` in that mode and closes each
+    accumulation window at the optimizer step (:func:`bndoctor.accumulate_bn`).
     """
 
     name: str
@@ -59,6 +61,7 @@ class Scenario:
     recalibrate: bool = False
     world_size: int = 1
     sync_bn: bool = False
+    accum_bn: Literal["progressive", "blend"] | None = None
 
     @property
     def logical_batch(self) -> int:
@@ -69,6 +72,8 @@ class Scenario:
         norm = {"batch": "BN", "group": "GN", "layer": "LN", "instance": "IN", "none": "no norm"}[self.norm]
         if self.sync_bn:
             norm = "SyncBN"
+        if self.accum_bn:
+            norm = f"AccumBN ({self.accum_bn})"
         if self.bn_eval:
             norm += " (eval)"
         batch = f"{self.micro_batch}x{self.accum_steps}" if self.accum_steps > 1 else str(self.micro_batch)
@@ -182,6 +187,20 @@ register(
         recalibrate=True,
     )
 )
+for _mode in ("progressive", "blend"):
+    for _sampler, _tag in (("correlated", "corr"), ("iid", "iid")):
+        register(
+            Scenario(
+                f"accbn{'-blend' if _mode == 'blend' else ''}-2x32-{_tag}",
+                f"accumulation-aware BN ({_mode}) at micro-batch 2 x 32: each micro-batch normalised with the "
+                f"statistics of its accumulation window so far ({_tag})",
+                group="accum",
+                micro_batch=2,
+                accum_steps=32,
+                sampler=_sampler,
+                accum_bn=_mode,
+            )
+        )
 register(Scenario("gn-64", "GroupNorm at batch 64", norm="group"))
 register(
     Scenario(
