@@ -49,6 +49,17 @@ __all__ = ["AccumBatchNorm", "AccumMode"]
 AccumMode = Literal["progressive", "blend"]
 
 
+class _Window:
+    """The open window of one layer: count, mean and sum of squared deviations per channel."""
+
+    __slots__ = ("count", "m2", "mean")
+
+    def __init__(self) -> None:
+        self.count = 0.0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+
 class _PooledNorm(torch.autograd.Function):
     """y = BN(x) with given pooled statistics; backward treats earlier micro-batches as constants."""
 
@@ -108,20 +119,30 @@ class AccumBatchNorm(_BatchNorm):
 
     def reset_window(self) -> None:
         """Forget the open window's statistics without committing them."""
-        self._count = 0.0
-        self._mean: torch.Tensor | None = None
-        self._m2: torch.Tensor | None = None
-        self._calls = 0
+        self.__dict__["_win"] = _Window()
 
     @property
     def window_open(self) -> bool:
-        return self._count > 0
+        return self._win.count > 0
+
+    @property
+    def _count(self) -> float:
+        return self._win.count
+
+    @property
+    def _mean(self) -> torch.Tensor | None:
+        return self._win.mean
+
+    @property
+    def _m2(self) -> torch.Tensor | None:
+        return self._win.m2
 
     @torch.no_grad()
     def close_window(self) -> None:
         """Commit the window: one EMA update of the running statistics with its pooled statistics."""
-        if self._count > 0 and self._mean is not None and self._m2 is not None:
-            count = self._count
+        win = self._win
+        if win.count > 0 and win.mean is not None and win.m2 is not None:
+            count = win.count
             if self.track_running_stats and self.running_mean is not None:
                 self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
                 factor = (
@@ -129,10 +150,10 @@ class AccumBatchNorm(_BatchNorm):
                     if self.momentum is None
                     else self.momentum
                 )
-                unbiased = self._m2 / max(count - 1.0, 1.0)
-                self.running_mean.mul_(1 - factor).add_(self._mean.to(self.running_mean.dtype), alpha=factor)
+                unbiased = win.m2 / max(count - 1.0, 1.0)
+                self.running_mean.mul_(1 - factor).add_(win.mean.to(self.running_mean.dtype), alpha=factor)
                 self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)  # type: ignore[union-attr]
-            self._previous = (count, self._mean, self._m2)
+            self.__dict__["_previous"] = (count, win.mean, win.m2)
         self.reset_window()
 
     # ----------------------------------------------------------------- forward
@@ -161,25 +182,24 @@ class AccumBatchNorm(_BatchNorm):
         return self._window_forward(input)
 
     def _window_forward(self, x: torch.Tensor) -> torch.Tensor:
-        dims = [0, *range(2, x.dim())]
         n = x.numel() // x.shape[1]
         if n == 0:
             return x.clone()
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.no_grad():
-            var, mean = torch.var_mean(x.detach().to(acc), dim=dims, correction=0)
-            count, m_w, m2_w = self._count, self._mean, self._m2
-            if m_w is None or m2_w is None:
+            # torch's fused BN kernel gives the batch mean and 1/std in one pass (eps=0: var = invstd^-2)
+            _, mean, invstd = torch.native_batch_norm(x.detach(), None, None, None, None, True, 0.0, 0.0)
+            var = invstd.pow(-2)
+            win = self._win
+            if win.mean is None or win.m2 is None:
                 total, pooled_mean, pooled_m2 = float(n), mean, var * n
             else:
-                total = count + n
-                delta = mean - m_w
-                pooled_mean = m_w + delta * (n / total)
-                pooled_m2 = m2_w + var * n + delta * delta * (count * n / total)
-            self._count, self._mean, self._m2 = total, pooled_mean, pooled_m2
-            self._calls += 1
+                total = win.count + n
+                delta = mean - win.mean
+                pooled_mean = win.mean + delta * (n / total)
+                pooled_m2 = win.m2 + var * n + delta * delta * (win.count * n / total)
+            win.count, win.mean, win.m2 = total, pooled_mean, pooled_m2
             use_count, use_mean, use_m2 = total, pooled_mean, pooled_m2
-            previous = getattr(self, "_previous", None)
+            previous = self.__dict__.get("_previous")
             if self.mode == "blend" and previous is not None and previous[0] > total:
                 prior = previous[0] - total  # the samples this window has not seen yet, taken from the last one
                 p_mean, p_m2 = previous[1], previous[2] * (prior / previous[0])
@@ -187,13 +207,13 @@ class AccumBatchNorm(_BatchNorm):
                 delta = p_mean - pooled_mean
                 use_mean = pooled_mean + delta * (prior / use_count)
                 use_m2 = pooled_m2 + p_m2 + delta * delta * (total * prior / use_count)
-            use_var = (use_m2 / use_count).clamp(min=0)
+            use_var = (use_m2 / use_count).clamp_(min=0)
         return _PooledNorm.apply(
             x,
             self.weight,
             self.bias,
-            use_mean.to(x.dtype),
-            use_var.to(x.dtype),
+            use_mean,
+            use_var,
             n / use_count,
             self.eps,
         )

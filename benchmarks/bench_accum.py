@@ -1,0 +1,97 @@
+"""Step time of accumulation-aware BN relative to plain BN at micro-batch 2 (target <= 1.10).
+
+The tiny ResNet trains on digits-shaped inputs with 32 micro-batches of 2 per
+optimizer step (forward + backward per micro-batch, SGD step per window), with
+plain ``nn.BatchNorm2d`` and with ``bndoctor.AccumBatchNorm`` in each mode;
+interleaved rounds, median per variant, one thread.
+
+    python benchmarks/bench_accum.py --update BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import bndoctor
+from bndoctor.models import tiny_resnet
+
+MICRO, ACCUM = 2, 32
+
+
+def _variants() -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+    out = {}
+    for name in ("plain BN", "AccumBN progressive", "AccumBN blend"):
+        torch.manual_seed(0)
+        model = tiny_resnet()
+        if name != "plain BN":
+            model = bndoctor.to_accum_bn(model, mode=name.split()[-1])
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        if name != "plain BN":
+            bndoctor.accumulate_bn(model, opt)
+        out[name] = (model.train(), opt)
+    return out
+
+
+def _window(model, opt, xs, ys) -> float:
+    start = time.perf_counter()
+    for x, y in zip(xs, ys):
+        (F.cross_entropy(model(x), y) / ACCUM).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) / ACCUM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--update", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False  # native kernels are faster at batch 2 (as in the harness)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(MICRO, 1, 8, 8, generator=gen) for _ in range(ACCUM)]
+    ys = [torch.randint(0, 10, (MICRO,), generator=gen) for _ in range(ACCUM)]
+    variants = _variants()
+    for model, opt in variants.values():
+        _window(model, opt, xs, ys)
+    times = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for name, (model, opt) in variants.items():
+            times[name].append(_window(model, opt, xs, ys))
+    base = statistics.median(times["plain BN"])
+    lines = [
+        f"torch {torch.__version__}, {platform.machine()}, 1 thread; tiny ResNet, micro-batch {MICRO} x {ACCUM} "
+        f"accumulation steps, forward + backward per micro-batch and one SGD step per window; median of "
+        f"{args.rounds} interleaved windows.",
+        "",
+        "| layer | ms per micro-step | ratio to plain BN (target <= 1.10) |",
+        "|---|---|---|",
+    ]
+    for name in variants:
+        t = statistics.median(times[name])
+        lines.append(f"| {name} | {t * 1e3:.2f} | {t / base:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.update:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_fold import update
+
+        update(
+            args.update,
+            text,
+            f"python benchmarks/bench_accum.py --rounds {args.rounds} --update {args.update}",
+            key="bench_accum",
+            title="Accumulation-aware BN: step time",
+        )
+
+
+if __name__ == "__main__":
+    main()
