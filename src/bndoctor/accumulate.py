@@ -41,11 +41,13 @@ __all__ = [
 
 
 def to_accum_bn(
-    model: nn.Module, *, mode: AccumMode = "progressive", modules: ModuleSelection = None, inplace: bool = False
+    model: nn.Module, *, mode: AccumMode = "renorm", modules: ModuleSelection = None, inplace: bool = False
 ) -> nn.Module:
     """Replace trainable BN layers by :class:`bndoctor.AccumBatchNorm` (state and class remembered)."""
-    if mode not in ("progressive", "blend"):
-        raise BNDoctorError(f"expected mode 'progressive' or 'blend' (got {mode!r})", hint="the default is fine")
+    if mode not in ("progressive", "renorm", "blend"):
+        raise BNDoctorError(
+            f"expected mode 'progressive', 'renorm' or 'blend' (got {mode!r})", hint="the default is fine"
+        )
     return swap_bn_layers(
         model,
         lambda record: AccumBatchNorm(int(record.num_features or 0), mode=mode),

@@ -29,8 +29,9 @@ def _pooled(xs):
     return values.mean(1), values.var(1, unbiased=False), values.var(1, unbiased=True)
 
 
-def test_last_micro_batch_uses_window_statistics_and_one_ema_step_commits_them():
-    layer = _layer()
+@pytest.mark.parametrize("mode", ["progressive", "renorm"])
+def test_last_micro_batch_uses_window_statistics_and_one_ema_step_commits_them(mode):
+    layer = _layer(mode)
     opt = torch.optim.SGD(layer.parameters(), lr=0.0)
     bd.accumulate_bn(layer, opt)
     xs = [_micro(k) for k in range(5)]
@@ -92,13 +93,50 @@ def test_gradient_matches_autograd_of_the_pooled_formulation():
     torch.testing.assert_close(layer.bias.grad, bias.grad, rtol=1e-8, atol=1e-10)
 
 
-def test_first_micro_batch_is_plain_bn_and_eval_is_plain_bn():
-    layer = _layer()
+def test_renorm_gradient_is_batch_renormalization_with_the_window_as_reference():
+    layer = _layer("renorm")
+    assert bd.AccumBatchNorm(3).mode == "renorm"  # the default
+    with bd.accumulation_window(layer):
+        earlier = [_micro(k) for k in range(3)]
+        for x in earlier:
+            layer(x)
+        x = _micro(7).requires_grad_(True)
+        g = torch.randn_like(x)
+        (layer(x) * g).sum().backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    weight = layer.weight.detach().clone().requires_grad_(True)
+    bias = layer.bias.detach().clone().requires_grad_(True)
+    mean, var, _ = _pooled([*earlier, x.detach()])
+    shape = (1, C, 1, 1)
+    dims = (0, 2, 3)
+    batch_mean = ref_x.mean(dims)
+    batch_std = torch.sqrt(ref_x.var(dims, unbiased=False) + layer.eps)
+    std = torch.sqrt(var + layer.eps)
+    r = (batch_std / std).detach()
+    d = ((batch_mean - mean) / std).detach()
+    x_hat = (ref_x - batch_mean.view(shape)) / batch_std.view(shape)
+    y = (x_hat * r.view(shape) + d.view(shape)) * weight.view(shape) + bias.view(shape)
+    (y * g).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(layer.weight.grad, weight.grad, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(layer.bias.grad, bias.grad, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["progressive", "renorm"])
+def test_first_micro_batch_is_plain_bn_and_eval_is_plain_bn(mode):
+    layer = _layer(mode)
     reference = nn.BatchNorm2d(C, momentum=0.2).double()
     reference.load_state_dict(layer.state_dict())
-    x = _micro(1, n=4)
+    x = _micro(1, n=4).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    g = torch.randn_like(x)
     with bd.accumulation_window(layer):
-        torch.testing.assert_close(layer(x), reference(x))
+        out = layer(x)
+        expected = reference(x_ref)  # one train-mode call each: running statistics stay comparable
+        torch.testing.assert_close(out, expected)
+        (out * g).sum().backward()
+        (expected * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
     layer.eval()
     reference.eval()
     torch.testing.assert_close(layer(x), reference(x))

@@ -61,7 +61,7 @@ class Scenario:
     recalibrate: bool = False
     world_size: int = 1
     sync_bn: bool = False
-    accum_bn: Literal["progressive", "blend"] | None = None
+    accum_bn: Literal["progressive", "renorm", "blend"] | None = None
 
     @property
     def logical_batch(self) -> int:
@@ -187,11 +187,11 @@ register(
         recalibrate=True,
     )
 )
-for _mode in ("progressive", "blend"):
+for _mode in ("progressive", "renorm", "blend"):
     for _sampler, _tag in (("correlated", "corr"), ("iid", "iid")):
         register(
             Scenario(
-                f"accbn{'-blend' if _mode == 'blend' else ''}-2x32-{_tag}",
+                f"accbn{'' if _mode == 'progressive' else '-' + _mode}-2x32-{_tag}",
                 f"accumulation-aware BN ({_mode}) at micro-batch 2 x 32: each micro-batch normalised with the "
                 f"statistics of its accumulation window so far ({_tag})",
                 group="accum",
@@ -293,6 +293,7 @@ for _sampler, _tag in (("correlated", "corr"), ("iid", "iid")):
 DEMO = (
     "bn-64",
     "bn-2x32-corr",
+    "accbn-renorm-2x32-corr",
     "gn-2x32-corr",
     "bn-2x32-corr-recal",
     "ft-bn-64",

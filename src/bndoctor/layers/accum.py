@@ -18,15 +18,23 @@ M2 = M2_w + n v + (m - m_w)^2 N_w n / N, var = M2 / N. With x_hat = (x - mean)
 
 (sums over the current micro-batch only): torch's BN backward with the
 reductions divided by N instead of n, computed as
-``(n/N) * bn_backward + (1 - n/N) * g / sqrt(var + eps)`` with torch's own kernels.
+``(n/N) * bn_backward + (1 - n/N) * g / sqrt(var + eps)`` with torch's own
+kernels. This is the ``"progressive"`` mode's gradient; the default
+``"renorm"`` mode uses Batch Renormalization's instead (below).
 
-Variants (``mode``):
+Variants (``mode``); all normalise with the pooled window statistics in the
+forward pass and differ in the gradient or the statistics:
 
-* ``"progressive"`` (default): pool over the window so far. The first
-  micro-batch of a window is normalised like plain BN; later ones see more.
-* ``"blend"``: while the window is still filling, also pool in the previous
-  window's statistics with the weight of the samples still missing, so every
-  micro-batch sees about a full window's worth (one optimizer step stale).
+* ``"renorm"`` (default): Batch Renormalization's gradient (Ioffe 2017) with
+  the window so far as the reference: plain BN's gradient over the
+  micro-batch, times r = sigma_B / sigma (r and d = (mu_B - mu) / sigma held
+  constant). Keeps BN's invariances within each micro-batch; measured best in
+  the harness (docs/accumulation.md).
+* ``"progressive"``: the exact gradient of the pooled formulation above
+  (reductions divided by the window count N instead of n).
+* ``"blend"``: as ``progressive``, and while the window is still filling,
+  also pool in the previous window's statistics with the weight of the
+  samples still missing (one optimizer step stale).
 
 A window is closed by :func:`bndoctor.accumulate_bn` (an optimizer step hook)
 or by the :func:`bndoctor.accumulation_window` context manager. In training
@@ -46,7 +54,7 @@ from ..errors import BNDoctorError, BNDoctorWarning
 
 __all__ = ["AccumBatchNorm", "AccumMode"]
 
-AccumMode = Literal["progressive", "blend"]
+AccumMode = Literal["progressive", "renorm", "blend"]
 
 
 class _Window:
@@ -61,29 +69,64 @@ class _Window:
 
 
 class _PooledNorm(torch.autograd.Function):
-    """y = BN(x) with given pooled statistics; backward treats earlier micro-batches as constants."""
+    """y = BN(x) with given pooled statistics; earlier micro-batches are constants in the backward.
+
+    ``renorm=False``: the exact gradient of that formulation (reductions over
+    the micro-batch divided by the window count). ``renorm=True``: Batch
+    Renormalization's gradient (Ioffe 2017) with the window as the reference,
+    i.e. plain BN's gradient over the micro-batch times r = sigma_B / sigma.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, mean, var, ratio: float, eps: float):  # type: ignore[override]
-        ctx.save_for_backward(x, weight, mean, var)
+    def forward(ctx: Any, x, weight, bias, mean, var, ratio: float, eps: float, batch_mean, batch_var, renorm: bool):  # type: ignore[override]
+        invstd = torch.rsqrt(var + eps)
+        w = weight.detach() if weight is not None else torch.ones_like(mean)
+        batch_invstd = torch.rsqrt(batch_var + eps)
+        ctx.save_for_backward(x, w, mean, invstd, batch_mean, batch_invstd)
         ctx.ratio = ratio
         ctx.eps = eps
+        ctx.renorm = renorm
+        ctx.has_weight = weight is not None
         return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx: Any, grad):  # type: ignore[override]
-        x, weight, mean, var = ctx.saved_tensors
-        invstd = torch.rsqrt(var + ctx.eps)
-        w = weight if weight is not None else torch.ones_like(mean)
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        dx_batch, dw, db = torch.ops.aten.native_batch_norm_backward(
-            grad.contiguous(), x, w, None, None, mean, invstd, True, ctx.eps, [mask[0], True, True]
-        )
+        x, w, mean, invstd, batch_mean, batch_invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad.contiguous()
+        shape = [1, -1] + [1] * (x.dim() - 2)
         dx = None
-        if mask[0]:
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            dx = ctx.ratio * dx_batch + (1.0 - ctx.ratio) * grad * (invstd * w).view(shape)
-        return dx, (dw if mask[1] else None), (db if mask[2] else None), None, None, None, None
+        if ctx.renorm:
+            _, dw, db = torch.ops.aten.native_batch_norm_backward(
+                grad, x, w, None, None, mean, invstd, True, ctx.eps, [False, True, True]
+            )
+            if need_x:
+                dx, _, _ = torch.ops.aten.native_batch_norm_backward(
+                    grad, x, w, None, None, batch_mean, batch_invstd, True, ctx.eps, [True, False, False]
+                )
+                dx = dx.mul_((invstd / batch_invstd).view(shape))
+        else:
+            dx_batch, dw, db = torch.ops.aten.native_batch_norm_backward(
+                grad, x, w, None, None, mean, invstd, True, ctx.eps, [need_x, True, True]
+            )
+            if need_x:
+                dx = (
+                    dx_batch
+                    if ctx.ratio >= 1.0
+                    else dx_batch.mul_(ctx.ratio).add_(grad * (invstd * w).view(shape), alpha=1.0 - ctx.ratio)
+                )
+        return (
+            dx,
+            (dw if need_w and ctx.has_weight else None),
+            (db if need_b else None),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class AccumBatchNorm(_BatchNorm):
@@ -102,13 +145,15 @@ class AccumBatchNorm(_BatchNorm):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        mode: AccumMode = "progressive",
+        mode: AccumMode = "renorm",
         device: Any = None,
         dtype: Any = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        if mode not in ("progressive", "blend"):
-            raise BNDoctorError(f"expected mode 'progressive' or 'blend' (got {mode!r})", hint="the default is fine")
+        if mode not in ("progressive", "renorm", "blend"):
+            raise BNDoctorError(
+                f"expected mode 'progressive', 'renorm' or 'blend' (got {mode!r})", hint="the default is fine"
+            )
         self.mode = mode
         self._bndoctor_source_class: type | None = None
         self._controllers = 0  # attached accumulate_bn hooks / open accumulation_window blocks
@@ -209,13 +254,7 @@ class AccumBatchNorm(_BatchNorm):
                 use_m2 = pooled_m2 + p_m2 + delta * delta * (total * prior / use_count)
             use_var = (use_m2 / use_count).clamp_(min=0)
         return _PooledNorm.apply(
-            x,
-            self.weight,
-            self.bias,
-            use_mean,
-            use_var,
-            n / use_count,
-            self.eps,
+            x, self.weight, self.bias, use_mean, use_var, n / use_count, self.eps, mean, var, self.mode == "renorm"
         )
 
     def extra_repr(self) -> str:
