@@ -28,7 +28,7 @@ MICRO, ACCUM = 2, 32
 
 def _variants() -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
     out = {}
-    for name in ("plain BN", "AccumBN progressive", "AccumBN blend"):
+    for name in ("plain BN", "AccumBN renorm", "AccumBN progressive", "AccumBN blend"):
         torch.manual_seed(0)
         model = tiny_resnet()
         if name != "plain BN":

@@ -55,3 +55,14 @@ def test_distributed_finding_reports_rank_spread():
     suite = SuiteResult([SCENARIOS["bn-2x8x4-corr"], SCENARIOS["syncbn-2x8x4-corr"]], [0], runs, 2.0)
     text = " ".join(findings(suite))
     assert "On 4 DDP ranks" in text and "differ by up to 25.0 pp" in text and "98.0% with 0.0 pp" in text
+
+
+def test_accumulation_finding_lists_modes_against_the_reference():
+    names = {"bn-64": 0.98, "bn-2x32-corr": 0.80, "accbn-renorm-2x32-corr": 0.975, "accbn-2x32-corr": 0.93}
+    runs = [RunResult(n, 0, [a] * 5, [1.0] * 5, 1.0) for n, a in names.items()]
+    suite = SuiteResult([SCENARIOS[n] for n in names], [0], runs, 1.0)
+    text = " ".join(findings(suite))
+    assert (
+        "class-correlated micro-batches: renorm 97.5% (jitter 0.0 pp), progressive 93.0% (jitter 0.0 pp), "
+        "against 98.0% for BN at batch 64 (plain BN: 80.0%)" in text
+    )

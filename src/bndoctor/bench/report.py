@@ -75,6 +75,23 @@ def findings(suite: SuiteResult) -> list[str]:
             f"EMA statistics, and the epoch-to-epoch jitter drops from {_pct(ema['jitter'])} to "
             f"{_pct(precise['jitter'])} pp: most of the failure sits in the running statistics."
         )
+    if "bn-64" in ran:
+        for tag, sampler in (("corr", "class-correlated"), ("iid", "shuffled")):
+            modes = [
+                (m, f"accbn{'' if m == 'progressive' else '-' + m}-2x32-{tag}")
+                for m in ("renorm", "progressive", "blend")
+            ]
+            modes = [(m, name) for m, name in modes if name in ran]
+            if modes:
+                plain = f"bn-2x32-{tag}"
+                base = f" (plain BN: {_pct(acc(plain))}%)" if plain in ran else ""
+                listed = ", ".join(
+                    f"{m} {_pct(acc(name))}% (jitter {_pct(suite.summary(name)['jitter'])} pp)" for m, name in modes
+                )
+                out.append(
+                    f"Accumulation-aware BN at micro-batch 2 x 32, {sampler} micro-batches: {listed}, against "
+                    f"{_pct(acc('bn-64'))}% for BN at batch 64{base}."
+                )
     for tag in ("corr", "iid"):
         frozen, recal = f"ft-bn-frozen-2x32-{tag}", f"ft-bn-frozen-2x32-{tag}-recal"
         if {frozen, recal} <= ran:
