@@ -21,16 +21,20 @@ import torch
 import torch.nn.functional as F
 
 import bndoctor
-from bndoctor.models import tiny_resnet
+from bndoctor.models import resnet18, tiny_resnet
 
 MICRO, ACCUM = 2, 32
+MODELS = {
+    "tiny-resnet (77k params, 1x8x8)": (tiny_resnet, (1, 8, 8)),
+    "resnet18 (ours, 11M params, 3x64x64)": (lambda: resnet18(num_classes=10), (3, 64, 64)),
+}
 
 
-def _variants() -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+def _variants(factory) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
     out = {}
     for name in ("plain BN", "AccumBN renorm", "AccumBN progressive", "AccumBN blend"):
         torch.manual_seed(0)
-        model = tiny_resnet()
+        model = factory()
         if name != "plain BN":
             model = bndoctor.to_accum_bn(model, mode=name.split()[-1])
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -56,28 +60,29 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False  # native kernels are faster at batch 2 (as in the harness)
-    gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(MICRO, 1, 8, 8, generator=gen) for _ in range(ACCUM)]
-    ys = [torch.randint(0, 10, (MICRO,), generator=gen) for _ in range(ACCUM)]
-    variants = _variants()
-    for model, opt in variants.values():
-        _window(model, opt, xs, ys)
-    times = {k: [] for k in variants}
-    for _ in range(args.rounds):
-        for name, (model, opt) in variants.items():
-            times[name].append(_window(model, opt, xs, ys))
-    base = statistics.median(times["plain BN"])
     lines = [
-        f"torch {torch.__version__}, {platform.machine()}, 1 thread; tiny ResNet, micro-batch {MICRO} x {ACCUM} "
-        f"accumulation steps, forward + backward per micro-batch and one SGD step per window; median of "
-        f"{args.rounds} interleaved windows.",
+        f"torch {torch.__version__}, {platform.machine()}, 1 thread; micro-batch {MICRO} x {ACCUM} accumulation "
+        f"steps, forward + backward per micro-batch and one SGD step per window; median of {args.rounds} "
+        "interleaved windows.",
         "",
-        "| layer | ms per micro-step | ratio to plain BN (target <= 1.10) |",
-        "|---|---|---|",
+        "| model | layer | ms per micro-step | ratio to plain BN (target <= 1.10) |",
+        "|---|---|---|---|",
     ]
-    for name in variants:
-        t = statistics.median(times[name])
-        lines.append(f"| {name} | {t * 1e3:.2f} | {t / base:.2f} |")
+    for label, (factory, shape) in MODELS.items():
+        gen = torch.Generator().manual_seed(0)
+        xs = [torch.randn(MICRO, *shape, generator=gen) for _ in range(ACCUM)]
+        ys = [torch.randint(0, 10, (MICRO,), generator=gen) for _ in range(ACCUM)]
+        variants = _variants(factory)
+        for model, opt in variants.values():
+            _window(model, opt, xs, ys)
+        times = {k: [] for k in variants}
+        for _ in range(args.rounds):
+            for name, (model, opt) in variants.items():
+                times[name].append(_window(model, opt, xs, ys))
+        base = statistics.median(times["plain BN"])
+        for name in variants:
+            t = statistics.median(times[name])
+            lines.append(f"| {label} | {name} | {t * 1e3:.2f} | {t / base:.2f} |")
     text = "\n".join(lines)
     print(text)
     if args.update:
