@@ -180,14 +180,16 @@ def _train(
         from ..accumulate import accumulate_bn
 
         accumulate_bn(model, optimizer)
-    per_step = scenario.micro_batch * scenario.accum_steps * world
-    total_steps = max(1, len(data.y_train) // per_step * scenario.epochs)
+    group = scenario.accum_steps * world
+    micro_batches = len(data.y_train) // scenario.micro_batch  # full micro-batches per epoch (iid)
+    # the last logical batch of an epoch may be partial on one process; with several, only full ones run
+    steps_per_epoch = math.ceil(micro_batches / group) if world == 1 else micro_batches // group
+    total_steps = max(1, steps_per_epoch * scenario.epochs)
     lr_at = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
     val_acc: list[float] = []
     train_loss: list[float] = []
-    group = scenario.accum_steps * world
     for epoch in range(scenario.epochs):
         model.train()
         if scenario.bn_eval:
