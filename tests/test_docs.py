@@ -20,10 +20,11 @@ def _blocks(name):
 def test_recalibration_doc_snippets_run(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     loader = [torch.randn(32, 1, 8, 8) for _ in range(4)]
+    original = tiny_resnet()
     env = {
         "bndoctor": bndoctor,
         "torch": torch,
-        "model": tiny_resnet(),
+        "model": original,
         "pretrained": tiny_resnet(),
         "train_loader": [torch.randn(64, 1, 8, 8) for _ in range(64)],
         "source_loader": loader,
@@ -33,3 +34,21 @@ def test_recalibration_doc_snippets_run(index, tmp_path, monkeypatch):
     }
     code = _blocks("recalibration.md")[index].replace("...fine-tune...", "pass")
     exec(compile(code, "recalibration.md", "exec"), env)
+
+
+def test_accumulation_doc_snippet_runs():
+    (code,) = _blocks("accumulation.md")
+    original = tiny_resnet()
+    env = {
+        "bndoctor": bndoctor,
+        "torch": torch,
+        "model": original,
+        "loader": [(torch.randn(2, 1, 8, 8), torch.randint(0, 10, (2,))) for _ in range(8)],
+        "loss_fn": torch.nn.functional.cross_entropy,
+        "accum": 4,
+    }
+    exec(compile(code, "accumulation.md", "exec"), env)
+    trained = env["model"]
+    assert int(trained.stem[1].num_batches_tracked) == 2
+    assert isinstance(env["export"].stem[1], torch.nn.BatchNorm2d)
+    assert not torch.equal(trained.fc.weight, original.fc.weight)  # the optimizer trained the converted model
