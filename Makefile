@@ -7,15 +7,22 @@ TORCH_PIN ?= torch==2.13.0
 
 .PHONY: setup demo test lint bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.torch: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_PIN)"
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[demo]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.demo
 	$(VENV)/bin/bndoctor demo
 
 test: $(VENV)/.installed
