@@ -294,8 +294,6 @@ DEMO = (
     "bn-64",
     "bn-2x32-corr",
     "accbn-renorm-2x32-corr",
-    "gn-2x32-corr",
-    "bn-2x32-corr-recal",
     "ft-bn-64",
     "ft-bn-train-2x32-corr",
     "ft-bn-frozen-2x32-corr",
