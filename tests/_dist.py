@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import pickle
 import socket
@@ -29,16 +30,23 @@ def _entry(rank, world_size, port, out_dir, fn, args):
         result = fn(rank, world_size, *args)
     except BaseException as exc:  # report the failure to the parent
         result = exc
-    finally:
-        dist.destroy_process_group()
+    # the result is written before tear-down: a crash while gloo/DDP threads shut down must not lose it
     with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def run_ranks(fn, world_size: int, *args):
     """``fn(rank, world_size, *args)`` on each rank; returns the list of results (exceptions included)."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+        try:
+            mp.spawn(_entry, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+        except mp.ProcessExitedException:
+            # a rank that wrote its result and then died in process tear-down (seen with DDP + gloo:
+            # "terminate called without an active exception") still counts; a missing result does not
+            if not all(os.path.exists(os.path.join(out_dir, f"{r}.pkl")) for r in range(world_size)):
+                raise
         results = []
         for rank in range(world_size):
             with open(os.path.join(out_dir, f"{rank}.pkl"), "rb") as f:

@@ -245,13 +245,13 @@ def _rank_entry(
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        callback = (lambda epoch: queue.put(epoch)) if rank == 0 else None
-        result, state = _train(scenario, seed, init_state, callback, rank, world)
-    finally:
-        dist.destroy_process_group()
+    callback = (lambda epoch: queue.put(epoch)) if rank == 0 else None
+    result, state = _train(scenario, seed, init_state, callback, rank, world)
+    # write before tear-down: a crash while gloo/DDP threads shut down must not lose the result
     with open(os.path.join(out_dir, f"{rank}.pt"), "wb") as f:
         pickle.dump((result, state if rank == 0 else None), f)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _run_distributed(
@@ -283,7 +283,15 @@ def _run_distributed(
             join=False,
             start_method="spawn",
         )
-        while not procs.join(timeout=0.2):
+        done = False
+        while not done:
+            try:
+                done = procs.join(timeout=0.2)
+            except mp.ProcessExitedException:
+                # a rank that saved its result and died in tear-down still counts; a missing result does not
+                if not all(os.path.exists(os.path.join(out_dir, f"{r}.pt")) for r in range(scenario.world_size)):
+                    raise
+                done = True
             while True:
                 try:
                     epoch = epochs.get_nowait()
