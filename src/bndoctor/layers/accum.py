@@ -51,6 +51,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError, BNDoctorWarning
+from ._ema import ema_step
 
 __all__ = ["AccumBatchNorm", "AccumMode"]
 
@@ -189,15 +190,7 @@ class AccumBatchNorm(_BatchNorm):
         if win.count > 0 and win.mean is not None and win.m2 is not None:
             count = win.count
             if self.track_running_stats and self.running_mean is not None:
-                self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-                factor = (
-                    1.0 / float(self.num_batches_tracked)  # type: ignore[arg-type]
-                    if self.momentum is None
-                    else self.momentum
-                )
-                unbiased = win.m2 / max(count - 1.0, 1.0)
-                self.running_mean.mul_(1 - factor).add_(win.mean.to(self.running_mean.dtype), alpha=factor)
-                self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)  # type: ignore[union-attr]
+                ema_step(self, win.mean, win.m2 / max(count - 1.0, 1.0))
             self.__dict__["_previous"] = (count, win.mean, win.m2)
         self.reset_window()
 

@@ -26,6 +26,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError
+from ._ema import ema_step
 
 __all__ = ["SyncBatchNorm"]
 
@@ -136,16 +137,8 @@ class SyncBatchNorm(_BatchNorm):
         """EMA update with the global statistics; on-device, so no host synchronisation."""
         if not (self.training and self.track_running_stats) or self.running_mean is None:
             return
-        self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-        if self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked)  # type: ignore[arg-type]
-        else:
-            factor = self.momentum
-        weight = torch.where(n > 0, torch.full_like(n, factor), torch.zeros_like(n))
         unbiased = var * torch.where(n > 1, n / (n - 1).clamp(min=1.0), torch.ones_like(n))
-        running_var = self.running_var
-        self.running_mean.add_((mean - self.running_mean) * weight.to(mean.dtype))
-        running_var.add_((unbiased - running_var) * weight.to(unbiased.dtype))  # type: ignore[operator]
+        ema_step(self, mean, unbiased, valid=n > 0)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", synchronised"

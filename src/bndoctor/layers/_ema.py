@@ -1,0 +1,26 @@
+"""One step of BatchNorm's running-statistics update, shared by bndoctor's BN layers."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+@torch.no_grad()
+def ema_step(
+    module: _BatchNorm, mean: torch.Tensor, unbiased_var: torch.Tensor, valid: torch.Tensor | None = None
+) -> None:
+    """``running = (1 - f) running + f stat`` with torch's rule for f (momentum, or 1/k when it is None).
+
+    ``valid`` (a 0-d bool tensor) turns the step into a no-op on the device, without a host
+    synchronisation, when it is false (e.g. an all-empty global batch).
+    """
+    module.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+    factor = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum  # type: ignore[arg-type]
+    for running, stat in ((module.running_mean, mean), (module.running_var, unbiased_var)):
+        stat = stat.to(running.dtype)  # type: ignore[union-attr]
+        if valid is None:
+            running.mul_(1 - factor).add_(stat, alpha=factor)  # type: ignore[union-attr]
+        else:
+            weight = torch.where(valid, factor, 0.0).to(running.dtype)  # type: ignore[union-attr]
+            running.add_((stat - running) * weight)  # type: ignore[operator]
