@@ -69,8 +69,8 @@ def test_statistics_pool_per_layer_in_a_deeper_network():
             torch.testing.assert_close(model[i]._m2 / model[i]._count, values.var(1, unbiased=False))
 
 
-def test_gradient_matches_autograd_of_the_pooled_formulation():
-    layer = _layer()
+def _last_micro_batch_backward(layer):
+    """Three micro-batches, then backward through a fourth; returns what a reference needs."""
     with bd.accumulation_window(layer):
         earlier = [_micro(k) for k in range(3)]
         for x in earlier:
@@ -78,34 +78,32 @@ def test_gradient_matches_autograd_of_the_pooled_formulation():
         x = _micro(7).requires_grad_(True)
         g = torch.randn_like(x)
         (layer(x) * g).sum().backward()
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, layer.weight, layer.bias)]
+    return earlier, x, g, leaves
+
+
+def _assert_same_grads(layer, x, leaves):
+    for ours, theirs in zip((x, layer.weight, layer.bias), leaves):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_gradient_matches_autograd_of_the_pooled_formulation():
+    layer = _layer()
+    earlier, x, g, (ref_x, weight, bias) = _last_micro_batch_backward(layer)
     # reference: the same formula written with autograd, earlier micro-batches constant
-    ref_x = x.detach().clone().requires_grad_(True)
-    weight = layer.weight.detach().clone().requires_grad_(True)
-    bias = layer.bias.detach().clone().requires_grad_(True)
     values = torch.cat([e.transpose(0, 1).reshape(C, -1) for e in earlier] + [ref_x.transpose(0, 1).reshape(C, -1)], 1)
     mean = values.mean(1)
     var = (values * values).mean(1) - mean * mean
     shape = (1, C, 1, 1)
     y = (ref_x - mean.view(shape)) / torch.sqrt(var.view(shape) + layer.eps) * weight.view(shape) + bias.view(shape)
     (y * g).sum().backward()
-    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(layer.weight.grad, weight.grad, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(layer.bias.grad, bias.grad, rtol=1e-8, atol=1e-10)
+    _assert_same_grads(layer, x, (ref_x, weight, bias))
 
 
 def test_renorm_gradient_is_batch_renormalization_with_the_window_as_reference():
     layer = _layer("renorm")
     assert bd.AccumBatchNorm(3).mode == "renorm"  # the default
-    with bd.accumulation_window(layer):
-        earlier = [_micro(k) for k in range(3)]
-        for x in earlier:
-            layer(x)
-        x = _micro(7).requires_grad_(True)
-        g = torch.randn_like(x)
-        (layer(x) * g).sum().backward()
-    ref_x = x.detach().clone().requires_grad_(True)
-    weight = layer.weight.detach().clone().requires_grad_(True)
-    bias = layer.bias.detach().clone().requires_grad_(True)
+    earlier, x, g, (ref_x, weight, bias) = _last_micro_batch_backward(layer)
     mean, var, _ = _pooled([*earlier, x.detach()])
     shape = (1, C, 1, 1)
     dims = (0, 2, 3)
@@ -117,9 +115,7 @@ def test_renorm_gradient_is_batch_renormalization_with_the_window_as_reference()
     x_hat = (ref_x - batch_mean.view(shape)) / batch_std.view(shape)
     y = (x_hat * r.view(shape) + d.view(shape)) * weight.view(shape) + bias.view(shape)
     (y * g).sum().backward()
-    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(layer.weight.grad, weight.grad, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(layer.bias.grad, bias.grad, rtol=1e-8, atol=1e-10)
+    _assert_same_grads(layer, x, (ref_x, weight, bias))
 
 
 @pytest.mark.parametrize("mode", ["progressive", "renorm"])
