@@ -80,3 +80,39 @@ def test_accelerate_gradient_accumulation_closes_one_window_per_real_step():
             opt.zero_grad()
     assert handle.steps == 2
     assert int(model[1].num_batches_tracked) == 2 and not model[1].window_open
+
+
+def test_lightning_accumulate_grad_batches_closes_one_window_per_real_step(tmp_path):
+    lightning = pytest.importorskip("lightning")
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = bd.to_accum_bn(_net())
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+            self.handle = bd.accumulate_bn(self.net, optimizer)
+            return optimizer
+
+    pairs = [_micro(0, step) for step in range(2 * ACCUM)]
+    dataset = torch.utils.data.TensorDataset(torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs]))
+    data = torch.utils.data.DataLoader(dataset, batch_size=2)
+    module = Module()
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=ACCUM,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, train_dataloaders=data)
+    assert module.handle.steps == 2
+    assert int(module.net[1].num_batches_tracked) == 2 and not module.net[1].window_open
