@@ -6,7 +6,15 @@ The root package imports torch and numpy only; optional integrations live in
 
 from ._version import __version__
 from ._walk import BNInfo, find_bn, replace_module
-from .accumulate import accumulate_bn, accumulation_window, close_windows, from_accum_bn, to_accum_bn
+from .accumulate import (
+    accumulate_bn,
+    accumulation_window,
+    close_windows,
+    from_accum_bn,
+    from_batch_renorm,
+    to_accum_bn,
+    to_batch_renorm,
+)
 from .convert import convert_bn, default_num_groups, freeze_bn, unfreeze_bn
 from .errors import (
     BNDoctorError,
@@ -19,7 +27,7 @@ from .errors import (
     UninitializedLayerError,
 )
 from .fold import fold_bn
-from .layers import AccumBatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
+from .layers import AccumBatchNorm, BatchRenorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
 from .ranks import DivergenceReport, merge_running_stats, rank_divergence
 from .stats import (
     RecalibrationReport,
@@ -38,6 +46,7 @@ __all__ = [
     "BNDoctorError",
     "BNDoctorWarning",
     "BNInfo",
+    "BatchRenorm",
     "DivergenceReport",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
@@ -61,6 +70,7 @@ __all__ = [
     "fold_bn",
     "freeze_bn",
     "from_accum_bn",
+    "from_batch_renorm",
     "from_sync_bn",
     "import_stats",
     "load_stats",
@@ -71,6 +81,7 @@ __all__ = [
     "stats_sets",
     "store_stats",
     "to_accum_bn",
+    "to_batch_renorm",
     "to_sync_bn",
     "unfreeze_bn",
     "use_stats",

@@ -36,7 +36,9 @@ __all__ = [
     "accumulation_window",
     "close_windows",
     "from_accum_bn",
+    "from_batch_renorm",
     "to_accum_bn",
+    "to_batch_renorm",
 ]
 
 
@@ -55,6 +57,41 @@ def to_accum_bn(
         inplace=inplace,
         operation="to_accum_bn",
     )
+
+
+def to_batch_renorm(
+    model: nn.Module,
+    *,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    warmup_steps: int = 5000,
+    momentum: float = 0.01,
+    modules: ModuleSelection = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace trainable BN layers by :class:`bndoctor.BatchRenorm` (Ioffe 2017), a small-batch baseline.
+
+    ``momentum`` replaces the layers' momentum (Batch Renorm relies on slow,
+    accurate running statistics; the paper uses 0.01). Revert with
+    :func:`from_accum_bn`... no: with ``bndoctor.from_batch_renorm``.
+    """
+    from .layers.renorm import BatchRenorm
+
+    def make(record: Any) -> BatchRenorm:
+        return BatchRenorm(int(record.num_features or 0), r_max=r_max, d_max=d_max, warmup_steps=warmup_steps)
+
+    converted = swap_bn_layers(model, make, modules=modules, inplace=inplace, operation="to_batch_renorm")
+    for module in converted.modules():
+        if isinstance(module, BatchRenorm):
+            module.momentum = momentum
+    return converted
+
+
+def from_batch_renorm(model: nn.Module, *, dims: int | None = None, inplace: bool = False) -> nn.Module:
+    """Turn BatchRenorm layers back into the BatchNorm class they came from (momentum as it is now)."""
+    from .layers.renorm import BatchRenorm
+
+    return revert_bn(model, (BatchRenorm,), dims=dims, inplace=inplace)
 
 
 def from_accum_bn(model: nn.Module, *, dims: int | None = None, inplace: bool = False) -> nn.Module:

@@ -174,6 +174,10 @@ def _train(
         from ..accumulate import to_accum_bn
 
         model = to_accum_bn(model, mode=scenario.accum_bn, inplace=True)
+    if scenario.batch_renorm:
+        from ..accumulate import to_batch_renorm
+
+        model = to_batch_renorm(model, inplace=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=scenario.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     if scenario.accum_bn:

@@ -62,6 +62,7 @@ class Scenario:
     world_size: int = 1
     sync_bn: bool = False
     accum_bn: Literal["progressive", "renorm", "blend"] | None = None
+    batch_renorm: bool = False
 
     @property
     def logical_batch(self) -> int:
@@ -74,6 +75,8 @@ class Scenario:
             norm = "SyncBN"
         if self.accum_bn:
             norm = f"AccumBN ({self.accum_bn})"
+        if self.batch_renorm:
+            norm = "BatchRenorm"
         if self.bn_eval:
             norm += " (eval)"
         batch = f"{self.micro_batch}x{self.accum_steps}" if self.accum_steps > 1 else str(self.micro_batch)
@@ -201,6 +204,18 @@ for _mode in ("progressive", "renorm", "blend"):
                 accum_bn=_mode,
             )
         )
+for _sampler, _tag in (("correlated", "corr"), ("iid", "iid")):
+    register(
+        Scenario(
+            f"brn-2x32-{_tag}",
+            f"Batch Renormalization (Ioffe 2017; r_max 3, d_max 5, momentum 0.01) at micro-batch 2 x 32 ({_tag})",
+            group="accum",
+            micro_batch=2,
+            accum_steps=32,
+            sampler=_sampler,
+            batch_renorm=True,
+        )
+    )
 register(Scenario("gn-64", "GroupNorm at batch 64", norm="group"))
 register(
     Scenario(

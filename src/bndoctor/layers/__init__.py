@@ -8,10 +8,12 @@ from .frozen import (
     FrozenBatchNormMixin,
     frozen_class_for,
 )
+from .renorm import BatchRenorm
 from .sync import SyncBatchNorm
 
 __all__ = [
     "AccumBatchNorm",
+    "BatchRenorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",

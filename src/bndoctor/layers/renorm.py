@@ -1,0 +1,95 @@
+"""Batch Renormalization (Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+Batch-Normalized Models", NeurIPS 2017), a baseline for small batches.
+
+Training mode normalises with the batch statistics and then corrects towards
+the running statistics:
+
+    y = gamma * (x_hat_B * r + d) + beta,   x_hat_B = (x - mu_B) / sigma_B,
+    r = clip(sigma_B / sigma, 1/r_max, r_max),   d = clip((mu_B - mu) / sigma, -d_max, d_max),
+
+with r and d treated as constants in the backward pass (sigma = sqrt(running_var + eps)).
+With r_max = 1 and d_max = 0 this is BatchNorm. As in the paper, r_max and d_max grow
+linearly from 1 and 0 to their final values over ``warmup_steps`` training forwards
+(counted by ``num_batches_tracked``). Eval mode is BatchNorm with the running statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..errors import BNDoctorError
+
+__all__ = ["BatchRenorm"]
+
+
+class BatchRenorm(_BatchNorm):
+    """Batch Renormalization for inputs ``(N, C, ...)``; ``r_max``/``d_max`` ramp up over ``warmup_steps``."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.01,
+        affine: bool = True,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 5000,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        if momentum is None or not 0 < momentum <= 1:
+            raise BNDoctorError(
+                f"expected 0 < momentum <= 1 for BatchRenorm (got {momentum!r})",
+                hint="Batch Renorm needs running statistics from an EMA; the paper uses 0.01",
+            )
+        if r_max < 1 or d_max < 0 or warmup_steps < 0:
+            raise BNDoctorError(
+                f"expected r_max >= 1, d_max >= 0, warmup_steps >= 0 (got {r_max}, {d_max}, {warmup_steps})",
+                hint="r_max=3, d_max=5 as in Ioffe (2017)",
+            )
+        super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
+        self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), int(warmup_steps)
+        self._bndoctor_source_class: type | None = None
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise BNDoctorError(
+                f"expected at least 2D input (got {input.dim()}D input)",
+                hint="BatchRenorm normalises dimension 1 of (N, C, ...) inputs",
+            )
+
+    def limits(self) -> tuple[float, float]:
+        """The current (r_max, d_max) of the warm-up ramp."""
+        done = 1.0 if self.warmup_steps == 0 else min(1.0, float(self.num_batches_tracked) / self.warmup_steps)
+        return 1.0 + (self.r_max - 1.0) * done, self.d_max * done
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        if not self.training:
+            return super().forward(input)
+        dims = [0, *range(2, input.dim())]
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        var_b, mean_b = torch.var_mean(input, dim=dims, correction=0)
+        std_b = torch.sqrt(var_b + self.eps)
+        r_max, d_max = self.limits()
+        with torch.no_grad():
+            std = torch.sqrt(self.running_var + self.eps)  # type: ignore[operator]
+            r = (std_b / std).clamp(1.0 / r_max, r_max)
+            d = ((mean_b - self.running_mean) / std).clamp(-d_max, d_max)
+            n = input.numel() // input.shape[1]
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+            self.running_mean.add_((mean_b - self.running_mean) * self.momentum)  # type: ignore[operator]
+            unbiased = var_b * (n / max(n - 1, 1))
+            self.running_var.add_((unbiased - self.running_var) * self.momentum)  # type: ignore[operator]
+        y = (input - mean_b.view(shape)) / std_b.view(shape) * r.view(shape) + d.view(shape)
+        if self.weight is not None:
+            y = y * self.weight.view(shape)
+        if self.bias is not None:
+            y = y + self.bias.view(shape)
+        return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", r_max={self.r_max:g}, d_max={self.d_max:g}, warmup_steps={self.warmup_steps}"
