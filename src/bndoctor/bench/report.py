@@ -82,6 +82,8 @@ def findings(suite: SuiteResult) -> list[str]:
                 for m in ("renorm", "progressive", "blend")
             ]
             modes = [(m, name) for m, name in modes if name in ran]
+            if f"brn-2x32-{tag}" in ran:
+                modes.append(("Batch Renorm (baseline)", f"brn-2x32-{tag}"))
             if modes:
                 plain = f"bn-2x32-{tag}"
                 base = f" (plain BN: {_pct(acc(plain))}%)" if plain in ran else ""
