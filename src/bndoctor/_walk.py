@@ -210,6 +210,23 @@ def _classify(name: str, module: nn.Module) -> BNInfo | None:
     )
 
 
+def with_running_stats(model: nn.Module, modules: ModuleSelection = None) -> list[BNInfo]:
+    """Selected BN layers that hold running statistics (lazy and BN-like layers excluded)."""
+    require_module(model)
+    return [
+        r
+        for r in select(find_bn(model), modules)
+        if r.kind not in ("bn-like", "lazy")
+        and getattr(r.module, "running_mean", None) is not None
+        and getattr(r.module, "running_var", None) is not None
+    ]
+
+
+def has_plain_forward(module: nn.Module) -> bool:
+    """Whether a BN layer's forward is torch's own (a subclass such as BatchNormAct2d adds more)."""
+    return type(module).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
 def find_bn(model: nn.Module) -> list[BNInfo]:
     """List every BatchNorm and BN-like layer of ``model``, in module order.
 

@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ._walk import (
     BNInfo,
     ModuleSelection,
+    has_plain_forward,
     plan,
     replace_modules,
     require_initialized,
@@ -303,7 +304,6 @@ def convert_bn(
 # --------------------------------------------------------------------------- class swaps (SyncBN, AccumBN)
 
 _DIMS_TO_CLASS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
 def swap_bn_layers(
@@ -326,7 +326,7 @@ def swap_bn_layers(
 
     model, records = plan(model, modules, inplace, validate)
     warn_unsupported(records, operation)
-    custom = [r.name for r in records if r.kind == "batchnorm" and type(r.module).forward not in _PLAIN_FORWARDS]
+    custom = [r.name for r in records if r.kind == "batchnorm" and not has_plain_forward(r.module)]
     if custom:
         warnings.warn(
             f"{operation} left {len(custom)} BN subclass(es) with their own forward unchanged: "

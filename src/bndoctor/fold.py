@@ -26,13 +26,12 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ._walk import BNInfo, ModuleSelection, plan, replace_modules
+from ._walk import BNInfo, ModuleSelection, has_plain_forward, plan, replace_modules
 from .errors import BNDoctorWarning
 
 __all__ = ["fold_bn"]
 
 _PRODUCERS = (_ConvNd, nn.Linear)
-_PLAIN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
 
 
 def _foldable(record: BNInfo) -> bool:
@@ -40,7 +39,7 @@ def _foldable(record: BNInfo) -> bool:
         return False
     if isinstance(record.module, _BatchNorm):
         # a subclass with its own forward (timm's BatchNormAct2d) does more than BN
-        return type(record.module).forward in _PLAIN_FORWARDS
+        return has_plain_forward(record.module)
     return True  # third-party frozen BN: a pure affine map
 
 
@@ -49,7 +48,7 @@ def _why_not(record: BNInfo) -> str:
         return "track_running_stats=False: no running statistics"
     if record.uses_batch_stats:
         return "in training mode and not frozen: call model.eval() or freeze_bn first"
-    if isinstance(record.module, _BatchNorm) and type(record.module).forward not in _PLAIN_FORWARDS:
+    if isinstance(record.module, _BatchNorm) and not has_plain_forward(record.module):
         return f"{type(record.module).__name__} has its own forward"
     return "not fed by a conv/linear whose output feeds only this layer"
 

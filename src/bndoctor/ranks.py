@@ -24,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from . import distributed
-from ._walk import BNInfo, ModuleSelection, find_bn, select
-from .errors import BNDoctorError, require_module
+from ._walk import BNInfo, ModuleSelection, with_running_stats
+from .errors import BNDoctorError
 from .stats.moments import pool
 
 __all__ = ["DivergenceReport", "LayerDivergence", "merge_running_stats", "rank_divergence"]
@@ -72,17 +72,6 @@ class DivergenceReport:
         return head + "\n" + render(["layer", "mean max", "mean avg", "var max", "var avg"], rows)
 
 
-def _records(model: nn.Module, modules: ModuleSelection) -> list[BNInfo]:
-    require_module(model)
-    return [
-        r
-        for r in select(find_bn(model), modules)
-        if r.kind not in ("bn-like", "lazy")
-        and getattr(r.module, "running_mean", None) is not None
-        and getattr(r.module, "running_var", None) is not None
-    ]
-
-
 def _gather(records: list[BNInfo], extra: float, group: Any) -> tuple[torch.Tensor, int]:
     """All ranks' ``[extra, mean_1, var_1, mean_2, var_2, ...]`` as float64, shape (world, D)."""
     device = records[0].module.running_mean.device if records else torch.device("cpu")
@@ -107,7 +96,7 @@ def rank_divergence(
     model: nn.Module, process_group: Any = None, *, modules: ModuleSelection = None
 ) -> DivergenceReport:
     """How far each BN layer's running statistics differ across ranks (collective: call on every rank)."""
-    records = _records(model, modules)
+    records = with_running_stats(model, modules)
     gathered, world = _gather(records, 0.0, process_group)
     tiny = torch.finfo(torch.float64).tiny
     layers = []
@@ -146,7 +135,7 @@ def merge_running_stats(
             hint="pass how many samples this rank's statistics come from, or None for equal weights",
         )
     before = rank_divergence(model, process_group, modules=modules)
-    records = _records(model, modules)
+    records = with_running_stats(model, modules)
     gathered, _ = _gather(records, -1.0 if samples is None else float(samples), process_group)
     weights = gathered[:, 0]
     if (weights < 0).any() and not (weights < 0).all():

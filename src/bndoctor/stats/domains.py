@@ -19,8 +19,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from .._walk import BNInfo, ModuleSelection, find_bn, select
-from ..errors import BNDoctorError, require_module
+from .._walk import ModuleSelection, with_running_stats
+from ..errors import BNDoctorError
 
 __all__ = ["export_stats", "import_stats", "load_stats", "stats_sets", "store_stats", "use_stats"]
 
@@ -36,18 +36,6 @@ def _check_name(name: str) -> None:
         )
 
 
-def _with_stats(model: nn.Module, modules: ModuleSelection = None) -> list[BNInfo]:
-    require_module(model)
-    return [
-        r
-        for r in select(find_bn(model), modules)
-        if r.kind != "bn-like"
-        and r.kind != "lazy"
-        and getattr(r.module, "running_mean", None) is not None
-        and getattr(r.module, "running_var", None) is not None
-    ]
-
-
 def _buffer(name: str, key: str) -> str:
     return f"{_PREFIX}{name}__{key}"
 
@@ -55,7 +43,7 @@ def _buffer(name: str, key: str) -> str:
 def store_stats(model: nn.Module, name: str, *, modules: ModuleSelection = None) -> None:
     """Save each BN layer's current running statistics as the set ``name`` (overwrites)."""
     _check_name(name)
-    for record in _with_stats(model, modules):
+    for record in with_running_stats(model, modules):
         for key in _KEYS:
             value = record.module.get_buffer(key).detach().clone()
             attr = _buffer(name, key)
@@ -68,7 +56,7 @@ def store_stats(model: nn.Module, name: str, *, modules: ModuleSelection = None)
 def stats_sets(model: nn.Module) -> list[str]:
     """Names of the statistics sets stored on any BN layer of ``model``."""
     names: list[str] = []
-    for record in _with_stats(model):
+    for record in with_running_stats(model):
         for attr in record.module._buffers:
             if attr.startswith(_PREFIX) and attr.endswith("__running_mean"):
                 name = attr[len(_PREFIX) : -len("__running_mean")]
@@ -82,7 +70,7 @@ def load_stats(model: nn.Module, name: str) -> list[str]:
     _check_name(name)
     loaded = []
     with torch.no_grad():
-        for record in _with_stats(model):
+        for record in with_running_stats(model):
             stored = [record.module._buffers.get(_buffer(name, key)) for key in _KEYS]
             if any(t is None for t in stored):
                 continue
@@ -101,7 +89,7 @@ def load_stats(model: nn.Module, name: str) -> list[str]:
 @contextmanager
 def use_stats(model: nn.Module, name: str) -> Iterator[nn.Module]:
     """Use the set ``name`` inside the block; the previous statistics come back afterwards, also on error."""
-    records = _with_stats(model)
+    records = with_running_stats(model)
     saved = [(r.module.get_buffer(k), r.module.get_buffer(k).detach().clone()) for r in records for k in _KEYS]
     load_stats(model, name)
     try:
@@ -116,7 +104,7 @@ def export_stats(model: nn.Module) -> dict[str, dict[str, dict[str, torch.Tensor
     """``{set: {layer: {"running_mean": ..., "running_var": ...}}}`` for ``torch.save``."""
     out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for name in stats_sets(model):
-        for record in _with_stats(model):
+        for record in with_running_stats(model):
             stored = {k: record.module._buffers.get(_buffer(name, k)) for k in _KEYS}
             if all(v is not None for v in stored.values()):
                 out.setdefault(name, {})[record.name] = {k: v.detach().cpu().clone() for k, v in stored.items()}
@@ -125,7 +113,7 @@ def export_stats(model: nn.Module) -> dict[str, dict[str, dict[str, torch.Tensor
 
 def import_stats(model: nn.Module, exported: dict[str, dict[str, dict[str, torch.Tensor]]]) -> None:
     """Store sets produced by :func:`export_stats`; unknown layers or wrong shapes are errors."""
-    layers = {r.name: r for r in _with_stats(model)}
+    layers = {r.name: r for r in with_running_stats(model)}
     for name, per_layer in exported.items():
         _check_name(name)
         for layer, tensors in per_layer.items():
