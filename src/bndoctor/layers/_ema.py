@@ -24,3 +24,30 @@ def ema_step(
         else:
             weight = torch.where(valid, factor, 0.0).to(running.dtype)  # type: ignore[union-attr]
             running.add_((stat - running) * weight)  # type: ignore[operator]
+
+
+def renormalize(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    r: torch.Tensor,
+    d: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Batch Renormalization's output ``gamma (r x_hat_B + d) + beta`` in one fused BN call (Ioffe 2017).
+
+    ``x_hat_B`` is ``x`` normalised with its own batch statistics (gradient
+    through them, as in BN); ``r`` and ``d`` are constants. Folding them into
+    the affine parameters (``gamma r`` and ``beta + gamma d``) lets torch's BN
+    kernel do the forward and the backward, with the gradients of Batch
+    Renorm: ``dL/dx`` is BN's gradient times ``r``, and ``dL/dgamma`` sums
+    ``dL/dy (r x_hat_B + d)``.
+    """
+    r, d = r.detach(), d.detach()
+    if weight is None:
+        w, b = r, d
+    else:
+        w, b = weight * r, torch.addcmul(bias if bias is not None else torch.zeros_like(d), weight, d)
+    if bias is not None and weight is None:
+        b = b + bias
+    return torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.0, eps)

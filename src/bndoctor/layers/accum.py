@@ -51,7 +51,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError, BNDoctorWarning
-from ._ema import ema_step
+from ._ema import ema_step, renormalize
 
 __all__ = ["AccumBatchNorm", "AccumMode"]
 
@@ -72,62 +72,33 @@ class _Window:
 class _PooledNorm(torch.autograd.Function):
     """y = BN(x) with given pooled statistics; earlier micro-batches are constants in the backward.
 
-    ``renorm=False``: the exact gradient of that formulation (reductions over
-    the micro-batch divided by the window count). ``renorm=True``: Batch
-    Renormalization's gradient (Ioffe 2017) with the window as the reference,
-    i.e. plain BN's gradient over the micro-batch times r = sigma_B / sigma.
+    The exact gradient of that formulation: torch's BN backward with the
+    reductions over the micro-batch divided by the window count (``ratio`` =
+    n / N), as derived in the module docstring.
     """
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, mean, var, ratio: float, eps: float, batch_mean, batch_var, renorm: bool):  # type: ignore[override]
+    def forward(ctx: Any, x, weight, bias, mean, var, ratio: float, eps: float):  # type: ignore[override]
         invstd = torch.rsqrt(var + eps)
         w = weight.detach() if weight is not None else torch.ones_like(mean)
-        batch_invstd = torch.rsqrt(batch_var + eps)
-        ctx.save_for_backward(x, w, mean, invstd, batch_mean, batch_invstd)
+        ctx.save_for_backward(x, w, mean, invstd)
         ctx.ratio = ratio
         ctx.eps = eps
-        ctx.renorm = renorm
         ctx.has_weight = weight is not None
         return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx: Any, grad):  # type: ignore[override]
-        x, w, mean, invstd, batch_mean, batch_invstd = ctx.saved_tensors
+        x, w, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad = grad.contiguous()
         shape = [1, -1] + [1] * (x.dim() - 2)
-        dx = None
-        if ctx.renorm:
-            _, dw, db = torch.ops.aten.native_batch_norm_backward(
-                grad, x, w, None, None, mean, invstd, True, ctx.eps, [False, True, True]
-            )
-            if need_x:
-                dx, _, _ = torch.ops.aten.native_batch_norm_backward(
-                    grad, x, w, None, None, batch_mean, batch_invstd, True, ctx.eps, [True, False, False]
-                )
-                dx = dx.mul_((invstd / batch_invstd).view(shape))
-        else:
-            dx_batch, dw, db = torch.ops.aten.native_batch_norm_backward(
-                grad, x, w, None, None, mean, invstd, True, ctx.eps, [need_x, True, True]
-            )
-            if need_x:
-                dx = (
-                    dx_batch
-                    if ctx.ratio >= 1.0
-                    else dx_batch.mul_(ctx.ratio).add_(grad * (invstd * w).view(shape), alpha=1.0 - ctx.ratio)
-                )
-        return (
-            dx,
-            (dw if need_w and ctx.has_weight else None),
-            (db if need_b else None),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            grad, x, w, None, None, mean, invstd, True, ctx.eps, [need_x, True, True]
         )
+        if need_x and ctx.ratio < 1.0:
+            dx = dx.mul_(ctx.ratio).add_(grad * (invstd * w).view(shape), alpha=1.0 - ctx.ratio)
+        return dx, (dw if need_w and ctx.has_weight else None), (db if need_b else None), None, None, None, None
 
 
 class AccumBatchNorm(_BatchNorm):
@@ -245,10 +216,15 @@ class AccumBatchNorm(_BatchNorm):
                 delta = p_mean - pooled_mean
                 use_mean = pooled_mean + delta * (prior / use_count)
                 use_m2 = pooled_m2 + p_m2 + delta * delta * (total * prior / use_count)
-            use_var = (use_m2 / use_count).clamp_(min=0)
-        return _PooledNorm.apply(
-            x, self.weight, self.bias, use_mean, use_var, n / use_count, self.eps, mean, var, self.mode == "renorm"
-        )
+            use_var = use_m2 / use_count  # every term of the pooled M2 is >= 0
+            if self.mode == "renorm":
+                # r = sigma_B / sigma, d = (mu_B - mu) / sigma with eps inside both sigmas (Ioffe 2017)
+                ref_invstd = torch.rsqrt(use_var + self.eps)
+                r = torch.sqrt(var + self.eps).mul_(ref_invstd)
+                d = (mean - use_mean).mul_(ref_invstd)
+        if self.mode == "renorm":
+            return renormalize(x, self.weight, self.bias, r, d, self.eps)
+        return _PooledNorm.apply(x, self.weight, self.bias, use_mean, use_var, n / use_count, self.eps)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mode={self.mode}"

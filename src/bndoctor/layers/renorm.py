@@ -21,6 +21,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError
+from ._ema import renormalize
 
 __all__ = ["BatchRenorm"]
 
@@ -70,26 +71,19 @@ class BatchRenorm(_BatchNorm):
         self._check_input_dim(input)
         if not self.training:
             return super().forward(input)
-        dims = [0, *range(2, input.dim())]
-        shape = [1, -1] + [1] * (input.dim() - 2)
-        var_b, mean_b = torch.var_mean(input, dim=dims, correction=0)
-        std_b = torch.sqrt(var_b + self.eps)
         r_max, d_max = self.limits()
         with torch.no_grad():
+            _, mean_b, invstd_b = torch.native_batch_norm(input.detach(), None, None, None, None, True, 0.0, 0.0)
+            var_b = invstd_b.pow(-2)
             std = torch.sqrt(self.running_var + self.eps)  # type: ignore[operator]
-            r = (std_b / std).clamp(1.0 / r_max, r_max)
-            d = ((mean_b - self.running_mean) / std).clamp(-d_max, d_max)
+            r = (torch.sqrt(var_b + self.eps) / std).clamp_(1.0 / r_max, r_max)
+            d = ((mean_b - self.running_mean) / std).clamp_(-d_max, d_max)
             n = input.numel() // input.shape[1]
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
             self.running_mean.add_((mean_b - self.running_mean) * self.momentum)  # type: ignore[operator]
             unbiased = var_b * (n / max(n - 1, 1))
             self.running_var.add_((unbiased - self.running_var) * self.momentum)  # type: ignore[operator]
-        y = (input - mean_b.view(shape)) / std_b.view(shape) * r.view(shape) + d.view(shape)
-        if self.weight is not None:
-            y = y * self.weight.view(shape)
-        if self.bias is not None:
-            y = y + self.bias.view(shape)
-        return y
+        return renormalize(input, self.weight, self.bias, r, d, self.eps)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r_max={self.r_max:g}, d_max={self.d_max:g}, warmup_steps={self.warmup_steps}"
