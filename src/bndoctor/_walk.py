@@ -158,6 +158,7 @@ def _behaviour_record(name: str, module: nn.Module, kind: BNKind, **fields: Any)
 def _classify(name: str, module: nn.Module) -> BNInfo | None:
     """Return a record for a BN or BN-like module, ``None`` for anything else."""
     from .layers.frozen import is_bndoctor_frozen
+    from .layers.sync import SyncBatchNorm
 
     if isinstance(module, _InstanceNorm):
         return None
@@ -183,7 +184,7 @@ def _classify(name: str, module: nn.Module) -> BNInfo | None:
                 reason="lazy layer not initialised yet; run one forward pass first",
                 **common,
             )
-        kind: BNKind = "sync" if isinstance(module, nn.SyncBatchNorm) else "batchnorm"
+        kind: BNKind = "sync" if isinstance(module, (nn.SyncBatchNorm, SyncBatchNorm)) else "batchnorm"
         frozen = is_bndoctor_frozen(module)
         if frozen:
             kind = "frozen"

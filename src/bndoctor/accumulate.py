@@ -18,7 +18,7 @@ explicitly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "accumulate_bn",
     "accumulation_window",
     "close_windows",
+    "collect_window",
     "from_accum_bn",
     "from_batch_renorm",
     "to_accum_bn",
@@ -43,20 +44,37 @@ __all__ = [
 
 
 def to_accum_bn(
-    model: nn.Module, *, mode: AccumMode = "renorm", modules: ModuleSelection = None, inplace: bool = False
+    model: nn.Module,
+    *,
+    mode: AccumMode = "renorm",
+    sync: bool | None = None,
+    process_group: Any = None,
+    modules: ModuleSelection = None,
+    inplace: bool = False,
 ) -> nn.Module:
-    """Replace trainable BN layers by :class:`bndoctor.AccumBatchNorm` (state and class remembered)."""
+    """Replace trainable BN layers by :class:`bndoctor.AccumBatchNorm` (state and class remembered).
+
+    ``sync=True`` pools each window across the ranks of ``process_group``
+    (default: all) too, so the normalisation batch is micro-batch x
+    accumulation steps x world size; ``None`` (default) syncs exactly the
+    layers that are SyncBatchNorm now (bndoctor's or torch's), keeping their
+    process group unless one is given.
+    """
     if mode not in ("progressive", "renorm", "blend"):
         raise BNDoctorError(
             f"expected mode 'progressive', 'renorm' or 'blend' (got {mode!r})", hint="the default is fine"
         )
-    return swap_bn_layers(
-        model,
-        lambda record: AccumBatchNorm(int(record.num_features or 0), mode=mode),
-        modules=modules,
-        inplace=inplace,
-        operation="to_accum_bn",
-    )
+    if sync is not None and not isinstance(sync, bool):
+        raise BNDoctorError(f"expected sync True, False or None (got {sync!r})", hint="None follows the model")
+
+    def make(record: Any) -> AccumBatchNorm:
+        synced = record.kind == "sync" if sync is None else sync
+        group = process_group if process_group is not None else getattr(record.module, "process_group", None)
+        return AccumBatchNorm(
+            int(record.num_features or 0), mode=mode, sync=synced, process_group=group if synced else None
+        )
+
+    return swap_bn_layers(model, make, modules=modules, inplace=inplace, operation="to_accum_bn")
 
 
 def to_batch_renorm(
@@ -73,7 +91,7 @@ def to_batch_renorm(
 
     ``momentum`` replaces the layers' momentum (Batch Renorm relies on slow,
     accurate running statistics; the paper uses 0.01). Revert with
-    :func:`from_accum_bn`... no: with ``bndoctor.from_batch_renorm``.
+    :func:`bndoctor.from_batch_renorm`.
     """
     from .layers.renorm import BatchRenorm
 
@@ -195,3 +213,61 @@ def accumulation_window(model: nn.Module) -> Iterator[nn.Module]:
                 layer.close_window()
             else:
                 layer.reset_window()
+
+
+def collect_window(
+    model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn.Module, Any], Any] | None = None
+) -> int:
+    """First of two passes: gather the whole window's statistics before its gradient pass.
+
+    Runs ``model`` without gradients over the window's micro-batches (each
+    layer normalising with the window so far, as in the single pass). Until
+    the window closes, every AccumBatchNorm then normalises each micro-batch
+    with the statistics of the *whole* window, so early micro-batches see the
+    same statistics as late ones::
+
+        bndoctor.collect_window(model, [x for x, _ in window])
+        for x, y in window:
+            loss_fn(model(x), y).div(len(window)).backward()
+        optimizer.step()                      # closes the window
+
+    Costs one extra forward per micro-batch. Layers deeper in the network see
+    inputs normalised progressively during this pass and with the full-window
+    statistics in the gradient pass, so their collected statistics are a
+    close approximation. ``forward(model, batch)`` says how a batch is fed
+    (default: a tensor, or the first element of a tuple/list, or a dict as
+    keyword arguments). Returns the number of samples collected per rank.
+    """
+    from .stats.recalibrate import _batch_size, default_forward
+
+    layers = _layers(model)
+    for layer in layers:
+        if layer.window_open or layer.holds_collected:
+            raise BNDoctorError(
+                "collect_window needs a fresh window, but forward passes have run since the last optimizer step",
+                hint="call collect_window first in each window, before its gradient pass",
+            )
+        if not layer.training:
+            raise BNDoctorError(
+                "collect_window needs the model in training mode (the AccumBatchNorm layers are in eval mode)",
+                hint="call model.train() first",
+            )
+    feed = forward or default_forward
+    samples = 0
+    for layer in layers:
+        layer._controllers += 1
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                feed(model, batch)
+                samples += _batch_size(batch)
+    except BaseException:
+        for layer in layers:
+            layer.reset_window()
+        raise
+    finally:
+        for layer in layers:
+            layer._controllers -= 1
+    for layer in layers:
+        layer.hold_collected()
+    return samples

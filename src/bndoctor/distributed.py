@@ -15,11 +15,26 @@ __all__ = [
     "active",
     "all_gather_stack",
     "all_ok",
+    "all_reduce_sum",
+    "GroupRef",
     "differentiable_all_reduce",
     "rank",
     "subgroup",
     "world_size",
 ]
+
+
+class GroupRef:
+    """Holds a process group for a module: shared (not copied) by deepcopy, dropped by pickle."""
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> GroupRef:
+        return self
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return (GroupRef, ())  # a group cannot cross processes; the default group is used after loading
 
 
 def active(group: Any = None) -> bool:
@@ -69,6 +84,16 @@ def all_gather_stack(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     return torch.stack(gathered).to(tensor.device)
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """The sum of ``tensor`` over the ranks of ``group`` (a new tensor, not differentiable)."""
+    import torch.distributed as dist
+
+    device = _collective_device(group, tensor.device)
+    total = tensor.detach().to(device, copy=True).contiguous()
+    dist.all_reduce(total, group=group)
+    return total.to(tensor.device)
 
 
 def subgroup(group_size: int, group: Any = None) -> Any:

@@ -50,6 +50,7 @@ from typing import Any, Literal
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import distributed
 from ..errors import BNDoctorError, BNDoctorWarning
 from ._ema import ema_step, renormalize
 
@@ -118,6 +119,8 @@ class AccumBatchNorm(_BatchNorm):
         affine: bool = True,
         track_running_stats: bool = True,
         mode: AccumMode = "renorm",
+        sync: bool = False,
+        process_group: Any = None,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -127,16 +130,44 @@ class AccumBatchNorm(_BatchNorm):
                 f"expected mode 'progressive', 'renorm' or 'blend' (got {mode!r})", hint="the default is fine"
             )
         self.mode = mode
+        self.sync = sync
+        self._group = distributed.GroupRef(process_group)
         self._bndoctor_source_class: type | None = None
         self._controllers = 0  # attached accumulate_bn hooks / open accumulation_window blocks
         self._warned = False
         self.reset_window()
 
+    @property
+    def process_group(self) -> Any:
+        """The ranks a ``sync`` layer pools over (None: all ranks)."""
+        return self._group.group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        self._group = distributed.GroupRef(group)
+
     # ----------------------------------------------------------------- window
 
     def reset_window(self) -> None:
-        """Forget the open window's statistics without committing them."""
+        """Forget the open window's statistics (and collected ones) without committing them."""
         self.__dict__["_win"] = _Window()
+        self.__dict__["_collected"] = None
+
+    def hold_collected(self) -> None:
+        """Keep the open window's statistics as the whole window's (two passes), and start an empty window.
+
+        Called by :func:`bndoctor.collect_window` after its no-grad pass; the
+        following micro-batches are normalised with these statistics until the
+        window closes.
+        """
+        win = self._win
+        collected = None if win.mean is None or win.m2 is None else (win.count, win.mean, win.m2)
+        self.reset_window()
+        self.__dict__["_collected"] = collected
+
+    @property
+    def holds_collected(self) -> bool:
+        return self.__dict__.get("_collected") is not None
 
     @property
     def window_open(self) -> bool:
@@ -190,26 +221,55 @@ class AccumBatchNorm(_BatchNorm):
             return super().forward(input)
         return self._window_forward(input)
 
-    def _window_forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.numel() // x.shape[1]
-        if n == 0:
-            return x.clone()
-        with torch.no_grad():
+    def _step_statistics(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor]:
+        """This micro-batch's (mean, biased var), and the count, mean and var of the micro-step to pool.
+
+        Without sync the micro-step is the local micro-batch. With sync it spans
+        the ranks: one all_reduce of [n, sum x, sum x^2] in float64.
+        """
+        if n > 0:
             # torch's fused BN kernel gives the batch mean and 1/std in one pass (eps=0: var = invstd^-2)
             _, mean, invstd = torch.native_batch_norm(x.detach(), None, None, None, None, True, 0.0, 0.0)
             var = invstd.pow(-2)
+        else:
+            mean = var = torch.zeros(x.shape[1], device=x.device, dtype=x.dtype)
+        if not self._synced():
+            return mean, var, float(n), mean, var
+        packed = torch.cat([mean.new_full((1,), float(n)), mean * n, (var + mean * mean) * n]).double()
+        total = distributed.all_reduce_sum(packed, self.process_group)
+        count = float(total[0])
+        if count == 0:
+            return mean, var, 0.0, mean, var
+        step_mean = total[1 : 1 + mean.numel()] / count
+        step_var = (total[1 + mean.numel() :] / count - step_mean * step_mean).clamp_(min=0)
+        return mean, var, count, step_mean.to(mean.dtype), step_var.to(var.dtype)
+
+    def _synced(self) -> bool:
+        return self.sync and distributed.active(self.process_group)
+
+    def _window_forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.numel() // x.shape[1]
+        if n == 0 and not self._synced():
+            return x.clone()
+        with torch.no_grad():
+            mean, var, step_n, step_mean, step_var = self._step_statistics(x, n)
+            if step_n == 0:
+                return x.clone()
             win = self._win
             if win.mean is None or win.m2 is None:
-                total, pooled_mean, pooled_m2 = float(n), mean, var * n
+                total, pooled_mean, pooled_m2 = step_n, step_mean, step_var * step_n
             else:
-                total = win.count + n
-                delta = mean - win.mean
-                pooled_mean = win.mean + delta * (n / total)
-                pooled_m2 = win.m2 + var * n + delta * delta * (win.count * n / total)
+                total = win.count + step_n
+                delta = step_mean - win.mean
+                pooled_mean = win.mean + delta * (step_n / total)
+                pooled_m2 = win.m2 + step_var * step_n + delta * delta * (win.count * step_n / total)
             win.count, win.mean, win.m2 = total, pooled_mean, pooled_m2
             use_count, use_mean, use_m2 = total, pooled_mean, pooled_m2
+            full = self.__dict__.get("_collected")
             previous = self.__dict__.get("_previous")
-            if self.mode == "blend" and previous is not None and previous[0] > total:
+            if full is not None:  # two passes: the whole window's statistics, collected beforehand
+                use_count, use_mean, use_m2 = full
+            elif self.mode == "blend" and previous is not None and previous[0] > total:
                 prior = previous[0] - total  # the samples this window has not seen yet, taken from the last one
                 p_mean, p_m2 = previous[1], previous[2] * (prior / previous[0])
                 use_count = total + prior
@@ -217,6 +277,8 @@ class AccumBatchNorm(_BatchNorm):
                 use_mean = pooled_mean + delta * (prior / use_count)
                 use_m2 = pooled_m2 + p_m2 + delta * delta * (total * prior / use_count)
             use_var = use_m2 / use_count  # every term of the pooled M2 is >= 0
+            if n == 0:
+                return x.clone()
             if self.mode == "renorm":
                 # r = sigma_B / sigma, d = (mu_B - mu) / sigma with eps inside both sigmas (Ioffe 2017)
                 ref_invstd = torch.rsqrt(use_var + self.eps)
@@ -227,4 +289,4 @@ class AccumBatchNorm(_BatchNorm):
         return _PooledNorm.apply(x, self.weight, self.bias, use_mean, use_var, n / use_count, self.eps)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", mode={self.mode}"
+        return super().extra_repr() + f", mode={self.mode}" + (", sync=True" if self.sync else "")

@@ -25,23 +25,11 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..distributed import GroupRef
 from ..errors import BNDoctorError
 from ._ema import ema_step
 
 __all__ = ["SyncBatchNorm"]
-
-
-class _GroupRef:
-    """Holds a process group; shared (not copied) by deepcopy, dropped by pickle."""
-
-    def __init__(self, group: Any = None) -> None:
-        self.group = group
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _GroupRef:
-        return self
-
-    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
-        return (_GroupRef, ())  # a group cannot cross processes; the default group is used after loading
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -67,7 +55,7 @@ class SyncBatchNorm(_BatchNorm):
         dtype: Any = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self._group = _GroupRef(process_group)
+        self._group = GroupRef(process_group)
         self._bndoctor_source_class: type | None = None
 
     @property
@@ -76,7 +64,7 @@ class SyncBatchNorm(_BatchNorm):
 
     @process_group.setter
     def process_group(self, group: Any) -> None:
-        self._group = _GroupRef(group)
+        self._group = GroupRef(group)
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
