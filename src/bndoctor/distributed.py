@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 __all__ = [
+    "GroupRef",
     "active",
     "all_gather_stack",
     "all_ok",
     "all_reduce_sum",
-    "GroupRef",
     "differentiable_all_reduce",
     "rank",
     "subgroup",

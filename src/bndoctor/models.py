@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .errors import BNDoctorError
 
-__all__ = ["BUNDLED_MODELS", "BasicBlock", "ResNet", "make_norm", "resnet18", "tiny_resnet"]
+__all__ = ["BUNDLED_MODELS", "BasicBlock", "Bottleneck", "ResNet", "make_norm", "resnet18", "resnet50", "tiny_resnet"]
 
 NormName = Literal["batch", "group", "layer", "instance", "none"]
 NormSpec = NormName | Callable[[int], nn.Module]
@@ -74,6 +74,35 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.downsample(x))
 
 
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand (x4) with a residual connection (He et al. 2016, ResNet-50 and up)."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, channels: int, stride: int, norm: NormSpec) -> None:
+        super().__init__()
+        bias = norm == "none"
+        out = channels * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=bias)
+        self.bn1 = make_norm(norm, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=bias)
+        self.bn2 = make_norm(norm, channels)
+        self.conv3 = nn.Conv2d(channels, out, 1, bias=bias)
+        self.bn3 = make_norm(norm, out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module
+        if stride != 1 or in_channels != out:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, out, 1, stride, bias=bias), make_norm(norm, out))
+        else:
+            self.downsample = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.downsample(x))
+
+
 class ResNet(nn.Module):
     """A ResNet of BasicBlocks: stem, stages of ``blocks[i]`` blocks of ``widths[i]`` channels, head."""
 
@@ -86,6 +115,7 @@ class ResNet(nn.Module):
         num_classes: int = 10,
         norm: NormSpec = "batch",
         stem_stride: int = 1,
+        bottleneck: bool = False,
     ) -> None:
         super().__init__()
         if len(blocks) != len(widths) or not blocks:
@@ -105,8 +135,12 @@ class ResNet(nn.Module):
             layers = []
             for block in range(count):
                 stride = 2 if index > 0 and block == 0 else 1
-                layers.append(BasicBlock(channels, width, stride, norm))
-                channels = width
+                if bottleneck:
+                    layers.append(Bottleneck(channels, width, stride, norm))
+                    channels = width * Bottleneck.expansion
+                else:
+                    layers.append(BasicBlock(channels, width, stride, norm))
+                    channels = width
             stages.append(nn.Sequential(*layers))
         self.layers = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -134,8 +168,22 @@ def resnet18(num_classes: int = 1000, *, norm: NormSpec = "batch", in_channels: 
     )
 
 
+def resnet50(num_classes: int = 1000, *, norm: NormSpec = "batch", in_channels: int = 3) -> ResNet:
+    """ResNet-50's layout (25.6M parameters with 1000 classes, bottleneck blocks); input ``(N, 3, H, W)``."""
+    return ResNet(
+        [3, 4, 6, 3],
+        [64, 128, 256, 512],
+        in_channels=in_channels,
+        num_classes=num_classes,
+        norm=norm,
+        stem_stride=2,
+        bottleneck=True,
+    )
+
+
 #: Names accepted by ``bndoctor inspect MODEL``.
 BUNDLED_MODELS: dict[str, Callable[[], nn.Module]] = {
     "tiny-resnet": tiny_resnet,
     "resnet18": resnet18,
+    "resnet50": resnet50,
 }

@@ -81,6 +81,7 @@ def findings(suite: SuiteResult) -> list[str]:
                 (m, f"accbn{'' if m == 'progressive' else '-' + m}-2x32-{tag}")
                 for m in ("renorm", "progressive", "blend")
             ]
+            modes.append(("renorm, two passes", f"accbn-2pass-2x32-{tag}"))
             modes = [(m, name) for m, name in modes if name in ran]
             if f"brn-2x32-{tag}" in ran:
                 modes.append(("Batch Renorm (baseline)", f"brn-2x32-{tag}"))
@@ -115,6 +116,12 @@ def findings(suite: SuiteResult) -> list[str]:
                 f"by up to {_pct(spreads[local])} pp; bndoctor SyncBatchNorm (normalising over all ranks' "
                 f"micro-batches) reaches {_pct(acc(synced))}% with {_pct(spreads[synced])} pp between ranks."
             )
+            if "accbn-sync-2x8x4-corr" in ran:
+                out.append(
+                    f"Accumulation-aware BN pooled across the same {world} ranks (normalisation batch: the window so "
+                    f"far on all ranks, up to 64 images) reaches {_pct(acc('accbn-sync-2x8x4-corr'))}%, with one "
+                    "collective per layer per micro-step instead of SyncBN's two."
+                )
     if {"ft-bn-train-2x32-corr", "ft-bn-frozen-2x32-corr"} <= ran:
         train, frozen = acc("ft-bn-train-2x32-corr"), acc("ft-bn-frozen-2x32-corr")
         ref = f" (fine-tuning at batch 64: {_pct(acc('ft-bn-64'))}%)" if "ft-bn-64" in ran else ""

@@ -205,6 +205,10 @@ def _train(
             total = sum(len(idx) for idx in logical)
             mine = logical[rank::world]
             optimizer.zero_grad(set_to_none=True)
+            if scenario.two_pass:
+                from ..accumulate import collect_window
+
+                collect_window(model, [data.x_train[idx] for idx in mine])
             for step, idx in enumerate(mine):
                 last = step == len(mine) - 1
                 with net.no_sync() if world > 1 and not last else contextlib.nullcontext():  # type: ignore[operator]

@@ -42,7 +42,10 @@ class Scenario:
     broadcast, so each rank keeps its own running statistics); ``sync_bn``
     converts BN with :func:`bndoctor.to_sync_bn`. ``accum_bn`` converts BN
     with :func:`bndoctor.to_accum_bn` in that mode and closes each
-    accumulation window at the optimizer step (:func:`bndoctor.accumulate_bn`).
+    accumulation window at the optimizer step (:func:`bndoctor.accumulate_bn`);
+    with ``sync_bn`` too the windows pool across ranks. ``two_pass`` runs
+    :func:`bndoctor.collect_window` over each window's micro-batches before
+    its gradient pass.
     """
 
     name: str
@@ -63,6 +66,7 @@ class Scenario:
     sync_bn: bool = False
     accum_bn: Literal["progressive", "renorm", "blend"] | None = None
     batch_renorm: bool = False
+    two_pass: bool = False
 
     @property
     def logical_batch(self) -> int:
@@ -74,7 +78,9 @@ class Scenario:
         if self.sync_bn:
             norm = "SyncBN"
         if self.accum_bn:
-            norm = f"AccumBN ({self.accum_bn})"
+            norm = (
+                f"AccumBN ({self.accum_bn}{', two passes' if self.two_pass else ''}{', sync' if self.sync_bn else ''})"
+            )
         if self.batch_renorm:
             norm = "BatchRenorm"
         if self.bn_eval:
@@ -109,6 +115,11 @@ def register(scenario: Scenario, *, replace: bool = False) -> Scenario:
         raise BNDoctorError(
             f"expected micro_batch >= 2 in scenario {scenario.name!r} (got {scenario.micro_batch})",
             hint="BatchNorm in training mode needs at least two samples",
+        )
+    if scenario.two_pass and not scenario.accum_bn:
+        raise BNDoctorError(
+            f"scenario {scenario.name!r} asks for two passes without accumulation-aware BN",
+            hint="set accum_bn='renorm' (or another mode) as well",
         )
     SCENARIOS[scenario.name] = scenario
     return scenario
@@ -207,6 +218,20 @@ for _mode in ("progressive", "renorm", "blend"):
 for _sampler, _tag in (("correlated", "corr"), ("iid", "iid")):
     register(
         Scenario(
+            f"accbn-2pass-2x32-{_tag}",
+            f"accumulation-aware BN (renorm) at micro-batch 2 x 32, two passes: a no-grad pass collects the "
+            f"whole window's statistics, the gradient pass normalises every micro-batch with them ({_tag})",
+            group="accum",
+            micro_batch=2,
+            accum_steps=32,
+            sampler=_sampler,
+            accum_bn="renorm",
+            two_pass=True,
+        )
+    )
+for _sampler, _tag in (("correlated", "corr"), ("iid", "iid")):
+    register(
+        Scenario(
             f"brn-2x32-{_tag}",
             f"Batch Renormalization (Ioffe 2017; r_max 3, d_max 5, momentum 0.01) at micro-batch 2 x 32 ({_tag})",
             group="accum",
@@ -244,6 +269,23 @@ for _sync in (False, True):
             epochs=6,
         )
     )
+
+register(
+    Scenario(
+        "accbn-sync-2x8x4-corr",
+        "accumulation-aware BN (renorm) pooled across 4 DDP ranks (gloo) x micro-batch 2 x 8 accumulation steps: "
+        "every micro-step normalised with the window so far over all ranks (one collective per layer per "
+        "micro-step), one class per micro-batch; 6 epochs",
+        group="distributed",
+        micro_batch=2,
+        accum_steps=8,
+        sampler="correlated",
+        world_size=4,
+        sync_bn=True,
+        accum_bn="renorm",
+        epochs=6,
+    )
+)
 
 SWEEP_BATCHES = (32, 16, 8, 4, 2)
 #: (name prefix, norm, sampler) of each line of the batch-size sweep

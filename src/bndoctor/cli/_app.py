@@ -34,9 +34,9 @@ class Command:
 
 
 def _commands() -> list[Command]:
-    from . import bench, inspect
+    from . import bench, check, inspect
 
-    return [bench.DEMO_COMMAND, bench.BENCH, inspect.COMMAND]
+    return [bench.DEMO_COMMAND, bench.BENCH, check.COMMAND, inspect.COMMAND]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(result.to_json(), indent=2))
         else:
             print(result.to_text())
-        return EXIT_OK
+        return int(getattr(result, "exit_code", EXIT_OK))
     except (Exception, KeyboardInterrupt) as exc:
         failure = describe(exc)
         if args.debug and failure.code != EXIT_USAGE:

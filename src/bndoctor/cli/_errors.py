@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from ..errors import BNDoctorError
 
 EXIT_OK = 0
-EXIT_INTERNAL = 1
+EXIT_FINDINGS = 1  # `bndoctor check` found error-level problems
+EXIT_INTERNAL = 3
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 

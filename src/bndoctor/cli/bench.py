@@ -68,6 +68,8 @@ def _run(args: argparse.Namespace, names: list[str] | None, intro: str) -> Bench
     from ..bench import resolve, run_suite
     from ..bench.report import findings, write_report
 
+    if names is not None:  # "a,b c" works as well as "a b c"
+        names = [part for name in names for part in name.split(",") if part]
     scenarios = resolve(names)
     if not scenarios:
         raise BNDoctorError("no scenarios selected", hint="see `bndoctor bench --list`")
@@ -121,7 +123,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--scenarios",
         nargs="+",
         metavar="NAME",
-        help="scenario names, groups (core, sweep, finetune) or globs; default: all",
+        help="scenario names, groups (core, sweep, finetune, accum, distributed) or globs, separated by spaces "
+        "or commas; default: all",
     )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument(

@@ -221,7 +221,9 @@ class AccumBatchNorm(_BatchNorm):
             return super().forward(input)
         return self._window_forward(input)
 
-    def _step_statistics(self, x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    def _step_statistics(
+        self, x: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor]:
         """This micro-batch's (mean, biased var), and the count, mean and var of the micro-step to pool.
 
         Without sync the micro-step is the local micro-batch. With sync it spans

@@ -1,0 +1,78 @@
+"""Shapes without compute: one forward on meta tensors records what each norm layer receives.
+
+The model's parameters and buffers are swapped for meta tensors of the same
+shape with ``torch.func.functional_call`` (restored afterwards), the input is
+a meta tensor, so a ResNet-50 costs no arithmetic and no memory. Hooks record
+each watched layer's input shape, and which conv/linear output feeds which
+BN directly (tensor identity). Watched layers keep the shape of their input,
+so during the trace they are replaced by a view of it: no meta kernel of
+BatchNorm is needed (its first use costs about a second of imports).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Trace", "trace"]
+
+_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_MISSING = object()
+
+
+@dataclass
+class Trace:
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # first call of each watched layer
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # (producer, norm) with nothing in between
+
+
+def trace(model: nn.Module, shape: tuple[int, ...], watched: dict[int, str]) -> Trace:
+    """Run ``model`` on a meta tensor of ``shape``; record the inputs of the modules in ``watched``."""
+    result = Trace()
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}
+    handles = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def shape_keeping(module: nn.Module) -> object:
+        name = watched[id(module)]
+
+        def forward(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            if isinstance(x, torch.Tensor):
+                result.input_shapes.setdefault(name, tuple(x.shape))
+                source = outputs.get(id(x))
+                if source is not None and source[1] is x:
+                    result.pairs.append((source[0], name))
+                return x.view_as(x)
+            return x
+
+        return forward
+
+    def after(module: nn.Module, args: tuple, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            outputs[id(output)] = (names.get(id(module), ""), output)  # the reference keeps the id unique
+
+    patched: list[tuple[nn.Module, object]] = []
+    try:
+        for module in model.modules():
+            if id(module) in watched:
+                patched.append((module, module.__dict__.get("forward", _MISSING)))
+                module.forward = shape_keeping(module)  # type: ignore[method-assign]
+            elif isinstance(module, _PRODUCERS):
+                handles.append(module.register_forward_hook(after))
+        state = {
+            name: torch.empty_like(t, device="meta") for name, t in [*model.named_parameters(), *model.named_buffers()]
+        }
+        x = torch.empty(shape, device="meta")
+        with torch.no_grad():
+            torch.func.functional_call(model, state, (x,), strict=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, previous in patched:
+            if previous is _MISSING:
+                del module.forward
+            else:
+                module.forward = previous  # type: ignore[method-assign]
+    return result

@@ -1,0 +1,502 @@
+"""The built-in checks: the seeds' checklist and the pitfalls of ../PEERS.md as findings.
+
+Codes are stable: BN1xx batch size and statistics regime, BN2xx layer
+configuration, BN3xx distributed setup, GN1xx GroupNorm, BN9xx what bndoctor
+cannot analyse. Thresholds: a normalisation batch below 8 samples is an
+error, below 16 a warning (the Group Normalization paper's ImageNet curve:
+BN's error grows quickly below 8 images per GPU, Wu and He 2018).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .._walk import BNInfo
+from ._core import Action, Context, Finding, register_check
+
+ERROR_BELOW = 8
+WARN_BELOW = 16
+FINETUNE_RANGE = (32, 128)
+MOMENTUM_RANGE = (0.001, 0.5)
+EPS_RANGE = (1e-7, 1e-2)
+_SHOWN = 5
+
+
+def _names(records: list[BNInfo]) -> str:
+    names = [r.name for r in records]
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+def _is_remedy(record: BNInfo) -> bool:
+    from ..layers.accum import AccumBatchNorm
+    from ..layers.renorm import BatchRenorm
+
+    return isinstance(record.module, (AccumBatchNorm, BatchRenorm))
+
+
+def _learning(ctx: Context) -> list[BNInfo]:
+    """Layers that will normalise with (and learn) batch statistics once the model trains."""
+    return [r for r in ctx.records if r.kind in ("batchnorm", "sync", "bn-like") and not r.frozen]
+
+
+def _synced(ctx: Context, record: BNInfo) -> bool:
+    if ctx.setup is not None and ctx.setup.sync_bn:
+        return True
+    return record.kind == "sync" or bool(getattr(record.module, "sync", False))
+
+
+def _normalisation_batch(ctx: Context, record: BNInfo) -> int:
+    """Samples per statistics computation of this layer in training."""
+    from ..layers.accum import AccumBatchNorm
+
+    setup = ctx.setup
+    assert setup is not None
+    n = setup.micro_batch
+    if _synced(ctx, record):
+        n *= setup.world_size
+    if isinstance(record.module, AccumBatchNorm):
+        n *= setup.accum_steps
+    return n
+
+
+def _remedies(ctx: Context) -> list[tuple[str, Action]]:
+    """Remedies for a tiny normalisation batch, best first for this setup."""
+    setup = ctx.setup
+    assert setup is not None
+    if setup.finetune:
+        return [
+            (
+                "freeze the BN statistics: model = bndoctor.freeze_bn(model) (with a large domain shift, "
+                "then bndoctor.recalibrate(model, target_loader))",
+                Action("freeze_bn"),
+            )
+        ]
+    ranked: list[tuple[str, Action]] = []
+    if setup.accum_steps > 1:
+        span = "micro-batch x accumulation" + (" x world size" if setup.world_size > 1 else "")
+        ranked.append(
+            (
+                f"accumulation-aware BN normalises over the window ({span}): model = bndoctor.to_accum_bn("
+                f"{'bndoctor.to_sync_bn(model)' if setup.world_size > 1 else 'model'}); "
+                "bndoctor.accumulate_bn(model, optimizer)",
+                Action("to_accum_bn", options=(("sync", setup.world_size > 1),)),
+            )
+        )
+    if setup.world_size > 1:
+        ranked.append(
+            (
+                f"SyncBatchNorm normalises over all {setup.world_size} processes: model = bndoctor.to_sync_bn(model)",
+                Action("to_sync_bn"),
+            )
+        )
+    ranked.append(
+        ("GroupNorm does not depend on the batch: model = bndoctor.convert_bn(model, 'group')", Action("convert_bn"))
+    )
+    return ranked
+
+
+@register_check("BN101", "normalisation batch too small")
+def small_normalisation_batch(ctx: Context) -> Iterator[Finding]:
+    if ctx.setup is None:
+        return
+    layers = [r for r in _learning(ctx) if not _is_remedy(r)]
+    by_size: dict[int, list[BNInfo]] = {}
+    for record in layers:
+        by_size.setdefault(_normalisation_batch(ctx, record), []).append(record)
+    for size, group in sorted(by_size.items()):
+        if size >= WARN_BELOW:
+            continue
+        severity = "error" if size < ERROR_BELOW else "warning"
+        remedies = _remedies(ctx)
+        fix = "; else ".join(text for text, _ in remedies[:3])
+        setup = ctx.setup
+        yield Finding(
+            "BN101",
+            severity,
+            None,
+            f"{len(group)} BN layer(s) compute batch statistics over {size} sample(s) per step "
+            f"(below {ERROR_BELOW if severity == 'error' else WARN_BELOW}), although the logical batch is "
+            f"{setup.logical_batch}: the statistics are noisy and differ between training and inference",
+            {
+                "normalisation_batch": size,
+                "micro_batch": setup.micro_batch,
+                "accum_steps": setup.accum_steps,
+                "world_size": setup.world_size,
+                "logical_batch": setup.logical_batch,
+                "layers": [r.name for r in group],
+            },
+            fix,
+            Action(remedies[0][1].name, tuple(r.name for r in group), remedies[0][1].options),
+        )
+
+
+@register_check("BN102", "one value per channel")
+def one_value_per_channel(ctx: Context) -> Iterator[Finding]:
+    if ctx.setup is None or ctx.input_shapes is None:
+        return
+    for record in _learning(ctx):
+        shape = ctx.input_shapes.get(record.name)
+        if shape is None or len(shape) < 2:
+            continue
+        values = shape[0] * int(torch.Size(shape[2:]).numel())
+        if _synced(ctx, record):
+            values *= ctx.setup.world_size
+        if values <= 1:
+            yield Finding(
+                "BN102",
+                "error",
+                record.name,
+                f"gets 1 value per channel per batch (input {tuple(shape)}): training fails with "
+                "'Expected more than 1 value per channel' and any statistics would be meaningless",
+                {"input_shape": list(shape), "values_per_channel": values},
+                "use a larger micro-batch, freeze this layer (bndoctor.freeze_bn(model, modules=...)), "
+                "or replace it by LayerNorm/GroupNorm",
+                Action("freeze_bn", (record.name,)),
+            )
+
+
+@register_check("BN103", "gradient accumulation with BN learning statistics")
+def accumulation_with_bn(ctx: Context) -> Finding | None:
+    if ctx.setup is None or ctx.setup.accum_steps == 1:
+        return None
+    layers = [r for r in _learning(ctx) if not _is_remedy(r)]
+    if not layers:
+        return None
+    setup = ctx.setup
+    remedy = _remedies(ctx)[0]
+    return Finding(
+        "BN103",
+        "warning",
+        None,
+        f"gradient accumulation over {setup.accum_steps} micro-batches gives the gradient of a batch of "
+        f"{setup.logical_batch}, but {len(layers)} BN layer(s) still see {setup.micro_batch} sample(s) at a time "
+        f"and update their running statistics {setup.accum_steps} times per optimizer step",
+        {"accum_steps": setup.accum_steps, "micro_batch": setup.micro_batch, "layers": len(layers)},
+        remedy[0],
+        Action(remedy[1].name, tuple(r.name for r in layers), remedy[1].options),
+    )
+
+
+@register_check("BN104", "DDP without SyncBN at a small per-device batch")
+def ddp_without_sync(ctx: Context) -> Finding | None:
+    setup = ctx.setup
+    if setup is None or setup.world_size == 1 or setup.micro_batch >= WARN_BELOW:
+        return None
+    layers = [r for r in _learning(ctx) if not _synced(ctx, r) and not _is_remedy(r)]
+    if not layers or setup.finetune:
+        return None
+    return Finding(
+        "BN104",
+        "warning",
+        None,
+        f"{setup.world_size} processes train with local BN: each normalises over its own {setup.micro_batch} "
+        "sample(s) and keeps its own running statistics, which drift apart between ranks",
+        {"world_size": setup.world_size, "micro_batch": setup.micro_batch, "layers": len(layers)},
+        "model = bndoctor.to_sync_bn(model) before wrapping in DDP (or pass sync_batchnorm=True to the framework "
+        "and TrainingSetup(sync_bn=True))",
+        Action("to_sync_bn", tuple(r.name for r in layers)),
+    )
+
+
+@register_check("BN105", "fine-tuning with BN in training mode")
+def finetune_with_bn_training(ctx: Context) -> Finding | None:
+    setup = ctx.setup
+    if setup is None or not setup.finetune:
+        return None
+    layers = [r for r in _learning(ctx) if not _is_remedy(r)]
+    if not layers:
+        return None
+    sizes = {_normalisation_batch(ctx, r) for r in layers}
+    small = min(sizes) < WARN_BELOW
+    return Finding(
+        "BN105",
+        "warning" if small else "info",
+        None,
+        f"fine-tuning with {len(layers)} BN layer(s) still learning statistics from batches of {min(sizes)}: "
+        "the pretrained statistics are overwritten by noisy small-batch estimates",
+        {"layers": len(layers), "normalisation_batch": min(sizes)},
+        "model = bndoctor.freeze_bn(model); with a large domain shift, recalibrate on target data: "
+        "bndoctor.recalibrate(model, target_loader)",
+        Action("freeze_bn", tuple(r.name for r in layers)),
+    )
+
+
+@register_check("BN106", "fine-tuning logical batch outside 32-128")
+def finetune_logical_batch(ctx: Context) -> Finding | None:
+    setup = ctx.setup
+    if setup is None or not setup.finetune:
+        return None
+    low, high = FINETUNE_RANGE
+    if low <= setup.logical_batch <= high:
+        return None
+    side = "below" if setup.logical_batch < low else "above"
+    return Finding(
+        "BN106",
+        "info",
+        None,
+        f"the logical batch {setup.logical_batch} is {side} the {low}-{high} usually chosen for fine-tuning",
+        {"logical_batch": setup.logical_batch, "range": [low, high]},
+        f"adjust accum_steps to reach {low}-{high} samples per optimizer step, or retune the learning rate",
+    )
+
+
+@register_check("BN201", "bias right before BN")
+def bias_before_bn(ctx: Context) -> Iterator[Finding]:
+    by_name = {r.name: r for r in ctx.records}
+    for producer_name, bn_name in ctx.pairs or []:
+        record = by_name.get(bn_name)
+        producer = ctx.model.get_submodule(producer_name) if producer_name else None
+        if record is None or producer is None or getattr(producer, "bias", None) is None:
+            continue
+        if record.kind not in ("batchnorm", "sync", "frozen"):
+            continue
+        yield Finding(
+            "BN201",
+            "info",
+            producer_name,
+            f"has a bias, but {bn_name} right after it subtracts the mean: the bias is redundant",
+            {"bias_of": producer_name, "bn": bn_name, "parameters": int(producer.bias.numel())},
+            f"create {type(producer).__name__}(..., bias=False); bndoctor.fix moves the bias into "
+            f"{bn_name}'s running mean exactly",
+            Action("drop_bias", (producer_name, bn_name)),
+        )
+
+
+@register_check("BN202", "track_running_stats=False", applies_to=_BatchNorm)
+def no_running_stats(ctx: Context, name: str, module: nn.Module) -> Finding | None:
+    if module.track_running_stats:
+        return None
+    return Finding(
+        "BN202",
+        "warning",
+        name,
+        "keeps no running statistics, so it normalises with batch statistics in eval mode too: predictions "
+        "depend on the other samples of the batch and fail for a single sample",
+        {"track_running_stats": False},
+        "build it with track_running_stats=True and compute statistics with bndoctor.recalibrate(model, loader)",
+    )
+
+
+@register_check("BN203", "BN in eval mode while the model trains")
+def bn_eval_while_training(ctx: Context) -> Finding | None:
+    if not ctx.model.training:
+        return None
+    trainable = [r for r in ctx.records if r.kind in ("batchnorm", "sync") and not r.frozen]
+    idle = [r for r in trainable if not r.training]
+    if not idle:
+        return None
+    everything = len(idle) == len(trainable)
+    params_frozen = all(not p.requires_grad for r in idle for p in r.module.parameters(recurse=False))
+    if everything or params_frozen:
+        verdict = "looks like an intentional freeze done with .eval(), which the next model.train() silently undoes"
+    else:
+        verdict = f"looks accidental: {len(idle)} of {len(trainable)} BN layers are in eval mode"
+    return Finding(
+        "BN203",
+        "warning",
+        None,
+        f"{len(idle)} BN layer(s) are in eval mode while the model is in training mode ({_names(idle)}): {verdict}",
+        {"layers": [r.name for r in idle], "of": len(trainable), "intentional": everything or params_frozen},
+        "to freeze on purpose: model = bndoctor.freeze_bn(model, modules=[...]) (survives model.train()); "
+        "otherwise call model.train()",
+        Action("freeze_bn", tuple(r.name for r in idle)) if everything or params_frozen else None,
+    )
+
+
+@register_check("BN204", "affine frozen, statistics still learning")
+def affine_frozen_stats_learning(ctx: Context) -> Finding | None:
+    layers = [
+        r
+        for r in _learning(ctx)
+        if r.affine and r.training and not any(p.requires_grad for p in r.module.parameters(recurse=False))
+    ]
+    if not layers:
+        return None
+    return Finding(
+        "BN204",
+        "warning",
+        None,
+        f"{len(layers)} BN layer(s) have requires_grad=False on weight and bias but are in training mode "
+        f"({_names(layers)}): their running statistics still change with every batch",
+        {"layers": [r.name for r in layers]},
+        "freeze statistics too: model = bndoctor.freeze_bn(model, affine=True)",
+        Action("freeze_bn", tuple(r.name for r in layers)),
+    )
+
+
+@register_check("BN205", "momentum outside a sensible range", applies_to=_BatchNorm)
+def momentum_range(ctx: Context, name: str, module: nn.Module) -> Finding | None:
+    momentum = module.momentum
+    if not module.track_running_stats:
+        return None
+    if momentum is None:
+        return Finding(
+            "BN205",
+            "info",
+            name,
+            "momentum=None: the running statistics are the plain average over every batch since the last reset, "
+            "so early (untrained) batches weigh as much as late ones",
+            {"momentum": None},
+            "use momentum=None only for recalibration; train with e.g. momentum=0.1",
+        )
+    low, high = MOMENTUM_RANGE
+    if low <= momentum <= high:
+        return None
+    reason = (
+        "the running statistics barely follow the changing network"
+        if momentum < low
+        else "the running statistics follow the last few (noisy) batches"
+    )
+    return Finding(
+        "BN205",
+        "warning",
+        name,
+        f"momentum {momentum:g} is outside {low:g}-{high:g}: {reason}",
+        {"momentum": momentum, "range": [low, high]},
+        "set momentum=0.1 (torch's default) or 0.01 for very long runs",
+        Action("set_momentum", (name,), (("momentum", 0.1),)),
+    )
+
+
+@register_check("BN206", "eps outside a sensible range", applies_to=_BatchNorm)
+def eps_range(ctx: Context, name: str, module: nn.Module) -> Finding | None:
+    low, high = EPS_RANGE
+    if low <= module.eps <= high:
+        return None
+    reason = "divides by almost zero for dead channels" if module.eps < low else "shrinks low-variance channels"
+    return Finding(
+        "BN206",
+        "warning",
+        name,
+        f"eps {module.eps:g} is outside {low:g}-{high:g}: {reason}",
+        {"eps": module.eps, "range": [low, high]},
+        "use eps=1e-5 (torch's default) or 1e-3 (TensorFlow/Keras ports)",
+    )
+
+
+@register_check("BN207", "half-precision running statistics")
+def half_precision_stats(ctx: Context) -> Iterator[Finding]:
+    for record in ctx.records:
+        buffer = getattr(record.module, "running_var", None)
+        if isinstance(buffer, torch.Tensor) and buffer.dtype in (torch.float16, torch.bfloat16):
+            yield Finding(
+                "BN207",
+                "warning",
+                record.name,
+                f"keeps its running statistics in {str(buffer.dtype).replace('torch.', '')}: small variances "
+                "underflow and the EMA update loses its low bits",
+                {"dtype": str(buffer.dtype)},
+                "keep BN in float32 (autocast does; a model cast with .half() does not): "
+                "bndoctor.fix casts these layers back to float32",
+                Action("float_bn", (record.name,)),
+            )
+
+
+@register_check("BN208", "BN never reached by the forward")
+def never_reached(ctx: Context) -> Finding | None:
+    if ctx.input_shapes is None:
+        return None
+    unreached = [r for r in ctx.records if r.name not in ctx.input_shapes]
+    if not unreached:
+        return None
+    return Finding(
+        "BN208",
+        "warning",
+        None,
+        f"{len(unreached)} BN layer(s) never ran in a forward pass with this input shape ({_names(unreached)}): "
+        "their statistics never update, or they belong to a branch that this input does not take",
+        {"layers": [r.name for r in unreached]},
+        "remove unused layers, or check with the input shape of the branch that uses them",
+    )
+
+
+@register_check("BN301", "SyncBN under DataParallel", applies_to=nn.DataParallel)
+def sync_under_data_parallel(ctx: Context, name: str, module: nn.Module) -> Finding | None:
+    synced = [r for r in ctx.records if r.kind == "sync" and (not name or r.name.startswith(name + "."))]
+    if not synced:
+        return None
+    return Finding(
+        "BN301",
+        "error",
+        name or None,
+        f"nn.DataParallel runs {len(synced)} SyncBatchNorm layer(s) in threads of one process: torch's "
+        "SyncBatchNorm refuses it, and no statistics are synchronised",
+        {"layers": [r.name for r in synced]},
+        "use DistributedDataParallel (one process per device) with SyncBN, or BatchNorm under DataParallel",
+    )
+
+
+@register_check("BN302", "SyncBN without several processes")
+def sync_without_processes(ctx: Context) -> Finding | None:
+    setup = ctx.setup
+    import torch.distributed as dist
+
+    initialised = dist.is_available() and dist.is_initialized()
+    if initialised or (setup is not None and setup.world_size > 1):
+        return None
+    torch_sync = [r for r in ctx.records if isinstance(r.module, nn.SyncBatchNorm) and not r.frozen]
+    if not torch_sync:
+        return None
+    return Finding(
+        "BN302",
+        "error",
+        None,
+        f"{len(torch_sync)} torch.nn.SyncBatchNorm layer(s) but a single process and no process group: "
+        "torch's SyncBatchNorm raises in training without an initialised process group (and on CPU)",
+        {"layers": [r.name for r in torch_sync], "world_size": 1 if setup is None else setup.world_size},
+        "for one process: model = bndoctor.from_sync_bn(model); for several: initialise torch.distributed "
+        "first (bndoctor.SyncBatchNorm also runs on CPU/gloo)",
+        Action("from_sync_bn", tuple(r.name for r in torch_sync)),
+    )
+
+
+@register_check("GN101", "GroupNorm groups do not divide the channels", applies_to=nn.GroupNorm)
+def groups_divide(ctx: Context, name: str, module: nn.Module) -> Finding | None:
+    groups, channels = module.num_groups, module.num_channels
+    if groups > 0 and channels % groups == 0:
+        return None
+    return Finding(
+        "GN101",
+        "error",
+        name,
+        f"{groups} groups do not divide {channels} channels: the forward fails",
+        {"num_groups": groups, "num_channels": channels},
+        f"choose a divisor of {channels}, e.g. "
+        f"{max(d for d in range(1, min(32, channels) + 1) if channels % d == 0)} groups",
+    )
+
+
+@register_check("GN102", "GroupNorm with one channel per group", applies_to=nn.GroupNorm)
+def one_channel_per_group(ctx: Context, name: str, module: nn.Module) -> Finding | None:
+    groups, channels = module.num_groups, module.num_channels
+    if channels != groups or channels == 1:
+        return None
+    return Finding(
+        "GN102",
+        "warning",
+        name,
+        f"{groups} groups for {channels} channels is one channel per group: InstanceNorm, which removes each "
+        "channel's contrast (GN with 32 groups does better, Wu and He 2018)",
+        {"num_groups": groups, "num_channels": channels},
+        "use fewer groups, e.g. bndoctor.convert_bn picks a divisor near 32 with at least 2 channels per group",
+    )
+
+
+@register_check("BN901", "BN-like layer bndoctor cannot analyse")
+def unsupported_layers(ctx: Context) -> Iterator[Finding]:
+    for record in ctx.records:
+        if record.kind == "bn-like" or record.kind == "lazy":
+            yield Finding(
+                "BN901",
+                "info",
+                record.name,
+                f"{record.cls.rsplit('.', 1)[-1]}: {record.reason or 'not a torch BatchNorm subclass'}; checks that "
+                "need its class were skipped and fixes leave it alone",
+                {"class": record.cls, "kind": record.kind},
+                "convert it to a torch BatchNorm class first, or run a forward pass (lazy layers)",
+            )

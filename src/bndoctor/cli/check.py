@@ -1,0 +1,111 @@
+"""``bndoctor check MODEL --micro-batch 2 ...``: diagnose a model for a training setup; a CI gate.
+
+Exit codes: 0 no error-level finding, 1 at least one, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from ..check import Report, TrainingSetup, check
+from ..errors import ModelSpecError
+from ._app import Command
+from ._errors import EXIT_FINDINGS, EXIT_OK
+from ._model import load_model, load_weights
+
+
+@dataclass
+class CheckResult:
+    report: Report
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_OK if self.report.ok else EXIT_FINDINGS
+
+    def to_json(self) -> dict[str, Any]:
+        return self.report.as_dict()
+
+    def to_text(self) -> str:
+        return self.report.to_text()
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected sizes like 3,224,224 (got {text!r})")
+    return shape
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})")
+    return value
+
+
+def run(args: argparse.Namespace) -> CheckResult:
+    loaded = load_model(args.model, trust_pickle=args.trust_pickle)
+    if not isinstance(loaded, nn.Module):
+        raise ModelSpecError(
+            "check needs the model's modules, but MODEL is a state_dict file",
+            hint="pass the architecture as MODEL (package.module:callable) and the file as --weights",
+        )
+    if args.weights:
+        load_weights(loaded, args.weights)
+    setup = None
+    if args.micro_batch is not None:
+        setup = TrainingSetup(
+            micro_batch=args.micro_batch,
+            accum_steps=args.accum,
+            world_size=args.world_size,
+            sync_bn=args.sync_bn,
+            finetune=args.finetune,
+            precision=args.precision,
+        )
+    return CheckResult(check(loaded, setup, input_shape=args.input_shape, name=args.model))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="bundled model name (tiny-resnet, resnet18, resnet50), package.module:callable, or a torch.save file",
+    )
+    parser.add_argument(
+        "--micro-batch", type=_positive, help="samples per device per forward pass (enables the batch-size checks)"
+    )
+    parser.add_argument("--accum", type=_positive, default=1, help="gradient accumulation steps (default 1)")
+    parser.add_argument("--world-size", type=_positive, default=1, help="data-parallel processes (default 1)")
+    parser.add_argument("--sync-bn", action="store_true", help="BN statistics are synchronised across processes")
+    parser.add_argument("--finetune", action="store_true", help="training starts from pretrained weights")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="C,H,W",
+        help="one sample's shape without the batch dimension, e.g. 3,224,224 (traced on meta tensors, no compute)",
+    )
+    parser.add_argument("--weights", metavar="FILE", help="state_dict to load (weights_only=True)")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow MODEL to be a pickled full model (unpickling runs code from the file)",
+    )
+
+
+COMMAND = Command(
+    "check",
+    "diagnose a model's BatchNorm for a training setup (exit 1 on error-level findings)",
+    add_arguments,
+    run,
+)
