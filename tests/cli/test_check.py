@@ -1,0 +1,68 @@
+"""`bndoctor check`: table and JSON output, exit codes 0 / 1 / 2."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from bndoctor.cli import main
+from bndoctor.models import tiny_resnet
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_error_findings_exit_1_with_a_table_grouped_by_severity(capsys):
+    code, out, err = run(capsys, "check", "resnet18", "--micro-batch", "2", "--accum", "32", "--input-shape", "3,64,64")
+    assert code == 1 and not err
+    assert "logical batch 64" in out and out.index("ERRORS (1)") < out.index("WARNINGS (1)")
+    assert "BN101" in out and "BN103" in out and "FIXES" in out and "to_accum_bn" in out
+
+
+def test_healthy_setup_exits_0(capsys):
+    code, out, _ = run(capsys, "check", "tiny-resnet", "--micro-batch", "64", "--input-shape", "1,8,8")
+    assert code == 0 and "no findings" in out
+
+
+def test_json_output(capsys):
+    code, out, _ = run(
+        capsys, "check", "resnet18", "--micro-batch", "4", "--world-size", "8", "--finetune", "--format", "json"
+    )
+    data = json.loads(out)
+    assert code == 1 and data["setup"]["logical_batch"] == 32 and data["setup"]["finetune"]
+    assert {f["code"] for f in data["findings"]} == {"BN101", "BN105"}
+    assert data["findings"][0]["action"]["name"] == "freeze_bn"
+
+
+def test_warnings_only_exit_0(capsys):
+    code, out, _ = run(capsys, "check", "tiny-resnet", "--micro-batch", "8", "--precision", "bf16")
+    assert code == 0 and "WARNINGS (1)" in out and "ERRORS" not in out
+
+
+def test_bad_input_exits_2_with_one_line_and_a_hint(capsys, tmp_path):
+    code, _, err = run(capsys, "check", "tiny-resnet", "--input-shape", "3,a")
+    assert code == 2 and "expected sizes like 3,224,224" in err
+    code, _, err = run(capsys, "check", "no-such-model")
+    assert code == 2 and err.startswith("bndoctor: error:") and "hint:" in err
+    path = tmp_path / "weights.pt"
+    torch.save(tiny_resnet().state_dict(), path)
+    code, _, err = run(capsys, "check", str(path))
+    assert code == 2 and "state_dict" in err and "--weights" in err
+
+
+def test_weights_are_loaded(capsys, tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(tiny_resnet().state_dict(), path)
+    code, out, _ = run(capsys, "check", "tiny-resnet", "--weights", str(path), "--micro-batch", "64")
+    assert code == 0
+
+
+def test_the_installed_command_is_a_ci_gate():
+    done = subprocess.run(
+        [sys.executable, "-m", "bndoctor", "check", "tiny-resnet", "--micro-batch", "2"], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "BN101" in done.stdout and "Traceback" not in done.stderr
