@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from bndoctor.cli import main
@@ -44,8 +45,9 @@ def test_warnings_only_exit_0(capsys):
 
 
 def test_bad_input_exits_2_with_one_line_and_a_hint(capsys, tmp_path):
-    code, _, err = run(capsys, "check", "tiny-resnet", "--input-shape", "3,a")
-    assert code == 2 and "expected sizes like 3,224,224" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["check", "tiny-resnet", "--input-shape", "3,a"])
+    assert exit_info.value.code == 2 and "expected sizes like 3,224,224" in capsys.readouterr().err
     code, _, err = run(capsys, "check", "no-such-model")
     assert code == 2 and err.startswith("bndoctor: error:") and "hint:" in err
     path = tmp_path / "weights.pt"
@@ -58,7 +60,7 @@ def test_weights_are_loaded(capsys, tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(tiny_resnet().state_dict(), path)
     code, out, _ = run(capsys, "check", "tiny-resnet", "--weights", str(path), "--micro-batch", "64")
-    assert code == 0
+    assert code == 0 and "no findings" in out
 
 
 def test_the_installed_command_is_a_ci_gate():
