@@ -2,7 +2,8 @@
 
 The tiny ResNet trains on digits-shaped inputs with 32 micro-batches of 2 per
 optimizer step (forward + backward per micro-batch, SGD step per window), with
-plain ``nn.BatchNorm2d`` and with ``bndoctor.AccumBatchNorm`` in each mode;
+plain ``nn.BatchNorm2d`` and with ``bndoctor.AccumBatchNorm`` in each mode
+(and the two-pass variant: ``collect_window`` over the window first);
 interleaved rounds, median per variant, one thread.
 
     python benchmarks/bench_accum.py --update BENCHMARKS.md
@@ -32,11 +33,11 @@ MODELS = {
 
 def _variants(factory) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
     out = {}
-    for name in ("plain BN", "AccumBN renorm", "AccumBN progressive", "AccumBN blend"):
+    for name in ("plain BN", "AccumBN renorm", "AccumBN renorm, two passes", "AccumBN progressive", "AccumBN blend"):
         torch.manual_seed(0)
         model = factory()
         if name != "plain BN":
-            model = bndoctor.to_accum_bn(model, mode=name.split()[-1])
+            model = bndoctor.to_accum_bn(model, mode=name.split(",")[0].split()[-1])
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         if name != "plain BN":
             bndoctor.accumulate_bn(model, opt)
@@ -44,8 +45,10 @@ def _variants(factory) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer
     return out
 
 
-def _window(model, opt, xs, ys) -> float:
+def _window(model, opt, xs, ys, two_pass: bool = False) -> float:
     start = time.perf_counter()
+    if two_pass:
+        bndoctor.collect_window(model, xs)
     for x, y in zip(xs, ys):
         (F.cross_entropy(model(x), y) / ACCUM).backward()
     opt.step()
@@ -73,12 +76,12 @@ def main() -> None:
         xs = [torch.randn(MICRO, *shape, generator=gen) for _ in range(ACCUM)]
         ys = [torch.randint(0, 10, (MICRO,), generator=gen) for _ in range(ACCUM)]
         variants = _variants(factory)
-        for model, opt in variants.values():
-            _window(model, opt, xs, ys)
+        for name, (model, opt) in variants.items():
+            _window(model, opt, xs, ys, "two passes" in name)
         times = {k: [] for k in variants}
         for _ in range(args.rounds):
             for name, (model, opt) in variants.items():
-                times[name].append(_window(model, opt, xs, ys))
+                times[name].append(_window(model, opt, xs, ys, "two passes" in name))
         base = statistics.median(times["plain BN"])
         for name in variants:
             t = statistics.median(times[name])

@@ -37,7 +37,7 @@ def test_recalibration_doc_snippets_run(index, tmp_path, monkeypatch):
 
 
 def test_accumulation_doc_snippet_runs():
-    (code,) = _blocks("accumulation.md")
+    code, two_passes = _blocks("accumulation.md")
     original = tiny_resnet()
     env = {
         "bndoctor": bndoctor,
@@ -50,5 +50,18 @@ def test_accumulation_doc_snippet_runs():
     exec(compile(code, "accumulation.md", "exec"), env)
     trained = env["model"]
     assert int(trained.stem[1].num_batches_tracked) == 2
+    env["windows"] = [env["loader"][:4], env["loader"][4:]]
+    exec(compile(two_passes, "accumulation.md", "exec"), env)
+    assert int(trained.stem[1].num_batches_tracked) == 4 and not trained.stem[1].holds_collected
     assert isinstance(env["export"].stem[1], torch.nn.BatchNorm2d)
     assert not torch.equal(trained.fc.weight, original.fc.weight)  # the optimizer trained the converted model
+
+
+@pytest.mark.parametrize("index", range(len(_blocks("check.md"))))
+def test_check_doc_snippets_run(index):
+    from bndoctor.check import CHECKS
+
+    try:
+        exec(compile(_blocks("check.md")[index], "check.md", "exec"), {})
+    finally:
+        CHECKS.pop("ACME001", None)
