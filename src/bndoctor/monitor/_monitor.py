@@ -1,0 +1,393 @@
+"""BNMonitor: BatchNorm health during training, sampled every N forward passes.
+
+At a sampled forward each monitored layer records, per channel and then
+averaged over channels (running statistics read *before* the layer updates
+them):
+
+* ``shift``: (mu_B - mu_run)^2 / (var_run + eps), the standardised distance
+  between the batch mean and the running mean, and ``image_spread``: the
+  same for each sample's own mean (over its spatial positions). For a batch
+  of n independent samples the first is about the second divided by n, so
+  ``n_eff = image_spread / shift`` (spread averaged over the last ``window``
+  samples) estimates the *effective normalisation batch*: how many
+  independent samples the batch statistics are worth. Correlated samples
+  (one class per micro-batch), a stale running average, or a domain shift all
+  make it smaller than the batch.
+* ``var_ratio``: var_B / var_run (near 1 - 1/n when healthy).
+* ``drift_mean`` / ``drift_var``: how far the running statistics moved since
+  the previous sample (standardised mean change; mean |log| variance ratio).
+* ``nonfinite``: NaN/Inf in the input or the buffers; ``collapsed``: the
+  fraction of channels whose running variance fell below the layer's eps.
+
+Every ``divergence_every`` samples under torch.distributed, the cross-rank
+spread of running statistics (:func:`bndoctor.rank_divergence`, one
+collective) is recorded too. Alerts are :class:`bndoctor.Finding` objects
+with the codes of ``bndoctor check`` (BN101 for a small effective batch)
+plus BN5xx for what only a running model shows; each is raised once per
+layer, kept in ``monitor.alerts``, written to the sinks and logged on rank
+zero.
+
+Between samples the only cost is one forward pre-hook on the root module
+that counts training forwards; the per-layer hooks exist only during a
+sampled forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .. import distributed
+from .._version import __version__
+from .._walk import ModuleSelection, with_running_stats
+from ..check import Finding
+from ..errors import BNDoctorError, require_module
+from .sinks import JsonlSink, Sink
+
+__all__ = ["BNMonitor"]
+
+log = logging.getLogger("bndoctor.monitor")
+
+MIN_EFFECTIVE_BATCH = 8
+COLLAPSE_FRACTION = 0.25
+DIVERGENCE_ALERT = 0.25
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    while isinstance(model, (DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _sinks(sink: Any) -> list[Sink]:
+    if sink is None:
+        return []
+    if isinstance(sink, (str, Path)):
+        return [JsonlSink(sink)]
+    if isinstance(sink, Iterable) and not hasattr(sink, "write"):
+        return [s for item in sink for s in _sinks(item)]
+    if not callable(getattr(sink, "write", None)):
+        raise BNDoctorError(
+            f"expected a sink: a path (JSONL), or an object with write(record) and close() (got {type(sink).__name__})",
+            hint="e.g. sink='bn_monitor.jsonl' or sink=[bndoctor.monitor.LoggingSink()]",
+        )
+    return [sink]
+
+
+class BNMonitor:
+    """Watch the BN layers of ``model`` while it trains; see the module docstring for what is recorded.
+
+    ``every``: sample one training forward in ``every`` (default 100).
+    ``sink``: a JSONL path, a sink object, or a list of them (default: none,
+    records only in memory when ``keep=True``). ``modules`` selects layers as
+    everywhere in bndoctor. ``warmup``: training forwards before the
+    effective-batch alert may fire (early in training the running statistics
+    lag behind the fast-changing weights, which looks like a small batch);
+    ``window``: samples whose median decides the effective-batch alert.
+    ``divergence_every``: samples between cross-rank checks (0: never).
+    ``all_ranks``: write and log on every rank (default: rank 0 only).
+    Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        every: int = 100,
+        sink: Any = None,
+        modules: ModuleSelection = None,
+        warmup: int = 200,
+        window: int = 5,
+        min_effective_batch: float = MIN_EFFECTIVE_BATCH,
+        divergence_every: int = 10,
+        keep: bool = False,
+        all_ranks: bool = False,
+    ) -> None:
+        require_module(model)
+        for name, value in (("every", every), ("window", window)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BNDoctorError(
+                    f"expected {name} to be a positive integer (got {value!r})", hint=f"e.g. {name}=100"
+                )
+        if isinstance(divergence_every, bool) or not isinstance(divergence_every, int) or divergence_every < 0:
+            raise BNDoctorError(
+                f"expected divergence_every to be an integer >= 0 (got {divergence_every!r})",
+                hint="0 turns the cross-rank check off",
+            )
+        self.model = model
+        self.root = _unwrap(model)
+        records = with_running_stats(self.root, modules)
+        if not records:
+            raise BNDoctorError(
+                f"{type(self.root).__name__} has no BN layer with running statistics to monitor",
+                hint="models with GroupNorm/LayerNorm only have nothing for BNMonitor to watch",
+            )
+        self.layers = {r.name: r for r in records}
+        self.every = every
+        self.warmup = warmup
+        self.window = window
+        self.min_effective_batch = float(min_effective_batch)
+        self.divergence_every = divergence_every
+        self.rank = distributed.rank()
+        self.world_size = distributed.world_size()
+        self.writes = all_ranks or self.rank == 0
+        self.sinks = _sinks(sink) if self.writes else []
+        self.keep = keep
+        self.records: list[dict[str, Any]] = []
+        self.alerts: list[Finding] = []
+        self.forwards = 0
+        self.samples = 0
+        self.step: int | None = None  # set by set_step (e.g. the optimizer step of a framework)
+        self._raised: set[tuple[str, str | None]] = set()
+        self._history: dict[str, list[float]] = {name: [] for name in self.layers}
+        self._spread: dict[str, list[float]] = {name: [] for name in self.layers}
+        self._previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._current: dict[str, dict[str, Any]] = {}
+        self._armed: list[Any] = []
+        self._closed = False
+        self._counter = self.root.register_forward_pre_hook(self._count)
+        self._emit(
+            {
+                "kind": "start",
+                "bndoctor": __version__,
+                "model": type(self.root).__name__,
+                "every": every,
+                "layers": list(self.layers),
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "time": time.time(),
+            }
+        )
+
+    # ------------------------------------------------------------------ public
+
+    def set_step(self, step: int) -> None:
+        """Label the next records with this step (frameworks pass their global step)."""
+        self.step = int(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: counters, alerts already raised, the recent history."""
+        return {
+            "forwards": self.forwards,
+            "samples": self.samples,
+            "raised": sorted([list(k) for k in self._raised], key=str),
+            "history": {k: list(v[-self.window :]) for k, v in self._history.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.forwards = int(state.get("forwards", 0))
+        self.samples = int(state.get("samples", 0))
+        self._raised = {(code, module) for code, module in state.get("raised", [])}
+        for name, values in state.get("history", {}).items():
+            if name in self._history:
+                self._history[name] = [float(v) for v in values]
+
+    def close(self) -> None:
+        """Remove every hook and close the sinks (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._disarm()
+        self._counter.remove()
+        for sink in self.sinks:
+            sink.close()
+
+    def __enter__(self) -> BNMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ hooks
+
+    def _count(self, module: nn.Module, args: Any) -> None:
+        if not module.training:
+            return
+        self.forwards += 1
+        if self._armed:  # the previous sampled forward raised before its end: drop it
+            self._disarm()
+        if (self.forwards - 1) % self.every == 0:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._current = {}
+        for name, record in self.layers.items():
+            self._armed.append(record.module.register_forward_pre_hook(self._layer_hook(name)))
+        self._armed.append(self.root.register_forward_hook(self._finish))
+
+    def _disarm(self) -> None:
+        for handle in self._armed:
+            handle.remove()
+        self._armed = []
+
+    def _layer_hook(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            if name in self._current or not args or not isinstance(args[0], torch.Tensor):
+                return
+            self._current[name] = self._measure(name, module, args[0])
+
+        return hook
+
+    @torch.no_grad()
+    def _measure(self, name: str, module: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+        record = self.layers[name]
+        eps = float(getattr(module, "eps", 1e-5))
+        running_mean = module.running_mean.detach().double()
+        running_var = module.running_var.detach().double()
+        x = x.detach()
+        n = x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
+        finite = (
+            bool(torch.isfinite(x).all())
+            and bool(torch.isfinite(running_mean).all())
+            and bool(torch.isfinite(running_var).all())
+        )
+        out: dict[str, Any] = {"n": n, "frozen": record.frozen, "nonfinite": not finite}
+        if n >= 1 and finite:
+            values = x.double().transpose(0, 1).reshape(x.shape[1], x.shape[0], -1)  # (C, images, positions)
+            image_means = values.mean(2)  # (C, images)
+            mean_b = image_means.mean(1)
+            var_b = values.reshape(x.shape[1], -1).var(1, unbiased=False)
+            scale = (running_var + eps).unsqueeze(1)
+            shift = float(((mean_b - running_mean) ** 2 / scale.squeeze(1)).mean())
+            spread = float(((image_means - running_mean.unsqueeze(1)) ** 2 / scale).mean())
+            images = self._spread[name]
+            images.append(spread)
+            del images[: -self.window]
+            out["shift"] = shift
+            out["image_spread"] = spread
+            # one image's mean varies around the running mean by `spread`; n independent images by spread / n
+            out["n_eff"] = min(statistics.fmean(images) / shift, 1e6) if shift > 0 else 1e6
+            out["var_ratio"] = float((var_b / scale.squeeze(1)).mean())
+        else:
+            out.update(shift=math.nan, image_spread=math.nan, n_eff=math.nan, var_ratio=math.nan)
+        out["collapsed"] = float((running_var < eps).double().mean())
+        previous = self._previous.get(name)
+        if previous is not None and finite:
+            p_mean, p_var = previous
+            out["drift_mean"] = float(((running_mean - p_mean) ** 2 / (running_var + eps)).mean().sqrt())
+            out["drift_var"] = float(((running_var + eps) / (p_var + eps)).log().abs().mean())
+        else:
+            out["drift_mean"] = out["drift_var"] = None
+        self._previous[name] = (running_mean.clone(), running_var.clone())
+        return out
+
+    def _finish(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._disarm()
+        self.samples += 1
+        step = self.step if self.step is not None else self.forwards
+        layers = self._current
+        self._current = {}
+        self._emit(
+            {
+                "kind": "sample",
+                "step": step,
+                "forward": self.forwards,
+                "rank": self.rank,
+                "time": time.time(),
+                "layers": layers,
+            }
+        )
+        self._alerts_from_sample(step, layers)
+        if self.divergence_every and self.world_size > 1 and self.samples % self.divergence_every == 0:
+            self._divergence(step)
+
+    # ------------------------------------------------------------------ alerts
+
+    def _alert(self, step: int, finding: Finding) -> None:
+        key = (finding.code, finding.module)
+        if key in self._raised:
+            return
+        self._raised.add(key)
+        self.alerts.append(finding)
+        self._emit({"kind": "alert", "step": step, "finding": finding.as_dict()})
+        if self.writes:
+            log.warning("step %s: %s", step, finding)
+
+    def _alerts_from_sample(self, step: int, layers: dict[str, dict[str, Any]]) -> None:
+        for name, values in layers.items():
+            if values["nonfinite"]:
+                self._alert(
+                    step,
+                    Finding(
+                        "BN501",
+                        "error",
+                        name,
+                        "NaN or Inf in the layer's input or running statistics",
+                        {"step": step},
+                        "lower the learning rate or use gradient clipping; check the data; keep BN in float32",
+                    ),
+                )
+                continue
+            if values["collapsed"] >= COLLAPSE_FRACTION:
+                self._alert(
+                    step,
+                    Finding(
+                        "BN502",
+                        "warning",
+                        name,
+                        f"{values['collapsed']:.0%} of the channels have a running variance below eps: they carry "
+                        "(almost) no signal",
+                        {"collapsed": values["collapsed"], "step": step},
+                        "look for dead units before this layer (ReLU, too high a learning rate, weight decay)",
+                    ),
+                )
+            history = self._history[name]
+            history.append(values["n_eff"])
+            del history[: -self.window]
+            if values["frozen"] or self.forwards <= self.warmup or len(history) < self.window:
+                continue
+            effective = statistics.median(history)
+            if effective < self.min_effective_batch:
+                self._alert(
+                    step,
+                    Finding(
+                        "BN101",
+                        "error",
+                        name,
+                        f"the batch statistics are worth about {effective:.1f} independent samples (median of the "
+                        f"last {self.window} samples; the batch holds {values['n']} values per channel): the "
+                        "normalisation batch is too small or its samples are alike",
+                        {"effective_batch": effective, "values_per_channel": values["n"], "step": step},
+                        "see bndoctor check: accumulation-aware BN (to_accum_bn), SyncBN (to_sync_bn), GroupNorm "
+                        "(convert_bn), or freeze_bn when fine-tuning; recalibrate the statistics after training",
+                    ),
+                )
+
+    def _divergence(self, step: int) -> None:
+        from ..ranks import rank_divergence
+
+        report = rank_divergence(self.root, modules=list(self.layers))
+        layers = {la.name: {"mean_max": la.mean_max, "var_max": la.var_max} for la in report.layers}
+        self._emit({"kind": "divergence", "step": step, "max": report.max, "layers": layers})
+        for la in report.layers:
+            worst = max(la.mean_max, la.var_max)
+            if worst >= DIVERGENCE_ALERT:
+                self._alert(
+                    step,
+                    Finding(
+                        "BN503",
+                        "warning",
+                        la.name,
+                        f"running statistics differ across {self.world_size} ranks by up to {worst:.2f} (mean in "
+                        "standard deviations, variance relative): each rank will evaluate differently",
+                        {"mean_max": la.mean_max, "var_max": la.var_max, "step": step},
+                        "bndoctor.to_sync_bn(model) for training, or bndoctor.merge_running_stats(model) before "
+                        "evaluation and checkpointing",
+                    ),
+                )
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        if self.keep:
+            self.records.append(record)
+        for sink in self.sinks:
+            sink.write(record)
