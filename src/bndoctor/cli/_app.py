@@ -34,9 +34,9 @@ class Command:
 
 
 def _commands() -> list[Command]:
-    from . import bench, check, inspect
+    from . import bench, check, inspect, report
 
-    return [bench.DEMO_COMMAND, bench.BENCH, check.COMMAND, inspect.COMMAND]
+    return [bench.DEMO_COMMAND, bench.BENCH, check.COMMAND, inspect.COMMAND, report.COMMAND]
 
 
 class _Parser(argparse.ArgumentParser):

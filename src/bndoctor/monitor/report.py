@@ -1,0 +1,231 @@
+"""Render a monitor run (JSONL) as a Markdown and an HTML report with PNG plots.
+
+    bndoctor report run.jsonl --out report/
+
+Plots: the effective normalisation batch per layer over time (log scale,
+with the threshold of 8), the drift of running statistics between samples,
+and, for multi-rank runs, the cross-rank divergence.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BNDoctorError
+from ._monitor import MIN_EFFECTIVE_BATCH
+
+__all__ = ["MonitorRun", "load_run", "write_run_report"]
+
+
+@dataclass
+class MonitorRun:
+    """The records of one monitor run, split by kind."""
+
+    path: str
+    start: dict[str, Any] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    divergence: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[str]:
+        names = list(self.start.get("layers", []))
+        for sample in self.samples:
+            names.extend(n for n in sample["layers"] if n not in names)
+        return names
+
+    def series(self, layer: str, metric: str) -> tuple[list[int], list[float]]:
+        steps, values = [], []
+        for sample in self.samples:
+            value = sample["layers"].get(layer, {}).get(metric)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                steps.append(sample["step"])
+                values.append(float(value))
+        return steps, values
+
+
+def load_run(path: str | Path) -> MonitorRun:
+    """Read a JSONL file written by :class:`bndoctor.BNMonitor`."""
+    path = Path(path)
+    if not path.is_file():
+        raise BNDoctorError(
+            f"no monitor file at {str(path)!r}", hint="pass the JSONL path given to BNMonitor(sink=...)"
+        )
+    run = MonitorRun(str(path))
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BNDoctorError(
+                f"{path.name} line {number} is not JSON ({exc.msg})",
+                hint="pass a file written by bndoctor.BNMonitor (one JSON object per line)",
+            ) from None
+        kind = record.get("kind") if isinstance(record, dict) else None
+        if kind == "start":
+            run.start = record
+        elif kind == "sample":
+            run.samples.append(record)
+        elif kind == "divergence":
+            run.divergence.append(record)
+        elif kind == "alert":
+            run.alerts.append(record)
+    if not run.samples and not run.start:
+        raise BNDoctorError(
+            f"{path.name} holds no monitor records",
+            hint="the run may have stopped before its first sampled forward; check BNMonitor(every=...)",
+        )
+    return run
+
+
+def _layer_rows(run: MonitorRun) -> list[list[Any]]:
+    rows = []
+    for layer in run.layers:
+        _, n_eff = run.series(layer, "n_eff")
+        _, drift = run.series(layer, "drift_mean")
+        _, collapsed = run.series(layer, "collapsed")
+        tail = n_eff[-5:]
+        rows.append(
+            [
+                layer,
+                f"{statistics.median(n_eff):.1f}" if n_eff else "-",
+                f"{statistics.median(tail):.1f}" if tail else "-",
+                f"{max(drift):.3f}" if drift else "-",
+                f"{max(collapsed):.0%}" if collapsed else "-",
+            ]
+        )
+    return rows
+
+
+def _plots(run: MonitorRun, out: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    layers = run.layers
+    colors = plt.cm.viridis([i / max(len(layers) - 1, 1) for i in range(len(layers))])
+    for metric, title, name, log_scale in (
+        ("n_eff", "effective normalisation batch (independent samples)", "monitor-neff.png", True),
+        ("drift_mean", "drift of running mean between samples (std units)", "monitor-drift.png", True),
+    ):
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        drawn = False
+        for layer, color in zip(layers, colors):
+            steps, values = run.series(layer, metric)
+            values = [max(v, 1e-6) for v in values] if log_scale else values
+            if steps:
+                ax.plot(steps, values, color=color, linewidth=1, label=layer)
+                drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        if metric == "n_eff":
+            ax.axhline(MIN_EFFECTIVE_BATCH, color="red", linestyle="--", linewidth=1, label="alert threshold (8)")
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        if len(layers) <= 12:
+            ax.legend(fontsize=7, ncol=2)
+        else:
+            ax.text(0.01, 0.01, f"{len(layers)} layers, dark = first, light = last", transform=ax.transAxes, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        made.append((name, title))
+    if run.divergence:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.plot([r["step"] for r in run.divergence], [r["max"] for r in run.divergence], marker="o")
+        ax.set_xlabel("step")
+        ax.set_title("largest cross-rank divergence of running statistics")
+        fig.tight_layout()
+        fig.savefig(out / "monitor-divergence.png", dpi=110)
+        plt.close(fig)
+        made.append(("monitor-divergence.png", "cross-rank divergence"))
+    return made
+
+
+def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_run_report(run: MonitorRun, out: str | Path, *, plots: bool = True) -> Path:
+    """Write ``report.md``, ``report.html`` and the plots into ``out``; returns the Markdown path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = _plots(run, out) if plots and run.samples else []
+    steps = [s["step"] for s in run.samples]
+    summary = (
+        f"{run.start.get('model', 'model')}: {len(run.layers)} BN layer(s), {len(run.samples)} samples"
+        + (f" from step {steps[0]} to {steps[-1]}" if steps else "")
+        + f", one every {run.start.get('every', '?')} training forwards"
+        + (f", world size {run.start['world_size']}" if run.start.get("world_size", 1) > 1 else "")
+        + "."
+    )
+    alert_headers = ["step", "code", "severity", "layer", "finding", "fix"]
+    alert_rows = [
+        [
+            a["step"],
+            a["finding"]["code"],
+            a["finding"]["severity"],
+            a["finding"]["module"] or "(model)",
+            a["finding"]["message"],
+            a["finding"]["fix"],
+        ]
+        for a in run.alerts
+    ]
+    layer_headers = ["layer", "effective batch (median)", "effective batch (last 5)", "max drift", "max collapsed"]
+    layer_rows = _layer_rows(run)
+    md = [f"# BatchNorm monitor report\n\nSource: `{run.path}`\n\n{summary}\n"]
+    md.append("## Alerts\n")
+    md.append(_md_table(alert_headers, alert_rows) if alert_rows else "No alerts.")
+    md.append("\n## Layers\n")
+    md.append(_md_table(layer_headers, layer_rows))
+    md.append(
+        "\nEffective batch: how many independent samples the batch statistics are worth, from the spread of "
+        "each sample's mean around the running mean against the spread of the batch mean (alerts below "
+        f"{MIN_EFFECTIVE_BATCH:g}). Drift: change of the running mean between samples, in standard deviations."
+    )
+    if run.divergence:
+        last = run.divergence[-1]
+        md.append(
+            f"\nCross-rank divergence: {len(run.divergence)} checks, last at step {last['step']}: "
+            f"max {last['max']:.3f}."
+        )
+    for name, title in images:
+        md.append(f"\n![{title}]({name})")
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    body = [
+        "<h1>BatchNorm monitor report</h1>",
+        f"<p>Source: <code>{html.escape(run.path)}</code></p><p>{html.escape(summary)}</p>",
+        "<h2>Alerts</h2>",
+        _html_table(alert_headers, alert_rows) if alert_rows else "<p>No alerts.</p>",
+        "<h2>Layers</h2>",
+        _html_table(layer_headers, layer_rows),
+    ]
+    body += [f'<h3>{html.escape(title)}</h3><img src="{name}" alt="{html.escape(title)}">' for name, title in images]
+    style = "body{font-family:sans-serif;max-width:1000px;margin:auto}td,th{border:1px solid #ccc;padding:3px 6px}"
+    (out / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>bndoctor monitor</title><style>{style}</style>"
+        f"</head><body>{''.join(body)}</body></html>\n",
+        encoding="utf-8",
+    )
+    return md_path
