@@ -27,7 +27,7 @@ def _suite():
 def test_table_rows_and_numbers():
     table = markdown_table(_suite())
     row = next(line for line in table.splitlines() if line.startswith("| bn-2x32-corr"))
-    assert "| 64 | 2 | 80.5 ± 0.7 | 80.5 ± 0.7 (80.0–81.0) | 0.0 | 2.0 |" in row
+    assert "| 64 | 2 | 80.5 ± 0.7 | 80.5 ± 0.7 (80.0–81.0) | 0.0 | - | 2.0 |" in row
 
 
 def test_findings_quantify_gap_and_fix():

@@ -21,8 +21,8 @@ def markdown_table(suite: SuiteResult) -> str:
     """One row per scenario: mean ± sd over seeds, in percent."""
     lines = [
         "| scenario | setup | logical batch | seeds | final val acc % | last-5 val acc % (min–max over seeds) "
-        "| jitter (pp) | s/run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| jitter (pp) | monitor alerts | s/run |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in suite.scenarios:
         if not suite.runs_of(s.name):
@@ -33,9 +33,39 @@ def markdown_table(suite: SuiteResult) -> str:
             f"| {s.name} | {setup} | {s.logical_batch} | {m['seeds']} "
             f"| {_pct(m['final_mean'])} ± {_pct(m['final_sd'])} "
             f"| {_pct(m['last5_mean'])} ± {_pct(m['last5_sd'])} ({_pct(m['last5_min'])}–{_pct(m['last5_max'])}) "
-            f"| {_pct(m['jitter'])} | {m['wall_s']:.1f} |"
+            f"| {_pct(m['jitter'])} | {_alerts(suite, s.name)} | {m['wall_s']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def _alerts(suite: SuiteResult, name: str) -> str:
+    """BNMonitor alerts of a scenario's runs, e.g. ``BN101 (3/3 seeds)``; ``none``; ``-`` (no BN)."""
+    runs = suite.runs_of(name)
+    monitored = [r.extra["monitor"] for r in runs if "monitor" in r.extra]
+    if not monitored:
+        return "-"
+    codes = sorted({code for m in monitored for code in m["alerts"]})
+    if not codes:
+        return "none"
+    parts = [f"{code} ({sum(code in m['alerts'] for m in monitored)}/{len(runs)} seeds)" for code in codes]
+    return ", ".join(parts)
+
+
+def _write_monitor_files(suite: SuiteResult, out_dir: Path) -> None:
+    """Move each run's monitor records into ``monitor/<scenario>-seed<k>.jsonl`` (for ``bndoctor report``)."""
+    from ..monitor.sinks import JsonlSink
+
+    for run in suite.runs:
+        monitor = run.extra.get("monitor")
+        if not monitor or "records" not in monitor:
+            continue
+        path = out_dir / "monitor" / f"{run.scenario}-seed{run.seed}.jsonl"
+        path.unlink(missing_ok=True)
+        sink = JsonlSink(path)
+        for record in monitor.pop("records"):
+            sink.write(record)
+        sink.close()
+        monitor["file"] = str(path.relative_to(out_dir))
 
 
 def findings(suite: SuiteResult) -> list[str]:
@@ -251,6 +281,7 @@ def write_report(suite: SuiteResult, out_dir: Path, *, plots: bool = True) -> di
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Any] = {}
     results = out_dir / "results.json"
+    _write_monitor_files(suite, out_dir)
     results.write_text(json.dumps(suite.to_json(), indent=1))
     paths["results"] = str(results)
     images = []

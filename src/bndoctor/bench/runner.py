@@ -184,6 +184,7 @@ def _train(
         from ..accumulate import accumulate_bn
 
         accumulate_bn(model, optimizer)
+    monitor = _monitor(model, rank, len(data.y_train) // scenario.micro_batch // world)
     group = scenario.accum_steps * world
     micro_batches = len(data.y_train) // scenario.micro_batch  # full micro-batches per epoch (iid)
     # the last logical batch of an epoch may be partial on one process; with several, only full ones run
@@ -225,8 +226,24 @@ def _train(
         if on_epoch is not None:
             on_epoch(epoch + 1)
     result = RunResult(scenario.name, seed, val_acc, train_loss, time.perf_counter() - start)
+    if monitor is not None:
+        monitor.close()
+        result.extra["monitor"] = {
+            "alerts": sorted({f.code for f in monitor.alerts}),
+            "alerted_layers": len({f.module for f in monitor.alerts}),
+            "records": monitor.records,
+        }
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return result, state
+
+
+def _monitor(model: nn.Module, rank: int, forwards_per_epoch: int) -> Any:
+    """A BNMonitor in memory, about 12 samples per epoch, when the model has BN layers; else None."""
+    from ..monitor import BNMonitor
+
+    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        return None
+    return BNMonitor(model, every=max(5, forwards_per_epoch // 12), keep=rank == 0, divergence_every=5, log=False)
 
 
 def _ddp(model: nn.Module) -> nn.Module:

@@ -95,7 +95,9 @@ class BNMonitor:
     lag behind the fast-changing weights, which looks like a small batch);
     ``window``: samples whose median decides the effective-batch alert.
     ``divergence_every``: samples between cross-rank checks (0: never).
-    ``all_ranks``: write and log on every rank (default: rank 0 only).
+    ``all_ranks``: write and log on every rank (default: rank 0 only);
+    ``log=False`` keeps alerts off the ``bndoctor.monitor`` logger. ``keep``
+    keeps every record in ``monitor.records``.
     Use as a context manager, or call :meth:`close`.
     """
 
@@ -112,6 +114,7 @@ class BNMonitor:
         divergence_every: int = 10,
         keep: bool = False,
         all_ranks: bool = False,
+        log: bool = True,
     ) -> None:
         require_module(model)
         for name, value in (("every", every), ("window", window)):
@@ -143,6 +146,7 @@ class BNMonitor:
         self.writes = all_ranks or self.rank == 0
         self.sinks = _sinks(sink) if self.writes else []
         self.keep = keep
+        self.log = log
         self.records: list[dict[str, Any]] = []
         self.alerts: list[Finding] = []
         self.forwards = 0
@@ -310,7 +314,7 @@ class BNMonitor:
         self._raised.add(key)
         self.alerts.append(finding)
         self._emit({"kind": "alert", "step": step, "finding": finding.as_dict()})
-        if self.writes:
+        if self.writes and self.log:
             log.warning("step %s: %s", step, finding)
 
     def _alerts_from_sample(self, step: int, layers: dict[str, dict[str, Any]]) -> None:

@@ -1,0 +1,99 @@
+"""Hugging Face ``TrainerCallback``: run :class:`bndoctor.BNMonitor` inside ``transformers.Trainer``.
+
+    from bndoctor.integrations.huggingface import BNMonitorTrainerCallback
+    trainer = Trainer(model, args, train_dataset=..., callbacks=[BNMonitorTrainerCallback(every=100)])
+
+Records go to ``<output_dir>/bn_monitor.jsonl`` by default (main process);
+render them with ``bndoctor report``. At each epoch end the callback can
+recalibrate BN statistics on the training dataloader (batches are dicts,
+passed to the model as keyword arguments) and merge running statistics
+across ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ModuleNotFoundError(
+        "bndoctor.integrations.huggingface needs transformers: pip install 'bndoctor[hf]'"
+    ) from exc
+
+from ..monitor import BNMonitor
+from ._epoch import end_of_epoch, make_monitor
+
+__all__ = ["BNMonitorTrainerCallback"]
+
+
+class BNMonitorTrainerCallback(TrainerCallback, ExportableState):
+    """Monitor BN health while the HF Trainer trains; optionally recalibrate and merge ranks each epoch.
+
+    Arguments as :class:`bndoctor.integrations.lightning.BNMonitorCallback`.
+    ``state()``/``from_state`` follow transformers' exportable-callback
+    protocol, so the monitor's counters and raised alerts survive a resume.
+    """
+
+    def __init__(
+        self,
+        *,
+        sink: Any = "auto",
+        recalibrate: bool = False,
+        recalibrate_samples: int | None = None,
+        merge_ranks: bool = False,
+        **monitor_options: Any,
+    ) -> None:
+        self.sink = sink
+        self.recalibrate = recalibrate
+        self.recalibrate_samples = recalibrate_samples
+        self.merge_ranks = merge_ranks
+        self.monitor_options = monitor_options
+        self.monitor: BNMonitor | None = None
+        self.epochs: list[dict[str, Any]] = []
+        self.monitor_state: dict[str, Any] | None = None  # set by the Trainer when it resumes a checkpoint
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.monitor is None and model is not None:
+            self.monitor = make_monitor(model, self.sink, args.output_dir, self.monitor_options)
+            if self.monitor_state is not None:
+                self.monitor.load_state_dict(self.monitor_state)
+                self.monitor_state = None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.monitor is not None:
+            self.monitor.set_step(state.global_step)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None or not (self.recalibrate or self.merge_ranks):
+            return
+        done = end_of_epoch(
+            model,
+            kwargs.get("train_dataloader") if self.recalibrate else None,
+            recalibrate=self.recalibrate,
+            recalibrate_samples=self.recalibrate_samples,
+            merge_ranks=self.merge_ranks,
+        )
+        self.epochs.append({"epoch": state.epoch, **done})
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+
+    @property
+    def alerts(self) -> list[Any]:
+        return [] if self.monitor is None else list(self.monitor.alerts)
+
+    def state(self) -> dict[str, Any]:
+        """What the Trainer stores in checkpoints (JSON): the arguments and the monitor's counters."""
+        return {
+            "args": {
+                "sink": self.sink if isinstance(self.sink, str) or self.sink is None else "auto",
+                "recalibrate": self.recalibrate,
+                "recalibrate_samples": self.recalibrate_samples,
+                "merge_ranks": self.merge_ranks,
+                **{k: v for k, v in self.monitor_options.items() if isinstance(v, (int, float, str, bool))},
+            },
+            "attributes": {"monitor_state": None if self.monitor is None else self.monitor.state_dict()},
+        }

@@ -1,0 +1,107 @@
+"""PyTorch Lightning callback: run :class:`bndoctor.BNMonitor` during ``fit``.
+
+    from bndoctor.integrations.lightning import BNMonitorCallback
+    trainer = lightning.Trainer(callbacks=[BNMonitorCallback(every=100, recalibrate=True)])
+
+Records go to ``<default_root_dir>/bn_monitor.jsonl`` by default (rank 0);
+render them with ``bndoctor report``. At the end of each training epoch the
+callback can recalibrate BN statistics on the training data (PreciseBN,
+``recalibrate=True``) and merge running statistics across ranks
+(``merge_ranks=True``). Its state (counters, alerts already raised) is saved
+in Lightning checkpoints, so a resumed run does not repeat alerts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - the standalone package
+    try:
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            "bndoctor.integrations.lightning needs PyTorch Lightning: pip install 'bndoctor[lightning]'"
+        ) from exc
+
+from ..monitor import BNMonitor
+from ._epoch import end_of_epoch, make_monitor
+
+__all__ = ["BNMonitorCallback"]
+
+
+class BNMonitorCallback(Callback):
+    """Monitor BN health while Lightning trains; optionally recalibrate and merge ranks each epoch.
+
+    ``sink="auto"`` writes ``bn_monitor.jsonl`` in the trainer's
+    ``default_root_dir``; pass a path, a sink object, a list, or ``None``.
+    Other keyword arguments go to :class:`bndoctor.BNMonitor` (``every``,
+    ``modules``, ``warmup``, ...). ``recalibrate_samples`` caps the samples
+    used for recalibration (default: the whole training loader).
+    """
+
+    def __init__(
+        self,
+        *,
+        sink: Any = "auto",
+        recalibrate: bool = False,
+        recalibrate_samples: int | None = None,
+        merge_ranks: bool = False,
+        **monitor_options: Any,
+    ) -> None:
+        super().__init__()
+        self.sink = sink
+        self.recalibrate = recalibrate
+        self.recalibrate_samples = recalibrate_samples
+        self.merge_ranks = merge_ranks
+        self.monitor_options = monitor_options
+        self.monitor: BNMonitor | None = None
+        self.epochs: list[dict[str, Any]] = []
+        self._pending_state: dict[str, Any] | None = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit" or self.monitor is not None:
+            return
+        self.monitor = make_monitor(pl_module, self.sink, trainer.default_root_dir, self.monitor_options)
+        if self._pending_state is not None:
+            self.monitor.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.monitor is not None:
+            self.monitor.set_step(trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not (self.recalibrate or self.merge_ranks):
+            return
+        data = trainer.train_dataloader if self.recalibrate else None
+        done = end_of_epoch(
+            pl_module,
+            data,
+            recalibrate=self.recalibrate,
+            recalibrate_samples=self.recalibrate_samples,
+            merge_ranks=self.merge_ranks,
+        )
+        self.epochs.append({"epoch": trainer.current_epoch, **done})
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and self.monitor is not None:
+            self.monitor.close()
+
+    @property
+    def alerts(self) -> list[Any]:
+        return [] if self.monitor is None else list(self.monitor.alerts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.monitor is None else {"monitor": self.monitor.state_dict(), "epochs": self.epochs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epochs = list(state_dict.get("epochs", []))
+        state = state_dict.get("monitor")
+        if state is None:
+            return
+        if self.monitor is None:
+            self._pending_state = state
+        else:
+            self.monitor.load_state_dict(state)
