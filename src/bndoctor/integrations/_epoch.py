@@ -18,14 +18,20 @@ def make_monitor(model: nn.Module, sink: Any, default_dir: str, options: dict[st
 
 
 def end_of_epoch(
-    model: nn.Module, data: Any, *, recalibrate: bool, recalibrate_samples: int | None, merge_ranks: bool
+    model: nn.Module,
+    data: Any,
+    *,
+    recalibrate: bool,
+    recalibrate_samples: int | None,
+    merge_ranks: bool,
+    forward: Any = None,
 ) -> dict[str, Any]:
     """Recalibrate BN statistics on ``data`` and/or merge them across ranks; returns what was done."""
     done: dict[str, Any] = {}
     if recalibrate and data is not None:
         from ..stats.recalibrate import recalibrate as run_recalibration
 
-        report = run_recalibration(model, data, num_samples=recalibrate_samples, progress=False)
+        report = run_recalibration(model, data, num_samples=recalibrate_samples, forward=forward, progress=False)
         done["recalibrated_samples"] = report.samples
     if merge_ranks and distributed.active():
         from ..ranks import merge_running_stats

@@ -42,12 +42,14 @@ class BNMonitorTrainerCallback(TrainerCallback, ExportableState):
         sink: Any = "auto",
         recalibrate: bool = False,
         recalibrate_samples: int | None = None,
+        recalibrate_forward: Any = None,
         merge_ranks: bool = False,
         **monitor_options: Any,
     ) -> None:
         self.sink = sink
         self.recalibrate = recalibrate
         self.recalibrate_samples = recalibrate_samples
+        self.recalibrate_forward = recalibrate_forward
         self.merge_ranks = merge_ranks
         self.monitor_options = monitor_options
         self.monitor: BNMonitor | None = None
@@ -73,6 +75,7 @@ class BNMonitorTrainerCallback(TrainerCallback, ExportableState):
             kwargs.get("train_dataloader") if self.recalibrate else None,
             recalibrate=self.recalibrate,
             recalibrate_samples=self.recalibrate_samples,
+            forward=self.recalibrate_forward,
             merge_ranks=self.merge_ranks,
         )
         self.epochs.append({"epoch": state.epoch, **done})

@@ -25,10 +25,23 @@ except ImportError:  # pragma: no cover - the standalone package
             "bndoctor.integrations.lightning needs PyTorch Lightning: pip install 'bndoctor[lightning]'"
         ) from exc
 
+from ..errors import BNDoctorError
 from ..monitor import BNMonitor
 from ._epoch import end_of_epoch, make_monitor
 
 __all__ = ["BNMonitorCallback"]
+
+
+def _own_methods(module: Any) -> set[str]:
+    """Methods defined by the user's classes, not by LightningModule or nn.Module."""
+    from torch import nn
+
+    names: set[str] = set()
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith(("lightning", "pytorch_lightning")) or cls is nn.Module:
+            break
+        names.update(vars(cls))
+    return names
 
 
 class BNMonitorCallback(Callback):
@@ -47,6 +60,7 @@ class BNMonitorCallback(Callback):
         sink: Any = "auto",
         recalibrate: bool = False,
         recalibrate_samples: int | None = None,
+        recalibrate_forward: Any = None,
         merge_ranks: bool = False,
         **monitor_options: Any,
     ) -> None:
@@ -54,6 +68,7 @@ class BNMonitorCallback(Callback):
         self.sink = sink
         self.recalibrate = recalibrate
         self.recalibrate_samples = recalibrate_samples
+        self.recalibrate_forward = recalibrate_forward
         self.merge_ranks = merge_ranks
         self.monitor_options = monitor_options
         self.monitor: BNMonitor | None = None
@@ -63,6 +78,12 @@ class BNMonitorCallback(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit" or self.monitor is not None:
             return
+        if self.recalibrate and self.recalibrate_forward is None and "forward" not in _own_methods(pl_module):
+            raise BNDoctorError(
+                f"recalibrate=True feeds batches to {type(pl_module).__name__}(x), which defines no forward",
+                hint="define forward() on the LightningModule or pass recalibrate_forward=lambda module, batch: "
+                "module.net(batch[0])",
+            )
         self.monitor = make_monitor(pl_module, self.sink, trainer.default_root_dir, self.monitor_options)
         if self._pending_state is not None:
             self.monitor.load_state_dict(self._pending_state)
@@ -81,6 +102,7 @@ class BNMonitorCallback(Callback):
             data,
             recalibrate=self.recalibrate,
             recalibrate_samples=self.recalibrate_samples,
+            forward=self.recalibrate_forward,
             merge_ranks=self.merge_ranks,
         )
         self.epochs.append({"epoch": trainer.current_epoch, **done})

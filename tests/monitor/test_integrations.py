@@ -1,0 +1,117 @@
+"""The Lightning and Hugging Face callbacks run the monitor inside real CPU training."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bndoctor as bd
+from bndoctor.models import tiny_resnet
+
+
+def _data(n=32):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, 1, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def test_lightning_callback_monitors_recalibrates_and_checkpoints(tmp_path):
+    lightning = pytest.importorskip("lightning")
+    from bndoctor.integrations.lightning import BNMonitorCallback
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_resnet()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    callback = BNMonitorCallback(every=2, recalibrate=True, warmup=0, window=2)
+    module = Module()
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    lines = [json.loads(line) for line in (tmp_path / "bn_monitor.jsonl").read_text().splitlines()]
+    samples = [r for r in lines if r["kind"] == "sample"]
+    assert len(samples) == 8 and samples[-1]["step"] == 14  # 16 training forwards, Lightning's global step
+    assert [e["recalibrated_samples"] for e in callback.epochs] == [32, 32]
+    # the last epoch ended with a recalibration: the statistics are already exact for the final weights
+    again = bd.recalibrate(module.net, loader, progress=False)
+    assert max(max(c.mean_change, c.var_change) for c in again.layers) < 1e-6
+    state = callback.state_dict()
+    assert state["monitor"]["forwards"] == 16
+    resumed = BNMonitorCallback(every=2)
+    resumed.load_state_dict(state)
+    resumed.setup(trainer, module, "fit")
+    assert resumed.monitor.forwards == 16
+    resumed.teardown(trainer, module, "fit")
+
+
+def test_huggingface_trainer_callback(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    from bndoctor.integrations.huggingface import BNMonitorTrainerCallback
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_resnet()
+
+        def forward(self, pixel_values, labels=None):
+            logits = self.net(pixel_values)
+            loss = None if labels is None else F.cross_entropy(logits, labels)
+            return {"loss": loss, "logits": logits}
+
+    class Dataset(torch.utils.data.Dataset):
+        def __init__(self):
+            self.x, self.y = _data()
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    callback = BNMonitorTrainerCallback(every=2, recalibrate=True, warmup=0, window=2)
+    trainer = Trainer(model=Model(), args=args, train_dataset=Dataset(), callbacks=[callback])
+    trainer.train()
+    lines = [json.loads(line) for line in (tmp_path / "bn_monitor.jsonl").read_text().splitlines()]
+    assert len([r for r in lines if r["kind"] == "sample"]) == 8
+    assert [e["recalibrated_samples"] for e in callback.epochs] == [32, 32]
+    exported = callback.state()
+    assert exported["attributes"]["monitor_state"]["forwards"] == 16
+    restored = BNMonitorTrainerCallback(**exported["args"])
+    restored.monitor_state = exported["attributes"]["monitor_state"]  # what the Trainer does on resume
+    restored.on_train_begin(args, trainer.state, trainer.control, model=trainer.model)
+    assert restored.monitor.forwards == 16
+    restored.on_train_end(args, trainer.state, trainer.control)

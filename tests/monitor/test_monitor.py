@@ -1,0 +1,245 @@
+"""BNMonitor: the numbers it records (float64 oracles), when it samples, alerts, sinks, state, safety."""
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bndoctor as bd
+from bndoctor.models import tiny_resnet
+from bndoctor.monitor import BNMonitor, JsonlSink, ListSink, LoggingSink
+
+C = 3
+
+
+def _bn(mean=0.0, var=1.0):
+    layer = nn.BatchNorm2d(C).double()
+    layer.running_mean.fill_(mean)
+    layer.running_var.fill_(var)
+    return layer
+
+
+def _sample(monitor, name="0"):
+    return [r for r in monitor.records if r["kind"] == "sample"][-1]["layers"][name]
+
+
+def test_recorded_statistics_match_float64_oracles():
+    model = nn.Sequential(_bn(mean=0.5, var=2.0))
+    monitor = BNMonitor(model, every=1, keep=True, window=3)
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, C, 5, 5, generator=gen, dtype=torch.float64) * 1.5 + 0.2 for _ in range(3)]
+    spreads = []
+    previous = None
+    for x in xs:
+        rm, rv = model[0].running_mean.clone(), model[0].running_var.clone()
+        model(x)
+        got = _sample(monitor)
+        scale = rv + model[0].eps
+        image_means = x.mean((2, 3))  # (images, C)
+        shift = ((x.mean((0, 2, 3)) - rm) ** 2 / scale).mean()
+        spread = ((image_means - rm) ** 2 / scale).mean()
+        spreads.append(float(spread))
+        var_ratio = (x.var((0, 2, 3), unbiased=False) / scale).mean()
+        assert got["n"] == 100 and not got["nonfinite"] and got["collapsed"] == 0.0
+        assert got["shift"] == pytest.approx(float(shift), rel=1e-9)
+        assert got["image_spread"] == pytest.approx(float(spread), rel=1e-9)
+        assert got["n_eff"] == pytest.approx(sum(spreads) / len(spreads) / float(shift), rel=1e-9)
+        assert got["var_ratio"] == pytest.approx(float(var_ratio), rel=1e-9)
+        if previous is not None:
+            new_rm, new_rv = previous
+            drift = (((rm - new_rm) ** 2) / (rv + model[0].eps)).mean().sqrt()
+            assert got["drift_mean"] == pytest.approx(float(drift), rel=1e-9)
+            expected_var = ((rv + model[0].eps) / (new_rv + model[0].eps)).log().abs().mean()
+            assert got["drift_var"] == pytest.approx(float(expected_var), rel=1e-9)
+        else:
+            assert got["drift_mean"] is None
+        previous = (rm, rv)
+    monitor.close()
+
+
+def test_effective_batch_tells_independent_from_alike_samples():
+    torch.manual_seed(0)
+    population = torch.randn(4096, C, 4, 4, dtype=torch.float64) + torch.randn(4096, C, 1, 1, dtype=torch.float64) * 2
+    layer = _bn()
+    layer.running_mean.copy_(population.mean((0, 2, 3)))
+    layer.running_var.copy_(population.var((0, 2, 3)))
+    layer.momentum = 0.0  # keep the population statistics as the reference
+    model = nn.Sequential(layer)
+    monitor = BNMonitor(model, every=1, keep=True, window=50, warmup=0)
+
+    def median_n_eff(batches):
+        for batch in batches:
+            model(batch)
+        values = [r["layers"]["0"]["n_eff"] for r in monitor.records if r["kind"] == "sample"][-len(batches) :]
+        return sorted(values)[len(values) // 2]
+
+    iid = median_n_eff([population[i * 32 : (i + 1) * 32] for i in range(50)])
+    alike = median_n_eff([population[i : i + 1].repeat(32, 1, 1, 1) for i in range(50)])  # 32 copies of one
+    assert 16 < iid < 64 and alike < 2, (iid, alike)
+
+
+def test_samples_one_training_forward_in_every_and_hooks_exist_only_then():
+    model = tiny_resnet()
+    monitor = BNMonitor(model, every=3, keep=True)
+    x = torch.randn(4, 1, 8, 8)
+    for _ in range(7):
+        model(x)
+        assert all(not m._forward_pre_hooks for m in model.modules() if m is not model)
+    model.eval()
+    model(x)  # eval forwards are not counted
+    samples = [r for r in monitor.records if r["kind"] == "sample"]
+    assert [r["forward"] for r in samples] == [1, 4, 7] and monitor.forwards == 7
+    assert len(samples[0]["layers"]) == 9
+    monitor.set_step(42)
+    model.train()
+    for _ in range(3):
+        model(x)
+    assert [r for r in monitor.records if r["kind"] == "sample"][-1]["step"] == 42
+    monitor.close()
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_monitoring_changes_nothing_in_training():
+    def train(monitored):
+        torch.manual_seed(0)
+        model = tiny_resnet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        monitor = BNMonitor(model, every=2) if monitored else None
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            x, y = torch.randn(4, 1, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        if monitor:
+            monitor.close()
+        return model.state_dict()
+
+    plain, watched = train(False), train(True)
+    assert all(torch.equal(plain[k], watched[k]) for k in plain)
+
+
+def test_a_failing_forward_leaves_no_hook_behind():
+    class Breaks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(C)
+            self.fail = True
+
+        def forward(self, x):
+            y = self.bn(x)
+            if self.fail:
+                raise RuntimeError("user error")
+            return y
+
+    model = Breaks()
+    monitor = BNMonitor(model, every=1, keep=True)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, C, 2, 2))
+    model.fail = False
+    model(torch.randn(2, C, 2, 2))
+    assert len([r for r in monitor.records if r["kind"] == "sample"]) == 1  # the failed one is dropped
+    monitor.close()
+    assert not model.bn._forward_pre_hooks and not model._forward_pre_hooks
+
+
+def test_alerts_are_findings_raised_once_and_logged(caplog):
+    layer = _bn()
+    layer.momentum = 0.0
+    model = nn.Sequential(layer)
+    monitor = BNMonitor(model, every=1, window=3, warmup=2, keep=True)
+    x = torch.full((4, C, 2, 2), 3.0, dtype=torch.float64) + torch.randn(4, C, 2, 2, dtype=torch.float64) * 0.01
+    with caplog.at_level(logging.WARNING, logger="bndoctor.monitor"):
+        for _ in range(8):
+            model(x)  # all samples alike and far from the running mean
+    assert [(f.code, f.severity, f.module) for f in monitor.alerts] == [("BN101", "error", "0")]
+    assert monitor.alerts[0].evidence["effective_batch"] < 8
+    assert "BN101" in caplog.text and caplog.text.count("BN101") == 1
+    assert [r["finding"]["code"] for r in monitor.records if r["kind"] == "alert"] == ["BN101"]
+
+
+def test_nan_and_variance_collapse_alerts():
+    layer = _bn()
+    monitor = BNMonitor(nn.Sequential(layer), every=1, keep=True)
+    x = torch.randn(4, C, 2, 2, dtype=torch.float64)
+    x[0, 0, 0, 0] = math.nan
+    monitor.close()
+    model = nn.Sequential(_bn())
+    monitor = BNMonitor(model, every=1)
+    model(x)
+    assert [f.code for f in monitor.alerts] == ["BN501"]
+    model = nn.Sequential(_bn(var=1e-9))
+    monitor = BNMonitor(model, every=1)
+    model(torch.randn(4, C, 2, 2, dtype=torch.float64))
+    assert [f.code for f in monitor.alerts] == ["BN502"]
+    healthy = nn.Sequential(_bn())
+    monitor = BNMonitor(healthy, every=1)
+    for _ in range(3):
+        healthy(torch.randn(64, C, 2, 2, dtype=torch.float64))
+    assert monitor.alerts == []
+
+
+def test_state_dict_resumes_without_repeating_alerts():
+    model = nn.Sequential(_bn(var=1e-9))
+    first = BNMonitor(model, every=1)
+    model(torch.randn(4, C, 2, 2, dtype=torch.float64))
+    state = json.loads(json.dumps(first.state_dict()))  # checkpoint-safe
+    first.close()
+    second = BNMonitor(model, every=1)
+    second.load_state_dict(state)
+    model(torch.randn(4, C, 2, 2, dtype=torch.float64))
+    assert second.alerts == [] and second.forwards == 2
+
+
+def test_sinks(tmp_path, caplog):
+    path = tmp_path / "run" / "bn.jsonl"
+    memory = ListSink()
+    model = nn.Sequential(_bn())
+    x = torch.randn(4, C, 2, 2, dtype=torch.float64)
+    x[0, 0, 0, 0] = math.inf
+    with (
+        BNMonitor(model, every=1, sink=[path, memory, LoggingSink()]) as monitor,
+        caplog.at_level(logging.INFO, logger="bndoctor.monitor"),
+    ):
+        model(x)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["kind"] for r in lines] == ["start", "sample", "alert"] == [r["kind"] for r in memory.records]
+    assert lines[1]["layers"]["0"]["n_eff"] == "nan"  # valid JSON, no bare NaN
+    assert "smallest effective BN batch" in caplog.text
+    assert monitor._closed
+
+
+def test_tensorboard_sink(tmp_path):
+    pytest.importorskip("tensorboard")
+    from bndoctor.monitor import TensorBoardSink
+
+    model = tiny_resnet()
+    with BNMonitor(model, every=1, sink=TensorBoardSink(tmp_path)):
+        model(torch.randn(4, 1, 8, 8))
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_bad_input_is_refused_with_a_hint():
+    with pytest.raises(bd.BNDoctorError, match="no BN layer"):
+        BNMonitor(nn.Sequential(nn.Conv2d(1, 2, 1), nn.GroupNorm(1, 2)))
+    with pytest.raises(bd.BNDoctorError, match="every"):
+        BNMonitor(tiny_resnet(), every=0)
+    with pytest.raises(bd.BNDoctorError, match="sink"):
+        BNMonitor(tiny_resnet(), sink=42)
+    with pytest.raises(bd.NotAModuleError):
+        BNMonitor([])
+    with pytest.raises(bd.ModuleSelectionError):
+        BNMonitor(tiny_resnet(), modules="nope")
+
+
+def test_jsonl_sink_appends(tmp_path):
+    sink = JsonlSink(tmp_path / "a.jsonl")
+    sink.write({"kind": "x", "v": float("inf")})
+    sink.close()
+    sink = JsonlSink(tmp_path / "a.jsonl")
+    sink.write({"kind": "y"})
+    sink.close()
+    assert [json.loads(line)["kind"] for line in (tmp_path / "a.jsonl").read_text().splitlines()] == ["x", "y"]
