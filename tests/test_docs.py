@@ -65,3 +65,12 @@ def test_check_doc_snippets_run(index):
         exec(compile(_blocks("check.md")[index], "check.md", "exec"), {})
     finally:
         CHECKS.pop("ACME001", None)
+
+
+def test_monitor_doc_snippet_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = _blocks("monitor.md")[0]
+    env = {}
+    exec(compile(code, "monitor.md", "exec"), env)
+    assert [f.code for f in env["monitor"].alerts][:1] == ["BN101"]
+    assert (tmp_path / "bn_monitor.jsonl").exists()

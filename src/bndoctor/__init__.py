@@ -39,6 +39,7 @@ from .errors import (
 )
 from .fold import fold_bn
 from .layers import AccumBatchNorm, BatchRenorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
+from .monitor import BNMonitor
 from .ranks import DivergenceReport, merge_running_stats, rank_divergence
 from .stats import (
     RecalibrationReport,
@@ -53,6 +54,7 @@ from .stats import (
 from .sync import from_sync_bn, to_sync_bn
 
 __all__ = [
+    "BNMonitor",
     "AccumBatchNorm",
     "BNDoctorError",
     "BNDoctorWarning",
