@@ -54,11 +54,11 @@ from .stats import (
 from .sync import from_sync_bn, to_sync_bn
 
 __all__ = [
-    "BNMonitor",
     "AccumBatchNorm",
     "BNDoctorError",
     "BNDoctorWarning",
     "BNInfo",
+    "BNMonitor",
     "BatchRenorm",
     "CheckFailedError",
     "DivergenceReport",
