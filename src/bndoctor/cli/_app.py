@@ -34,9 +34,9 @@ class Command:
 
 
 def _commands() -> list[Command]:
-    from . import bench, check, inspect, report
+    from . import bench, check, inspect, noise, report
 
-    return [bench.DEMO_COMMAND, bench.BENCH, check.COMMAND, inspect.COMMAND, report.COMMAND]
+    return [bench.DEMO_COMMAND, bench.BENCH, check.COMMAND, inspect.COMMAND, noise.COMMAND, report.COMMAND]
 
 
 class _Parser(argparse.ArgumentParser):
