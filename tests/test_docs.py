@@ -74,3 +74,9 @@ def test_monitor_doc_snippet_runs(tmp_path, monkeypatch):
     exec(compile(code, "monitor.md", "exec"), env)
     assert [f.code for f in env["monitor"].alerts][:1] == ["BN101"]
     assert (tmp_path / "bn_monitor.jsonl").exists()
+
+
+def test_noise_doc_snippet_runs():
+    env = {}
+    exec(compile(_blocks("noise.md")[0], "noise.md", "exec"), env)
+    assert env["gns"].b_simple > 0 and len(env["gns"].samples) == 20

@@ -40,6 +40,7 @@ from .errors import (
 from .fold import fold_bn
 from .layers import AccumBatchNorm, BatchRenorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
 from .monitor import BNMonitor
+from .noise import GradientNoiseScale, advise, tail_index
 from .ranks import DivergenceReport, merge_running_stats, rank_divergence
 from .stats import (
     RecalibrationReport,
@@ -67,6 +68,7 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "GradientNoiseScale",
     "GroupCountError",
     "MissingRunningStatsError",
     "ModelSpecError",
@@ -80,6 +82,7 @@ __all__ = [
     "__version__",
     "accumulate_bn",
     "accumulation_window",
+    "advise",
     "check",
     "close_windows",
     "collect_window",
@@ -102,6 +105,7 @@ __all__ = [
     "replace_module",
     "stats_sets",
     "store_stats",
+    "tail_index",
     "to_accum_bn",
     "to_batch_renorm",
     "to_sync_bn",
