@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import bndoctor
+from _publish import publish
 from bndoctor.models import resnet18, tiny_resnet
 
 MICRO, ACCUM = 2, 32
@@ -87,18 +87,13 @@ def main() -> None:
             t = statistics.median(times[name])
             lines.append(f"| {label} | {name} | {t * 1e3:.2f} | {t / base:.2f} |")
     text = "\n".join(lines)
-    print(text)
-    if args.update:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_fold import update
-
-        update(
-            args.update,
-            text,
-            f"python benchmarks/bench_accum.py --rounds {args.rounds} --update {args.update}",
-            key="bench_accum",
-            title="Accumulation-aware BN: step time",
-        )
+    publish(
+        text,
+        args.update,
+        f"python benchmarks/bench_accum.py --rounds {args.rounds}",
+        key="bench_accum",
+        title="Accumulation-aware BN: step time",
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from _publish import publish
+
 SETUP = "bndoctor.TrainingSetup(micro_batch=2, accum_steps=32, world_size=4)"
 SNIPPET = f"""
 import json, time, torch, bndoctor
@@ -63,18 +65,13 @@ def main() -> None:
         f"| later calls (warm) | {statistics.median(warm):.3f} | {max(warm):.3f} | < 2 s |",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.update:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_fold import update
-
-        update(
-            args.update,
-            text,
-            f"python benchmarks/bench_check.py --processes {args.processes} --update {args.update}",
-            key="bench_check",
-            title="bndoctor check: time on a ResNet-50-sized model",
-        )
+    publish(
+        text,
+        args.update,
+        f"python benchmarks/bench_check.py --processes {args.processes}",
+        key="bench_check",
+        title="bndoctor check: time on a ResNet-50-sized model",
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 import torch.nn as nn
 
 import bndoctor
+from _publish import update
 from bndoctor.models import resnet18, tiny_resnet
 
 MODELS = {
@@ -93,18 +93,6 @@ def render(results: dict[str, dict[str, float]], rounds: int, steps: int) -> str
             f"{t['folded'] * 1e3:.2f} | {t['folded'] / t['no-norm']:.3f} | {t['folded'] / t['frozen']:.3f} |"
         )
     return "\n".join(lines)
-
-
-def update(path: Path, text: str, command: str, *, key: str = "bench_fold", title: str = "fold_bn: step time") -> None:
-    """Replace (or append) the section between this benchmark's markers in a Markdown file."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    block = f"{start}\nReproduce: `{command}`\n\n{text}\n{end}"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if start in current:
-        current = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, current, flags=re.S)
-    else:
-        current = current.rstrip() + f"\n\n## {title}\n\n" + block + "\n"
-    path.write_text(current)
 
 
 def main() -> None:

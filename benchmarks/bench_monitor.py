@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _publish import publish
 from bndoctor.models import resnet18, tiny_resnet
 from bndoctor.monitor import BNMonitor
 
@@ -73,18 +73,13 @@ def main() -> None:
             base, mon = statistics.median(times["plain"]), statistics.median(times["monitor"])
             lines.append(f"| {label} | {base * 1e3:.2f} | {mon * 1e3:.2f} | {mon / base:.3f} |")
     text = "\n".join(lines)
-    print(text)
-    if args.update:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_fold import update
-
-        update(
-            args.update,
-            text,
-            f"python benchmarks/bench_monitor.py --rounds {args.rounds} --update {args.update}",
-            key="bench_monitor",
-            title="BNMonitor: overhead at default settings",
-        )
+    publish(
+        text,
+        args.update,
+        f"python benchmarks/bench_monitor.py --rounds {args.rounds}",
+        key="bench_monitor",
+        title="BNMonitor: overhead at default settings",
+    )
 
 
 if __name__ == "__main__":

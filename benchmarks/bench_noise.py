@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _publish import publish
 from bndoctor.noise import GradientNoiseScale
 from bndoctor.noise.experiment import _model_and_data, fit_noise_model, steps_to_target
 
@@ -108,18 +108,13 @@ def main() -> None:
         f"{max(v[-1] for v in simple):.0f} at the target).",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.update:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_fold import update
-
-        update(
-            args.update,
-            text,
-            f"python benchmarks/bench_noise.py --seeds {args.seeds} --update {args.update}",
-            key="bench_noise",
-            title="Gradient noise scale: B_simple and steps to target vs batch size",
-        )
+    publish(
+        text,
+        args.update,
+        f"python benchmarks/bench_noise.py --seeds {args.seeds}",
+        key="bench_noise",
+        title="Gradient noise scale: B_simple and steps to target vs batch size",
+    )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 import bndoctor
+from _publish import publish
 from bndoctor.bench import SCENARIOS, run_scenario
 from bndoctor.bench.data import load_digits
 from bndoctor.models import resnet18, tiny_resnet
@@ -200,15 +201,13 @@ def main() -> None:
         parts.append("### Statistics and accuracy\n\n" + accuracy_table(args.seeds))
     parts.append("### Throughput\n\n" + throughput_table(args.rounds))
     text = "\n\n".join(parts)
-    print(text)
-    if args.update:
-        from bench_fold import update
-
-        command = (
-            f"python benchmarks/bench_recalibrate.py --seeds {args.seeds} --rounds {args.rounds} "
-            f"--threads {args.threads} --update {args.update}"
-        )
-        update(args.update, text, command, key="bench_recalibrate", title="recalibrate (PreciseBN)")
+    publish(
+        text,
+        args.update,
+        f"python benchmarks/bench_recalibrate.py --seeds {args.seeds} --rounds {args.rounds} --threads {args.threads}",
+        key="bench_recalibrate",
+        title="recalibrate (PreciseBN)",
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import pickle
 import platform
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import bndoctor
+from _publish import publish
 from bndoctor.models import tiny_resnet
 
 WORLD = 2
@@ -117,13 +117,13 @@ def main() -> None:
     for batch, (local, sync, per_layer) in results.items():
         lines.append(f"| {batch} | {local * 1e3:.2f} | {sync * 1e3:.2f} | {sync / local:.2f} | {per_layer:g} |")
     text = "\n".join(lines)
-    print(text)
-    if args.update:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_fold import update
-
-        command = f"python benchmarks/bench_sync.py --rounds {args.rounds} --steps {args.steps} --update {args.update}"
-        update(args.update, text, command, key="bench_sync", title="SyncBatchNorm: cost on CPU (gloo)")
+    publish(
+        text,
+        args.update,
+        f"python benchmarks/bench_sync.py --rounds {args.rounds} --steps {args.steps}",
+        key="bench_sync",
+        title="SyncBatchNorm: cost on CPU (gloo)",
+    )
 
 
 if __name__ == "__main__":
