@@ -22,13 +22,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "bndoctor.integrations.huggingface needs transformers: pip install 'bndoctor[hf]'"
     ) from exc
 
-from ..monitor import BNMonitor
-from ._epoch import end_of_epoch, make_monitor
+from ._epoch import MonitorCallbackCore
 
 __all__ = ["BNMonitorTrainerCallback"]
 
 
-class BNMonitorTrainerCallback(TrainerCallback, ExportableState):
+class BNMonitorTrainerCallback(MonitorCallbackCore, TrainerCallback, ExportableState):
     """Monitor BN health while the HF Trainer trains; optionally recalibrate and merge ranks each epoch.
 
     Arguments as :class:`bndoctor.integrations.lightning.BNMonitorCallback`.
@@ -46,47 +45,25 @@ class BNMonitorTrainerCallback(TrainerCallback, ExportableState):
         merge_ranks: bool = False,
         **monitor_options: Any,
     ) -> None:
-        self.sink = sink
-        self.recalibrate = recalibrate
-        self.recalibrate_samples = recalibrate_samples
-        self.recalibrate_forward = recalibrate_forward
-        self.merge_ranks = merge_ranks
-        self.monitor_options = monitor_options
-        self.monitor: BNMonitor | None = None
-        self.epochs: list[dict[str, Any]] = []
+        self._setup_core(sink, recalibrate, recalibrate_samples, recalibrate_forward, merge_ranks, monitor_options)
         self.monitor_state: dict[str, Any] | None = None  # set by the Trainer when it resumes a checkpoint
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self.monitor is None and model is not None:
-            self.monitor = make_monitor(model, self.sink, args.output_dir, self.monitor_options)
-            if self.monitor_state is not None:
-                self.monitor.load_state_dict(self.monitor_state)
-                self.monitor_state = None
+            self._start(model, args.output_dir, self.monitor_state)
+            self.monitor_state = None
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None:
             self.monitor.set_step(state.global_step)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if model is None or not (self.recalibrate or self.merge_ranks):
-            return
-        done = end_of_epoch(
-            model,
-            kwargs.get("train_dataloader") if self.recalibrate else None,
-            recalibrate=self.recalibrate,
-            recalibrate_samples=self.recalibrate_samples,
-            forward=self.recalibrate_forward,
-            merge_ranks=self.merge_ranks,
-        )
-        self.epochs.append({"epoch": state.epoch, **done})
+        if model is not None:
+            self._epoch_end(model, kwargs.get("train_dataloader"), state.epoch)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None:
             self.monitor.close()
-
-    @property
-    def alerts(self) -> list[Any]:
-        return [] if self.monitor is None else list(self.monitor.alerts)
 
     def state(self) -> dict[str, Any]:
         """What the Trainer stores in checkpoints (JSON): the arguments and the monitor's counters."""

@@ -26,8 +26,7 @@ except ImportError:  # pragma: no cover - the standalone package
         ) from exc
 
 from ..errors import BNDoctorError
-from ..monitor import BNMonitor
-from ._epoch import end_of_epoch, make_monitor
+from ._epoch import MonitorCallbackCore
 
 __all__ = ["BNMonitorCallback"]
 
@@ -44,7 +43,7 @@ def _own_methods(module: Any) -> set[str]:
     return names
 
 
-class BNMonitorCallback(Callback):
+class BNMonitorCallback(MonitorCallbackCore, Callback):
     """Monitor BN health while Lightning trains; optionally recalibrate and merge ranks each epoch.
 
     ``sink="auto"`` writes ``bn_monitor.jsonl`` in the trainer's
@@ -65,14 +64,7 @@ class BNMonitorCallback(Callback):
         **monitor_options: Any,
     ) -> None:
         super().__init__()
-        self.sink = sink
-        self.recalibrate = recalibrate
-        self.recalibrate_samples = recalibrate_samples
-        self.recalibrate_forward = recalibrate_forward
-        self.merge_ranks = merge_ranks
-        self.monitor_options = monitor_options
-        self.monitor: BNMonitor | None = None
-        self.epochs: list[dict[str, Any]] = []
+        self._setup_core(sink, recalibrate, recalibrate_samples, recalibrate_forward, merge_ranks, monitor_options)
         self._pending_state: dict[str, Any] | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -84,36 +76,19 @@ class BNMonitorCallback(Callback):
                 hint="define forward() on the LightningModule or pass recalibrate_forward=lambda module, batch: "
                 "module.net(batch[0])",
             )
-        self.monitor = make_monitor(pl_module, self.sink, trainer.default_root_dir, self.monitor_options)
-        if self._pending_state is not None:
-            self.monitor.load_state_dict(self._pending_state)
-            self._pending_state = None
+        self._start(pl_module, trainer.default_root_dir, self._pending_state)
+        self._pending_state = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.monitor is not None:
             self.monitor.set_step(trainer.global_step)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if not (self.recalibrate or self.merge_ranks):
-            return
-        data = trainer.train_dataloader if self.recalibrate else None
-        done = end_of_epoch(
-            pl_module,
-            data,
-            recalibrate=self.recalibrate,
-            recalibrate_samples=self.recalibrate_samples,
-            forward=self.recalibrate_forward,
-            merge_ranks=self.merge_ranks,
-        )
-        self.epochs.append({"epoch": trainer.current_epoch, **done})
+        self._epoch_end(pl_module, trainer.train_dataloader, trainer.current_epoch)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and self.monitor is not None:
             self.monitor.close()
-
-    @property
-    def alerts(self) -> list[Any]:
-        return [] if self.monitor is None else list(self.monitor.alerts)
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.monitor is None else {"monitor": self.monitor.state_dict(), "epochs": self.epochs}
