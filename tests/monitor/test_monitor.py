@@ -243,3 +243,27 @@ def test_jsonl_sink_appends(tmp_path):
     sink.write({"kind": "y"})
     sink.close()
     assert [json.loads(line)["kind"] for line in (tmp_path / "a.jsonl").read_text().splitlines()] == ["x", "y"]
+
+
+def test_accumulation_aware_bn_is_measured_on_its_window():
+    torch.manual_seed(0)
+    population = torch.randn(512, C, 2, 2, dtype=torch.float64) + torch.randn(512, C, 1, 1, dtype=torch.float64)
+    plain, pooled = _bn(), bd.to_accum_bn(_bn())
+    for layer in (plain, pooled):
+        layer.running_mean.copy_(population.mean((0, 2, 3)))
+        layer.running_var.copy_(population.var((0, 2, 3)))
+    effective = {}
+    for name, layer in (("plain", plain), ("pooled", pooled)):
+        model = nn.Sequential(layer)
+        monitor = BNMonitor(model, every=1, keep=True, window=8, warmup=0)
+        for w in range(8):
+            with bd.accumulation_window(model) if name == "pooled" else torch.no_grad():
+                for k in range(16):
+                    model(population[(w * 16 + k) * 2 : (w * 16 + k) * 2 + 2])
+        values = [r["layers"]["0"]["n_eff"] for r in monitor.records if r["kind"] == "sample"]
+        effective[name] = sorted(values)[len(values) // 2]
+        if name == "pooled":
+            windows = [r["layers"]["0"]["window"] for r in monitor.records if r["kind"] == "sample"]
+            assert windows[:3] == [8, 16, 24]  # values per channel: 2 samples x 4 positions per micro-batch
+        monitor.close()
+    assert effective["plain"] < 4 < 8 < effective["pooled"], effective

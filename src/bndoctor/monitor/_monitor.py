@@ -5,7 +5,8 @@ averaged over channels (running statistics read *before* the layer updates
 them):
 
 * ``shift``: (mu_B - mu_run)^2 / (var_run + eps), the standardised distance
-  between the batch mean and the running mean, and ``image_spread``: the
+  between the batch mean (for :class:`bndoctor.AccumBatchNorm`: the window
+  statistics it normalises with) and the running mean, and ``image_spread``: the
   same for each sample's own mean (over its spatial positions). For a batch
   of n independent samples the first is about the second divided by n, so
   ``n_eff = image_spread / shift`` (spread averaged over the last ``window``
@@ -67,6 +68,27 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
+
+
+def _window_statistics(
+    module: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int
+) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+    """For AccumBatchNorm: (count, mean, biased var) it will normalise this micro-batch with."""
+    from ..layers.accum import AccumBatchNorm
+
+    if not isinstance(module, AccumBatchNorm) or module._controllers == 0:
+        return None
+    collected = module.__dict__.get("_collected")
+    if collected is not None:
+        count, w_mean, w_m2 = collected
+        return count, w_mean.double(), w_m2.double() / count
+    if module._mean is None or module._m2 is None:
+        return float(n), mean, var
+    count = module._count + n
+    delta = mean - module._mean.double()
+    pooled_mean = module._mean.double() + delta * (n / count)
+    pooled_m2 = module._m2.double() + var * n + delta * delta * (module._count * n / count)
+    return count, pooled_mean, pooled_m2 / count
 
 
 def _sinks(sink: Any) -> list[Sink]:
@@ -261,6 +283,10 @@ class BNMonitor:
             image_means = values.mean(2)  # (C, images)
             mean_b = image_means.mean(1)
             var_b = values.reshape(x.shape[1], -1).var(1, unbiased=False)
+            window = _window_statistics(module, mean_b, var_b, n)
+            if window is not None:  # accumulation-aware BN normalises with its window, not the micro-batch
+                out["window"] = window[0]
+                mean_b, var_b = window[1], window[2]
             scale = (running_var + eps).unsqueeze(1)
             shift = float(((mean_b - running_mean) ** 2 / scale.squeeze(1)).mean())
             spread = float(((image_means - running_mean.unsqueeze(1)) ** 2 / scale).mean())
