@@ -386,7 +386,8 @@ class BNMonitor:
                         name,
                         f"the batch statistics are worth about {effective:.1f} independent samples (median of the "
                         f"last {self.window} samples; the batch holds {values['n']} values per channel): the "
-                        "normalisation batch is too small or its samples are alike",
+                        "normalisation batch is too small or its samples are alike, or the running statistics lag "
+                        "the weights (few optimizer steps per running-statistics update, a high learning rate)",
                         {"effective_batch": effective, "values_per_channel": values["n"], "step": step},
                         "see bndoctor check: accumulation-aware BN (to_accum_bn), SyncBN (to_sync_bn), GroupNorm "
                         "(convert_bn), or freeze_bn when fine-tuning; recalibrate the statistics after training",
