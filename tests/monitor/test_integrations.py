@@ -37,11 +37,12 @@ def test_lightning_callback_monitors_recalibrates_and_checkpoints(tmp_path):
 
     x, y = _data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
-    callback = BNMonitorCallback(every=2, recalibrate=True, warmup=0, window=2)
+    callback = BNMonitorCallback(every=2, recalibrate=True, noise_scale=True, warmup=0, window=2)
     module = Module()
     trainer = lightning.Trainer(
         accelerator="cpu",
         max_epochs=2,
+        accumulate_grad_batches=2,
         callbacks=[callback],
         logger=False,
         enable_progress_bar=False,
@@ -51,7 +52,10 @@ def test_lightning_callback_monitors_recalibrates_and_checkpoints(tmp_path):
     trainer.fit(module, train_dataloaders=loader)
     lines = [json.loads(line) for line in (tmp_path / "bn_monitor.jsonl").read_text().splitlines()]
     samples = [r for r in lines if r["kind"] == "sample"]
-    assert len(samples) == 8 and samples[-1]["step"] == 14  # 16 training forwards, Lightning's global step
+    assert len(samples) == 8 and samples[-1]["step"] == 7  # 16 training forwards, 8 optimizer steps
+    noise = [r for r in lines if r["kind"] == "noise"]
+    assert len(noise) == 8 and noise[0]["logical_batch"] == 8 and callback.noise.b_big == 8
+    assert all(r["g2_small"] > 0 for r in noise) and callback.noise.samples[-1].alpha is not None
     assert [e["recalibrated_samples"] for e in callback.epochs] == [32, 32]
     # the last epoch ended with a recalibration: the statistics are already exact for the final weights
     again = bd.recalibrate(module.net, loader, progress=False)
@@ -95,6 +99,7 @@ def test_huggingface_trainer_callback(tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
         num_train_epochs=2,
         report_to=[],
         use_cpu=True,
@@ -102,11 +107,13 @@ def test_huggingface_trainer_callback(tmp_path):
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    callback = BNMonitorTrainerCallback(every=2, recalibrate=True, warmup=0, window=2)
+    callback = BNMonitorTrainerCallback(every=2, recalibrate=True, noise_scale=True, warmup=0, window=2)
     trainer = Trainer(model=Model(), args=args, train_dataset=Dataset(), callbacks=[callback])
     trainer.train()
     lines = [json.loads(line) for line in (tmp_path / "bn_monitor.jsonl").read_text().splitlines()]
     assert len([r for r in lines if r["kind"] == "sample"]) == 8
+    noise = [r for r in lines if r["kind"] == "noise"]
+    assert len(noise) == 8 and callback.noise.b_big == 8 and all(r["g2_small"] > 0 for r in noise)
     assert [e["recalibrated_samples"] for e in callback.epochs] == [32, 32]
     exported = callback.state()
     assert exported["attributes"]["monitor_state"]["forwards"] == 16

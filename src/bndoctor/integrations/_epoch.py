@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .. import distributed
@@ -52,7 +53,12 @@ class MonitorCallbackCore:
         recalibrate_forward: Any,
         merge_ranks: bool,
         monitor_options: dict[str, Any],
+        noise_scale: bool = False,
+        noise_micro_batch: int | None = None,
     ) -> None:
+        self.noise_scale = noise_scale
+        self.noise_micro_batch = noise_micro_batch
+        self.noise: Any = None  # the GradientNoiseScale once training starts
         self.sink = sink
         self.recalibrate = recalibrate
         self.recalibrate_samples = recalibrate_samples
@@ -79,6 +85,49 @@ class MonitorCallbackCore:
             merge_ranks=self.merge_ranks,
         )
         self.epochs.append({"epoch": epoch, **done})
+
+    def _start_noise(
+        self, model: nn.Module, optimizer: Any, micro_batch: int | None, accum_steps: int, world_size: int
+    ) -> None:
+        """Attach a GradientNoiseScale to the framework's optimizer; its estimates go to the monitor's sinks."""
+        from ..errors import BNDoctorError
+        from ..noise import GradientNoiseScale
+
+        if not self.noise_scale or self.noise is not None:
+            return
+        micro = self.noise_micro_batch or micro_batch
+        if micro is None:
+            raise BNDoctorError(
+                "noise_scale=True needs the micro-batch size, and the training loader does not say it",
+                hint="pass noise_micro_batch=<samples per device per forward>",
+            )
+        self.noise = GradientNoiseScale(model, micro_batch=int(micro), accum_steps=accum_steps, world_size=world_size)
+        self.noise.attach(optimizer)
+        base = getattr(optimizer, "optimizer", optimizer)
+        monitor, noise = self.monitor, self.noise
+
+        def record(opt: Any, args: Any, kwargs: Any) -> None:
+            if monitor is not None and noise.samples and noise.samples[-1].step == noise.steps:
+                sample = noise.samples[-1]
+                monitor.write(
+                    "noise",
+                    b_simple=sample.b_simple,
+                    alpha=sample.alpha,
+                    g2_small=sample.g2_small,
+                    g2_big=sample.g2_big,
+                    logical_batch=noise.b_big,
+                )
+
+        while not isinstance(base, torch.optim.Optimizer) and getattr(base, "optimizer", None) is not None:
+            base = base.optimizer
+        self._noise_hook = base.register_step_post_hook(record)
+
+    def _stop(self) -> None:
+        if self.noise is not None:
+            self.noise.detach()
+            self._noise_hook.remove()
+        if self.monitor is not None:
+            self.monitor.close()
 
     @property
     def alerts(self) -> list[Any]:

@@ -43,15 +43,34 @@ class BNMonitorTrainerCallback(MonitorCallbackCore, TrainerCallback, ExportableS
         recalibrate_samples: int | None = None,
         recalibrate_forward: Any = None,
         merge_ranks: bool = False,
+        noise_scale: bool = False,
+        noise_micro_batch: int | None = None,
         **monitor_options: Any,
     ) -> None:
-        self._setup_core(sink, recalibrate, recalibrate_samples, recalibrate_forward, merge_ranks, monitor_options)
+        self._setup_core(
+            sink,
+            recalibrate,
+            recalibrate_samples,
+            recalibrate_forward,
+            merge_ranks,
+            monitor_options,
+            noise_scale,
+            noise_micro_batch,
+        )
         self.monitor_state: dict[str, Any] | None = None  # set by the Trainer when it resumes a checkpoint
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self.monitor is None and model is not None:
             self._start(model, args.output_dir, self.monitor_state)
             self.monitor_state = None
+            if self.noise_scale and kwargs.get("optimizer") is not None:
+                self._start_noise(
+                    model,
+                    kwargs["optimizer"],
+                    args.per_device_train_batch_size,
+                    args.gradient_accumulation_steps,
+                    args.world_size,
+                )
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None:
@@ -62,8 +81,7 @@ class BNMonitorTrainerCallback(MonitorCallbackCore, TrainerCallback, ExportableS
             self._epoch_end(model, kwargs.get("train_dataloader"), state.epoch)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
+        self._stop()
 
     def state(self) -> dict[str, Any]:
         """What the Trainer stores in checkpoints (JSON): the arguments and the monitor's counters."""
@@ -73,6 +91,8 @@ class BNMonitorTrainerCallback(MonitorCallbackCore, TrainerCallback, ExportableS
                 "recalibrate": self.recalibrate,
                 "recalibrate_samples": self.recalibrate_samples,
                 "merge_ranks": self.merge_ranks,
+                "noise_scale": self.noise_scale,
+                "noise_micro_batch": self.noise_micro_batch,
                 **{k: v for k, v in self.monitor_options.items() if isinstance(v, (int, float, str, bool))},
             },
             "attributes": {"monitor_state": None if self.monitor is None else self.monitor.state_dict()},

@@ -61,10 +61,21 @@ class BNMonitorCallback(MonitorCallbackCore, Callback):
         recalibrate_samples: int | None = None,
         recalibrate_forward: Any = None,
         merge_ranks: bool = False,
+        noise_scale: bool = False,
+        noise_micro_batch: int | None = None,
         **monitor_options: Any,
     ) -> None:
         super().__init__()
-        self._setup_core(sink, recalibrate, recalibrate_samples, recalibrate_forward, merge_ranks, monitor_options)
+        self._setup_core(
+            sink,
+            recalibrate,
+            recalibrate_samples,
+            recalibrate_forward,
+            merge_ranks,
+            monitor_options,
+            noise_scale,
+            noise_micro_batch,
+        )
         self._pending_state: dict[str, Any] | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -79,6 +90,16 @@ class BNMonitorCallback(MonitorCallbackCore, Callback):
         self._start(pl_module, trainer.default_root_dir, self._pending_state)
         self._pending_state = None
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.noise_scale:
+            self._start_noise(
+                pl_module,
+                trainer.optimizers[0],
+                getattr(trainer.train_dataloader, "batch_size", None),
+                trainer.accumulate_grad_batches,
+                trainer.world_size,
+            )
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.monitor is not None:
             self.monitor.set_step(trainer.global_step)
@@ -87,8 +108,8 @@ class BNMonitorCallback(MonitorCallbackCore, Callback):
         self._epoch_end(pl_module, trainer.train_dataloader, trainer.current_epoch)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and self.monitor is not None:
-            self.monitor.close()
+        if stage == "fit":
+            self._stop()
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.monitor is None else {"monitor": self.monitor.state_dict(), "epochs": self.epochs}

@@ -201,6 +201,11 @@ class BNMonitor:
         """Label the next records with this step (frameworks pass their global step)."""
         self.step = int(step)
 
+    def write(self, kind: str, **values: Any) -> None:
+        """Add a record of your own (e.g. ``kind="noise"``) to the sinks, labelled with the current step."""
+        step = self.step if self.step is not None else self.forwards
+        self._emit({"kind": kind, "step": step, "time": time.time(), **values})
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: counters, alerts already raised, the recent history."""
         return {

@@ -135,7 +135,17 @@ class GradientNoiseScale:
     # ------------------------------------------------------------------ wiring
 
     def attach(self, optimizer: torch.optim.Optimizer) -> GradientNoiseScale:
-        """Hook the parameters (one squared norm per micro-batch) and ``optimizer.step()`` (the large batch)."""
+        """Hook the parameters (one squared norm per micro-batch) and ``optimizer.step()`` (the large batch).
+
+        Wrapped optimizers (Accelerate's, Lightning's) are unwrapped to the torch optimizer inside.
+        """
+        while not isinstance(optimizer, torch.optim.Optimizer) or type(optimizer).__module__.startswith(
+            ("accelerate", "lightning")
+        ):
+            inner = getattr(optimizer, "optimizer", None)
+            if inner is None or inner is optimizer:
+                break
+            optimizer = inner
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise BNDoctorError(
                 f"expected a torch.optim.Optimizer (got {type(optimizer).__name__})",
@@ -145,10 +155,12 @@ class GradientNoiseScale:
             raise BNDoctorError("this GradientNoiseScale is attached already", hint="call detach() first")
         for i, p in enumerate(self.params):
             self._handles.append(p.register_hook(self._grad_hook(i)))
-        self._step_hook = optimizer.register_step_pre_hook(self._before_step)
+        # after the step: frameworks that run the last backward inside optimizer.step(closure) have finished it,
+        # and torch's optimizers leave .grad as it was
+        self._step_hook = optimizer.register_step_post_hook(self._after_step)
         return self
 
-    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.observe_step()
 
     def detach(self) -> None:
@@ -188,7 +200,7 @@ class GradientNoiseScale:
 
     @torch.no_grad()
     def observe_step(self) -> NoiseSample | None:
-        """Read the accumulated gradient (call before ``optimizer.step()``; ``attach`` does it for you)."""
+        """Read the accumulated gradient (call before ``zero_grad()``; ``attach`` does it after each step)."""
         if self._pending:  # parameters that got no gradient in the last backward
             self._close_micro()
         micro, tail = self._micro_sq, self._tail_micro
