@@ -83,3 +83,15 @@ def test_harness_monitor_alerts_on_correlated_micro_batches_not_at_batch_64(tmp_
     assert ref.extra["monitor"]["alerts"] == []
     gn, _ = run_scenario(dataclasses.replace(SCENARIOS["gn-64"], epochs=1), 0)
     assert "monitor" not in gn.extra
+
+
+def test_noise_records_are_reported(tmp_path):
+    path = tmp_path / "run.jsonl"
+    lines = [{"kind": "start", "layers": ["bn"], "every": 1, "model": "M"}]
+    lines += [{"kind": "noise", "step": i, "b_simple": 40.0 + i, "alpha": 1.6, "logical_batch": 8} for i in range(5)]
+    lines += [{"kind": "sample", "step": 1, "layers": {"bn": {"n_eff": 30.0, "drift_mean": None, "collapsed": 0}}}]
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    write_run_report(load_run(path), tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "last B_simple 44 for a logical batch of 8, tail index 1.60" in text
+    assert (tmp_path / "out" / "monitor-noise.png").exists()

@@ -32,6 +32,7 @@ class MonitorRun:
     samples: list[dict[str, Any]] = field(default_factory=list)
     divergence: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
+    noise: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def layers(self) -> list[str]:
@@ -77,6 +78,8 @@ def load_run(path: str | Path) -> MonitorRun:
             run.divergence.append(record)
         elif kind == "alert":
             run.alerts.append(record)
+        elif kind == "noise":
+            run.noise.append(record)
     if not run.samples and not run.start:
         raise BNDoctorError(
             f"{path.name} holds no monitor records",
@@ -151,6 +154,19 @@ def _plots(run: MonitorRun, out: Path) -> list[tuple[str, str]]:
         fig.savefig(out / "monitor-divergence.png", dpi=110)
         plt.close(fig)
         made.append(("monitor-divergence.png", "cross-rank divergence"))
+    noise = [r for r in run.noise if isinstance(r.get("b_simple"), (int, float)) and math.isfinite(r["b_simple"])]
+    if noise:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.plot([r["step"] for r in noise], [r["b_simple"] for r in noise], label="B_simple")
+        ax.axhline(noise[-1]["logical_batch"], color="gray", linestyle="--", linewidth=1, label="logical batch")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.set_title("gradient noise scale B_simple")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "monitor-noise.png", dpi=110)
+        plt.close(fig)
+        made.append(("monitor-noise.png", "gradient noise scale"))
     return made
 
 
@@ -208,6 +224,15 @@ def write_run_report(run: MonitorRun, out: str | Path, *, plots: bool = True) ->
         md.append(
             f"\nCross-rank divergence: {len(run.divergence)} checks, last at step {last['step']}: "
             f"max {last['max']:.3f}."
+        )
+    if run.noise:
+        last = run.noise[-1]
+        alpha = last.get("alpha")
+        md.append(
+            f"\nGradient noise scale: {len(run.noise)} steps; last B_simple {last['b_simple']:.0f} for a logical batch "
+            f"of {last['logical_batch']}"
+            + ("" if not isinstance(alpha, (int, float)) else f", tail index {alpha:.2f}")
+            + "."
         )
     for name, title in images:
         md.append(f"\n![{title}]({name})")
