@@ -100,6 +100,20 @@ def _remedies(ctx: Context) -> list[tuple[str, Action]]:
     return ranked
 
 
+def _values_per_channel(ctx: Context, records: list[BNInfo]) -> dict[str, int]:
+    """Samples x spatial positions each layer normalises over per step (needs the traced input shapes)."""
+    if ctx.input_shapes is None:
+        return {}
+    out = {}
+    for record in records:
+        shape = ctx.input_shapes.get(record.name)
+        if shape is not None and len(shape) >= 2:
+            out[record.name] = int(
+                shape[0] * torch.Size(shape[2:]).numel() * (_normalisation_batch(ctx, record) // shape[0])
+            )
+    return out
+
+
 @register_check("BN101", "normalisation batch too small")
 def small_normalisation_batch(ctx: Context) -> Iterator[Finding]:
     if ctx.setup is None:
@@ -115,12 +129,14 @@ def small_normalisation_batch(ctx: Context) -> Iterator[Finding]:
         remedies = _remedies(ctx)
         fix = "; else ".join(text for text, _ in remedies[:3])
         setup = ctx.setup
+        values = _values_per_channel(ctx, group)
+        spread = f" ({min(values.values())}-{max(values.values())} values per channel)" if values else ""
         yield Finding(
             "BN101",
             severity,
             None,
-            f"{len(group)} BN layer(s) compute batch statistics over {size} sample(s) per step "
-            f"(below {ERROR_BELOW if severity == 'error' else WARN_BELOW}), although the logical batch is "
+            f"{len(group)} BN layer(s) compute batch statistics over {size} sample(s) per step{spread} "
+            f"(below {ERROR_BELOW if severity == 'error' else WARN_BELOW} samples), although the logical batch is "
             f"{setup.logical_batch}: the statistics are noisy and differ between training and inference",
             {
                 "normalisation_batch": size,
@@ -129,6 +145,7 @@ def small_normalisation_batch(ctx: Context) -> Iterator[Finding]:
                 "world_size": setup.world_size,
                 "logical_batch": setup.logical_batch,
                 "layers": [r.name for r in group],
+                "values_per_channel": values,
             },
             fix,
             Action(remedies[0][1].name, tuple(r.name for r in group), remedies[0][1].options),
