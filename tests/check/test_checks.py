@@ -74,8 +74,8 @@ def test_resnet_at_micro_batch_2_gets_the_error_and_the_ranked_remedies():
     assert finding.severity == "error" and finding.evidence["normalisation_batch"] == 2
     assert len(finding.evidence["layers"]) == 20 and finding.evidence["logical_batch"] == 64
     assert finding.evidence["values_per_channel"]["stem.1"] == 2 * 32 * 32  # micro-batch x spatial positions
-    assert finding.evidence["values_per_channel"]["layers.3.1.bn2"] == 2 * 2 * 2
-    assert "(8-2048 values per channel)" in finding.message
+    assert finding.evidence["values_per_channel"]["layers.3.1.bn2"] == 2 * 4 * 4
+    assert "(32-2048 values per channel)" in finding.message
     assert finding.fix.index("to_accum_bn") < finding.fix.index("convert_bn")  # accumulation first
     assert finding.action.name == "to_accum_bn"
     assert not report.ok and report.traced and report.layer_shapes["stem.1"] == (2, 64, 32, 32)
