@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 
 from ..check import Finding
+from ..check.builtin import FINETUNE_RANGE
 
 __all__ = ["advise"]
 
-FINETUNE_RANGE = (32, 128)
+
 LARGE_BATCH = 8192
 
 
