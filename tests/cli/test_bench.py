@@ -27,6 +27,7 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert main(["demo", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "bndoctor demo" in captured.out and "What it shows" in captured.out
+    assert "predicts the problem" in captured.out and "BN101 error" in captured.out  # check before training
     assert "ft-bn-frozen-2x32-corr" in captured.out
     assert "100%" in captured.err  # progress bar
     assert (tmp_path / "curves.png").stat().st_size > 10_000

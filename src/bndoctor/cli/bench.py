@@ -140,10 +140,26 @@ DEMO_INTRO = (
 )
 
 
+def _demo_diagnosis() -> str:
+    """What ``bndoctor check`` says about the harness setup before anything trains."""
+    from ..check import TrainingSetup, check
+    from ..models import tiny_resnet
+
+    report = check(tiny_resnet(), TrainingSetup(micro_batch=2, accum_steps=32), input_shape=(1, 8, 8))
+    lines = [f"  {f.code} {f.severity}: {f.message}" for f in report.findings]
+    return (
+        "Before training, `bndoctor check tiny-resnet --micro-batch 2 --accum 32 --input-shape 1,8,8` predicts the "
+        "problem:\n" + "\n".join(lines) + f"\n  prescribed first: {report.findings[0].action.name}"
+        if report.findings and report.findings[0].action is not None
+        else ""
+    )
+
+
 def run_demo(args: argparse.Namespace) -> BenchResult:
     from ..bench import DEMO
 
-    return _run(args, list(DEMO), DEMO_INTRO)
+    diagnosis = _demo_diagnosis()
+    return _run(args, list(DEMO), DEMO_INTRO + ("\n\n" + diagnosis if diagnosis else ""))
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
