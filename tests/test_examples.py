@@ -23,3 +23,24 @@ def test_ddp_syncbn_example_under_torchrun():
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(ROOT))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "world 2: val accuracy" in out.stdout and "divergence 0.00e+00" in out.stdout
+
+
+def test_tiny_batch_workflow_example(tmp_path):
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "tiny_batch_workflow.py"),
+        "--epochs",
+        "1",
+        "--accum",
+        "8",
+        "--out",
+        str(tmp_path),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(ROOT))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "BN101" in out.stdout and "fix: to_accum_bn" in out.stdout and "after recalibration" in out.stdout
+    assert (tmp_path / "bn_monitor.jsonl").exists() and (tmp_path / "model.pt").exists()
+    import torch
+
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert "stem.1.running_mean" in state

@@ -104,6 +104,8 @@ def test_bad_setups_are_refused_with_a_hint():
     with pytest.raises(bd.BNDoctorError, match="attached already"):
         gns.attach(torch.optim.SGD([w], lr=0.1))
     assert math.isnan(gns.b_simple)
+    gns._ema_weight, gns._ema_g2, gns._ema_trace = 1.0, -0.1, 2.0  # noise dominates the |G|^2 estimate
+    assert gns.b_simple == math.inf
 
 
 def _ddp_rank(rank, world_size):
@@ -148,6 +150,7 @@ def test_advice():
     assert codes(advise(256, 400.0, finetune=True)) == ["BS103"]
     assert codes(advise(16384, math.nan)) == ["BS104"]
     assert codes(advise(256, 400.0, alpha=1.5)) == ["BS105"]
+    assert codes(advise(256, math.inf)) == ["BS101"] and "too large to measure" in advise(256, math.inf)[0].message
     finding = advise(8, 400.0)[0]
     assert finding.evidence["steps_over_min"] == pytest.approx(51.0)
 

@@ -23,7 +23,19 @@ def advise(logical_batch: int, b_simple: float, *, alpha: float | None = None, f
     """Findings (codes BS1xx) for training at ``logical_batch`` given the measured B_simple and alpha."""
     out: list[Finding] = []
     evidence = {"logical_batch": logical_batch, "b_simple": b_simple}
-    if math.isfinite(b_simple) and b_simple > 0:
+    if math.isinf(b_simple) and b_simple > 0:
+        out.append(
+            Finding(
+                "BS101",
+                "info",
+                None,
+                f"the gradient noise swamps the gradient (B_simple too large to measure): the logical batch "
+                f"{logical_batch} is far below the noise scale",
+                evidence,
+                "a larger logical batch (more accumulation steps or ranks) would cut the steps almost in proportion",
+            )
+        )
+    elif math.isfinite(b_simple) and b_simple > 0:
         ratio = logical_batch / b_simple
         steps = 1 + b_simple / logical_batch
         samples = 1 + logical_batch / b_simple

@@ -238,9 +238,16 @@ class GradientNoiseScale:
 
     @property
     def b_simple(self) -> float:
-        """tr(Sigma) / |G|^2 from the smoothed terms (nan before the first step or while |G|^2 <= 0)."""
-        if self._ema_weight == 0 or self._ema_g2 <= 0:
+        """tr(Sigma) / |G|^2 from the smoothed terms.
+
+        nan before the first step; inf while the smoothed |G|^2 estimate is not
+        positive although the noise is (late in training the true gradient can
+        be too small next to the noise for the estimator to resolve it).
+        """
+        if self._ema_weight == 0:
             return math.nan
+        if self._ema_g2 <= 0:
+            return math.inf if self._ema_trace > 0 else math.nan
         return self._ema_trace / self._ema_g2
 
     @property
