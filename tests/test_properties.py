@@ -210,3 +210,24 @@ def test_convert_preserves_flags_dtype_sharing(model, to):
 def test_inplace_changes_the_given_object(model):
     frozen = bd.freeze_bn(model, inplace=True)
     assert frozen is model and all(r.frozen for r in bd.find_bn(model))
+
+
+@SETTINGS
+@given(models(), st.sampled_from([1, 2, 4, 32]), st.sampled_from([1, 8]), st.booleans())
+def test_check_and_fix_never_touch_the_model_and_fixed_models_run(model, micro, accum, finetune):
+    before = _snapshot(model)
+    setup = bd.TrainingSetup(micro_batch=micro, accum_steps=accum, finetune=finetune)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bd.BNDoctorWarning)
+        report = bd.check(model, setup, input_shape=(3, 5, 5))
+        assert _same(before, _snapshot(model))  # checking (and its meta trace) changed nothing
+        assert report.traced and all(f.severity in ("error", "warning", "info") for f in report.findings)
+        fixed, _ = bd.fix(model, report)
+    assert _same(before, _snapshot(model))  # fix works on a copy
+    fixed.eval()
+    out = fixed(_input(model))
+    assert out.shape == (4, model[1].fc.out_features) and torch.isfinite(out).all()
+    # a redundant-bias repair is exact in eval mode
+    only_bias = bd.Report([f for f in report.findings if f.code == "BN201"], setup, "m", report.bn_layers)
+    repaired, _ = bd.fix(model, only_bias)
+    _close(repaired.eval()(_input(model)), copy.deepcopy(model).eval()(_input(model)))

@@ -365,3 +365,29 @@ def test_a_user_check_returning_garbage_is_named():
         CHECKS.pop("TEST002")
     with pytest.raises(bd.BNDoctorError, match="severity"):
         bd.Finding("X", "fatal", None, "bad")
+
+
+def test_trace_restores_shared_and_tied_tensors_as_the_same_objects():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = self.second = nn.BatchNorm2d(3)
+            self.fc = nn.Linear(75, 75)
+            self.head = nn.Linear(75, 75)
+            self.head.weight = self.fc.weight  # tied
+
+        def forward(self, x):
+            x = self.second(torch.tanh(self.first(x)))
+            if x.device.type == "meta" and getattr(self, "fail", False):
+                raise RuntimeError("breaks while traced")
+            return self.head(self.fc(x.flatten(1)))
+
+    model = Twice()
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    report = bd.check(model, S(micro_batch=2), input_shape=(3, 5, 5))
+    assert report.traced and report.layer_shapes == {"first": (2, 3, 5, 5)}
+    model.fail = True
+    assert not bd.check(model, S(micro_batch=2), input_shape=(3, 5, 5)).traced
+    after = model.state_dict(keep_vars=True)
+    assert all(after[k] is tensors[k] and after[k].device.type == "cpu" for k in tensors)
+    assert model.head.weight is model.fc.weight

@@ -1,8 +1,9 @@
 """Shapes without compute: one forward on meta tensors records what each norm layer receives.
 
 The model's parameters and buffers are swapped for meta tensors of the same
-shape with ``torch.func.functional_call`` (restored afterwards), the input is
-a meta tensor, so a ResNet-50 costs no arithmetic and no memory. Hooks record
+shape in each module's own slots (the original objects are put back
+afterwards, also when the forward raises), the input is a meta tensor, so a
+ResNet-50 costs no arithmetic and no memory. Hooks record
 each watched layer's input shape, and which conv/linear output feeds which
 BN directly (tensor identity). Watched layers keep the shape of their input,
 so during the trace they are replaced by a view of it: no meta kernel of
@@ -26,6 +27,34 @@ _MISSING = object()
 class Trace:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # first call of each watched layer
     pairs: list[tuple[str, str]] = field(default_factory=list)  # (producer, norm) with nothing in between
+
+
+def _to_meta(model: nn.Module) -> list[tuple[dict, str, object]]:
+    """Put meta tensors of the same shape in every module's parameter and buffer slots; return the originals.
+
+    Done per module object (a module shared by several paths is swapped once), so tied and shared tensors
+    come back exactly as they were, as the same objects.
+    """
+    swapped: list[tuple[dict, str, object]] = []
+    try:
+        for module in model.modules():
+            for slots, make in (
+                (module._parameters, lambda t: nn.Parameter(torch.empty_like(t, device="meta"), t.requires_grad)),
+                (module._buffers, lambda t: torch.empty_like(t, device="meta")),
+            ):
+                for name, tensor in list(slots.items()):
+                    if tensor is not None:
+                        swapped.append((slots, name, tensor))
+                        slots[name] = make(tensor)
+    except BaseException:
+        _restore(swapped)
+        raise
+    return swapped
+
+
+def _restore(swapped: list[tuple[dict, str, object]]) -> None:
+    for slots, name, tensor in reversed(swapped):
+        slots[name] = tensor
 
 
 def trace(model: nn.Module, shape: tuple[int, ...], watched: dict[int, str]) -> Trace:
@@ -61,12 +90,12 @@ def trace(model: nn.Module, shape: tuple[int, ...], watched: dict[int, str]) -> 
                 module.forward = shape_keeping(module)  # type: ignore[method-assign]
             elif isinstance(module, _PRODUCERS):
                 handles.append(module.register_forward_hook(after))
-        state = {
-            name: torch.empty_like(t, device="meta") for name, t in [*model.named_parameters(), *model.named_buffers()]
-        }
-        x = torch.empty(shape, device="meta")
-        with torch.no_grad():
-            torch.func.functional_call(model, state, (x,), strict=False)
+        swapped = _to_meta(model)
+        try:
+            with torch.no_grad():
+                model(torch.empty(shape, device="meta"))
+        finally:
+            _restore(swapped)
     finally:
         for handle in handles:
             handle.remove()
