@@ -231,3 +231,34 @@ def test_check_and_fix_never_touch_the_model_and_fixed_models_run(model, micro, 
     only_bias = bd.Report([f for f in report.findings if f.code == "BN201"], setup, "m", report.bn_layers)
     repaired, _ = bd.fix(model, only_bias)
     _close(repaired.eval()(_input(model)), copy.deepcopy(model).eval()(_input(model)))
+
+
+@SETTINGS
+@given(models())
+def test_monitoring_a_forward_changes_nothing(model):
+    reference = copy.deepcopy(model)
+    monitor = bd.BNMonitor(model, every=1, keep=True, warmup=0, window=1)
+    model.train()
+    reference.train()
+    _close(model(_input(model)), reference(_input(reference)))
+    monitor.close()
+    after, expected = _snapshot(model), _snapshot(reference)
+    assert _same(after, expected)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    sample = [r for r in monitor.records if r["kind"] == "sample"]
+    assert len(sample) == 1 and set(sample[0]["layers"]) == {r.name for r in bd.find_bn(model)}
+
+
+@SETTINGS
+@given(models(), st.sampled_from(["renorm", "progressive"]))
+def test_accumulation_aware_bn_on_any_tree_round_trips(model, mode):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bd.BNDoctorWarning)
+        converted = bd.to_accum_bn(model, mode=mode)
+    converted.train()
+    with bd.accumulation_window(converted):
+        bd.collect_window(converted, [_input(model), _input(model)])
+        out = converted(_input(model))
+    assert torch.isfinite(out).all()
+    back = bd.from_accum_bn(converted)
+    assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
