@@ -33,3 +33,32 @@ def test_recalibrate_moves_cpu_batches_to_the_model_device():
     reference = tiny_resnet()
     bd.recalibrate(reference, cpu_batches, progress=False, exact=True)
     torch.testing.assert_close(model.stem[1].running_var.cpu(), reference.stem[1].running_var, rtol=1e-4, atol=1e-5)
+
+
+def test_accumulation_aware_bn_monitor_and_noise_scale_on_cuda():
+    torch.manual_seed(0)
+    cpu = bd.to_accum_bn(tiny_resnet())
+    gpu = bd.to_accum_bn(tiny_resnet()).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    xs = [torch.randn(2, 1, 8, 8) + k for k in range(4)]
+    monitor = bd.BNMonitor(gpu, every=1, keep=True, warmup=0)
+    with bd.accumulation_window(cpu), bd.accumulation_window(gpu):
+        for x in xs:
+            torch.testing.assert_close(gpu(x.cuda()).cpu(), cpu(x), atol=1e-4, rtol=1e-4)
+    monitor.close()
+    torch.testing.assert_close(gpu.stem[1].running_mean.cpu(), cpu.stem[1].running_mean, atol=1e-5, rtol=1e-4)
+    assert len([r for r in monitor.records if r["kind"] == "sample"]) == 4
+    optimizer = torch.optim.SGD(gpu.parameters(), lr=0.0)
+    gns = bd.GradientNoiseScale(gpu, micro_batch=2, accum_steps=4).attach(optimizer)
+    bd.accumulate_bn(gpu, optimizer)
+    for x in xs:
+        (gpu(x.cuda()).pow(2).mean() / 4).backward()
+    optimizer.step()
+    assert gns.samples and gns.samples[-1].alpha is not None
+
+
+def test_check_traces_a_cuda_model_without_moving_it():
+    model = tiny_resnet().cuda()
+    report = bd.check(model, bd.TrainingSetup(micro_batch=2), input_shape=(1, 8, 8))
+    assert report.traced and all(p.device.type == "cuda" for p in model.parameters())
+    assert all(b.device.type == "cuda" for b in model.buffers())
