@@ -177,7 +177,7 @@ def _train(
     if scenario.batch_renorm:
         from ..accumulate import to_batch_renorm
 
-        model = to_batch_renorm(model, inplace=True)
+        model = to_batch_renorm(model, warmup_steps=scenario.brn_warmup, inplace=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=scenario.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     if scenario.accum_bn:
