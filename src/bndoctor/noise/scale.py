@@ -112,9 +112,8 @@ class GradientNoiseScale:
         self.steps = 0
         self._ema_g2 = self._ema_trace = 0.0
         self._ema_weight = 0.0
-        self._micro_sq: list[float] = []
+        self._micro_sq: list[torch.Tensor] = []  # kept on the device: no host sync per micro-batch
         self._pending: dict[int, torch.Tensor] = {}
-        self._sq = 0.0
         self._handles: list[Any] = []
         self._step_hook: Any = None
         generator = torch.Generator().manual_seed(seed)
@@ -188,8 +187,7 @@ class GradientNoiseScale:
         return hook
 
     def _close_micro(self) -> None:
-        squared = float(torch.stack(list(self._pending.values())).sum()) / self.loss_scale**2
-        self._micro_sq.append(squared)
+        self._micro_sq.append(torch.stack(list(self._pending.values())).sum() / self.loss_scale**2)
         if self._tail_parts:
             parts = [self._tail_parts[i] for i in sorted(self._tail_parts)]
             self._tail_micro.append(torch.cat(parts) / self.loss_scale)
@@ -209,7 +207,7 @@ class GradientNoiseScale:
         if not micro or not grads:
             return None
         g2_big = float(sum(g.detach().float().pow(2).sum() for g in grads))
-        g2_small = sum(micro) / len(micro)
+        g2_small = float(torch.stack(micro).mean())
         if self.world_size > 1 and distributed.active():
             total = distributed.all_reduce_sum(torch.tensor([g2_small], dtype=torch.float64))
             g2_small = float(total[0]) / self.world_size
