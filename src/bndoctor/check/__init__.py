@@ -213,6 +213,22 @@ def _drop_bias(model: nn.Module, producer_name: str, bn_name: str) -> str:
     return f"drop_bias: {producer_name}.bias moved into {bn_name}.running_mean"
 
 
+def _shown(
+    target: nn.Module, before: dict[str, type], layers: list[str], result: FixResult, *, swapped: bool = False
+) -> str:
+    """``"N layer(s)"`` — for class-swapping repairs, the layers whose class changed; the rest go to ``skipped``."""
+    if not layers:
+        return "all layers"
+    if not swapped:
+        return f"{len(layers)} layer(s)"
+    after = {n: type(m) for n, m in target.named_modules() if n in before}
+    kept = [n for n in layers if after.get(n) is before.get(n)]
+    for n in kept:
+        result.skipped.append(f"{n} (left as it is: a BN subclass with its own forward, or nothing to change)")
+    changed = len(layers) - len(kept)
+    return f"{changed} layer(s)" if not kept else f"{changed} of {len(layers)} layer(s)"
+
+
 def fix(model: nn.Module, report: Report, *, inplace: bool = False) -> FixResult:
     """Apply the repairs that ``report``'s findings prescribe; returns the model and the changes.
 
@@ -251,7 +267,7 @@ def fix(model: nn.Module, report: Report, *, inplace: bool = False) -> FixResult
         if not layers and any(a.modules for a in actions):
             continue
         selection = layers or None
-        shown = f"{len(layers)} layer(s)" if layers else "all layers"
+        before = {n: type(m) for n, m in target.named_modules() if n in layers} if layers else {}
         if name == "float_bn":
             for layer in layers:
                 target.get_submodule(layer).float()
@@ -269,13 +285,15 @@ def fix(model: nn.Module, report: Report, *, inplace: bool = False) -> FixResult
             sync = any(dict(a.options).get("sync") for a in actions)
             if sync and "to_sync_bn" not in merged:
                 target = to_sync_bn(target, modules=selection, inplace=True)
-                result.changes.append(f"to_sync_bn: {shown}")
+                result.changes.append(f"to_sync_bn: {_shown(target, before, layers, result)}")
             target = to_accum_bn(target, modules=selection, inplace=True)
+            shown = _shown(target, before, layers, result, swapped=True)
             result.changes.append(f"{name}: {shown}" + (" (pooled across ranks)" if sync else ""))
             result.changes.append("  then call bndoctor.accumulate_bn(model, optimizer) once the optimizer exists")
             continue
         elif name == "convert_bn":
             target = convert_bn(target, "group", modules=selection, inplace=True)
-        result.changes.append(f"{name}: {shown}")
+        swaps = name in ("freeze_bn", "to_sync_bn", "convert_bn", "from_sync_bn")
+        result.changes.append(f"{name}: {_shown(target, before, layers, result, swapped=swaps)}")
     result.model = target
     return result
