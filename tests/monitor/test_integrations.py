@@ -122,3 +122,23 @@ def test_huggingface_trainer_callback(tmp_path):
     restored.on_train_begin(args, trainer.state, trainer.control, model=trainer.model)
     assert restored.monitor.forwards == 16
     restored.on_train_end(args, trainer.state, trainer.control)
+
+
+def test_noise_records_are_written_once_per_measured_step(tmp_path):
+    from bndoctor.integrations._epoch import MonitorCallbackCore
+
+    core = MonitorCallbackCore()
+    core._setup_core(tmp_path / "run.jsonl", False, None, None, False, {"every": 1000}, True, None)
+    model = tiny_resnet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    core._start(model, str(tmp_path), None)
+    core._start_noise(model, optimizer, 2, 2, 1)
+    assert core.noise.optimizer is optimizer
+    for _ in range(2):
+        (model(torch.randn(2, 1, 8, 8)).sum() / 2).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    optimizer.step()  # no micro-batch since the last step: no new sample, no record
+    core._stop()
+    lines = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    assert len([r for r in lines if r["kind"] == "noise"]) == 1  # labelled with the monitor's step

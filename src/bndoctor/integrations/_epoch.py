@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from .. import distributed
@@ -103,12 +102,13 @@ class MonitorCallbackCore:
             )
         self.noise = GradientNoiseScale(model, micro_batch=int(micro), accum_steps=accum_steps, world_size=world_size)
         self.noise.attach(optimizer)
-        base = getattr(optimizer, "optimizer", optimizer)
         monitor, noise = self.monitor, self.noise
+        written = [0]  # the last step recorded: a step without micro-batches adds no sample
 
         def record(opt: Any, args: Any, kwargs: Any) -> None:
-            if monitor is not None and noise.samples and noise.samples[-1].step == noise.steps:
+            if monitor is not None and noise.samples and noise.samples[-1].step > written[0]:
                 sample = noise.samples[-1]
+                written[0] = sample.step
                 monitor.write(
                     "noise",
                     b_simple=sample.b_simple,
@@ -118,9 +118,8 @@ class MonitorCallbackCore:
                     logical_batch=noise.b_big,
                 )
 
-        while not isinstance(base, torch.optim.Optimizer) and getattr(base, "optimizer", None) is not None:
-            base = base.optimizer
-        self._noise_hook = base.register_step_post_hook(record)
+        assert noise.optimizer is not None
+        self._noise_hook = noise.optimizer.register_step_post_hook(record)
 
     def _stop(self) -> None:
         if self.noise is not None:

@@ -116,6 +116,7 @@ class GradientNoiseScale:
         self._pending: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
         self._step_hook: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None
         generator = torch.Generator().manual_seed(seed)
         total = sum(p.numel() for p in self.params)
         take = min(tail_coordinates, total)
@@ -129,7 +130,6 @@ class GradientNoiseScale:
             offset += p.numel()
         self._tail_micro: list[torch.Tensor] = []
         self._tail_parts: dict[int, torch.Tensor] = {}
-        self._backward_seen = 0
 
     # ------------------------------------------------------------------ wiring
 
@@ -152,6 +152,7 @@ class GradientNoiseScale:
             )
         if self._handles:
             raise BNDoctorError("this GradientNoiseScale is attached already", hint="call detach() first")
+        self.optimizer = optimizer  # the torch optimizer the hooks sit on (wrappers removed)
         for i, p in enumerate(self.params):
             self._handles.append(p.register_hook(self._grad_hook(i)))
         # after the step: frameworks that run the last backward inside optimizer.step(closure) have finished it,
