@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "GroupRef",
+    "HasProcessGroup",
     "active",
     "all_gather_stack",
     "all_ok",
@@ -35,6 +36,21 @@ class GroupRef:
 
     def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
         return (GroupRef, ())  # a group cannot cross processes; the default group is used after loading
+
+
+class HasProcessGroup:
+    """Mixin for layers that keep a process group (``self._group``, a :class:`GroupRef`)."""
+
+    _group: GroupRef
+
+    @property
+    def process_group(self) -> Any:
+        """The ranks the layer works across (None: all ranks)."""
+        return self._group.group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        self._group = GroupRef(group)
 
 
 def active(group: Any = None) -> bool:

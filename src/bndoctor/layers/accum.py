@@ -51,6 +51,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import distributed
+from ..distributed import HasProcessGroup
 from ..errors import BNDoctorError, BNDoctorWarning
 from ._ema import ema_step, renormalize
 
@@ -102,7 +103,7 @@ class _PooledNorm(torch.autograd.Function):
         return dx, (dw if need_w and ctx.has_weight else None), (db if need_b else None), None, None, None, None
 
 
-class AccumBatchNorm(_BatchNorm):
+class AccumBatchNorm(HasProcessGroup, _BatchNorm):
     """BatchNorm whose training statistics span the whole gradient-accumulation window.
 
     Same arguments as ``torch.nn.BatchNorm2d`` plus ``mode``; accepts inputs
@@ -136,15 +137,6 @@ class AccumBatchNorm(_BatchNorm):
         self._controllers = 0  # attached accumulate_bn hooks / open accumulation_window blocks
         self._warned = False
         self.reset_window()
-
-    @property
-    def process_group(self) -> Any:
-        """The ranks a ``sync`` layer pools over (None: all ranks)."""
-        return self._group.group
-
-    @process_group.setter
-    def process_group(self, group: Any) -> None:
-        self._group = distributed.GroupRef(group)
 
     # ----------------------------------------------------------------- window
 

@@ -25,14 +25,14 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..distributed import GroupRef
+from ..distributed import GroupRef, HasProcessGroup, world_size
 from ..errors import BNDoctorError
 from ._ema import ema_step
 
 __all__ = ["SyncBatchNorm"]
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(HasProcessGroup, _BatchNorm):
     """BatchNorm whose training-mode statistics span all ranks of a process group.
 
     Args are those of ``torch.nn.BatchNorm2d`` plus ``process_group`` (default:
@@ -58,14 +58,6 @@ class SyncBatchNorm(_BatchNorm):
         self._group = GroupRef(process_group)
         self._bndoctor_source_class: type | None = None
 
-    @property
-    def process_group(self) -> Any:
-        return self._group.group
-
-    @process_group.setter
-    def process_group(self, group: Any) -> None:
-        self._group = GroupRef(group)
-
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
             raise BNDoctorError(
@@ -73,17 +65,10 @@ class SyncBatchNorm(_BatchNorm):
                 hint="SyncBatchNorm normalises dimension 1 of (N, C, ...) inputs",
             )
 
-    def _world(self) -> int:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.process_group)
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         bn_training = self.training or not self.track_running_stats or self.running_mean is None
-        if not bn_training or self._world() == 1:
+        if not bn_training or world_size(self.process_group) == 1:
             return super().forward(input)
         return self._sync_forward(input)
 
