@@ -39,6 +39,17 @@ def _commands() -> list[Command]:
     return [bench.DEMO_COMMAND, bench.BENCH, check.COMMAND, inspect.COMMAND, noise.COMMAND, report.COMMAND]
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts (seeds, epochs, batch sizes): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {value})")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line plus a hint, exit code 2."""
 

@@ -11,6 +11,7 @@ MODEL is one of:
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 from collections.abc import Mapping
@@ -131,3 +132,14 @@ def load_weights(model: nn.Module, path: str) -> None:
             f"{len(result.unexpected_keys)} unexpected keys (e.g. {', '.join(problems)})",
             hint="load weights saved from the same architecture",
         )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL, ``--weights`` and ``--trust-pickle``: how every command that reads a model gets it."""
+    parser.add_argument("model", metavar="MODEL", help=_forms())
+    parser.add_argument("--weights", metavar="FILE", help="state_dict to load into MODEL (weights_only=True)")
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow MODEL to be a pickled full model (unpickling runs code from the file)",
+    )

@@ -12,7 +12,7 @@ from typing import Any
 
 from .._progress import ProgressBar
 from ..errors import BNDoctorError
-from ._app import Command
+from ._app import Command, positive_int
 
 
 @dataclass
@@ -37,29 +37,19 @@ class BenchResult:
         return "\n\n".join(parts)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (got {value})")
-    return value
-
-
 def _default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
 def _common(parser: argparse.ArgumentParser, default_out: str, default_seeds: int) -> None:
     parser.add_argument(
-        "--seeds", type=_positive, default=default_seeds, help=f"seeds 0..N-1 (default {default_seeds})"
+        "--seeds", type=positive_int, default=default_seeds, help=f"seeds 0..N-1 (default {default_seeds})"
     )
     parser.add_argument("--out", type=Path, default=Path(default_out), help=f"output folder (default {default_out})")
     parser.add_argument(
-        "--jobs", type=_positive, default=_default_jobs(), help="parallel processes (default: 2 or #cores)"
+        "--jobs", type=positive_int, default=_default_jobs(), help="parallel processes (default: 2 or #cores)"
     )
-    parser.add_argument("--epochs", type=_positive, help="override every scenario's epoch count (quick runs)")
+    parser.add_argument("--epochs", type=positive_int, help="override every scenario's epoch count (quick runs)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -13,9 +13,9 @@ import torch.nn as nn
 
 from ..check import Report, TrainingSetup, check
 from ..errors import ModelSpecError
-from ._app import Command
+from ._app import Command, positive_int
 from ._errors import EXIT_FINDINGS, EXIT_OK
-from ._model import load_model, load_weights
+from ._model import add_model_arguments, load_model, load_weights
 
 
 @dataclass
@@ -43,16 +43,6 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})")
-    return value
-
-
 def run(args: argparse.Namespace) -> CheckResult:
     loaded = load_model(args.model, trust_pickle=args.trust_pickle)
     if not isinstance(loaded, nn.Module):
@@ -76,16 +66,12 @@ def run(args: argparse.Namespace) -> CheckResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
     parser.add_argument(
-        "model",
-        metavar="MODEL",
-        help="bundled model name (tiny-resnet, resnet18, resnet50), package.module:callable, or a torch.save file",
+        "--micro-batch", type=positive_int, help="samples per device per forward pass (enables the batch-size checks)"
     )
-    parser.add_argument(
-        "--micro-batch", type=_positive, help="samples per device per forward pass (enables the batch-size checks)"
-    )
-    parser.add_argument("--accum", type=_positive, default=1, help="gradient accumulation steps (default 1)")
-    parser.add_argument("--world-size", type=_positive, default=1, help="data-parallel processes (default 1)")
+    parser.add_argument("--accum", type=positive_int, default=1, help="gradient accumulation steps (default 1)")
+    parser.add_argument("--world-size", type=positive_int, default=1, help="data-parallel processes (default 1)")
     parser.add_argument("--sync-bn", action="store_true", help="BN statistics are synchronised across processes")
     parser.add_argument("--finetune", action="store_true", help="training starts from pretrained weights")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
@@ -94,12 +80,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_shape,
         metavar="C,H,W",
         help="one sample's shape without the batch dimension, e.g. 3,224,224 (traced on meta tensors, no compute)",
-    )
-    parser.add_argument("--weights", metavar="FILE", help="state_dict to load (weights_only=True)")
-    parser.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow MODEL to be a pickled full model (unpickling runs code from the file)",
     )
 
 

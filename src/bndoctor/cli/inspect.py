@@ -14,7 +14,7 @@ from .._walk import find_bn
 from ..errors import ModelSpecError
 from . import _table
 from ._app import Command
-from ._model import load_model, load_weights
+from ._model import add_model_arguments, load_model, load_weights
 
 
 @dataclass
@@ -133,17 +133,7 @@ def run(args: argparse.Namespace) -> InspectResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        metavar="MODEL",
-        help="bundled model name (tiny-resnet, resnet18), package.module:callable, or a torch.save file",
-    )
-    parser.add_argument("--weights", metavar="FILE", help="state_dict to load (weights_only=True)")
-    parser.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="allow MODEL to be a pickled full model (unpickling runs code from the file)",
-    )
+    add_model_arguments(parser)
     parser.add_argument("--eval", action="store_true", help="inspect the model in eval mode")
 
 

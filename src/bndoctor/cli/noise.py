@@ -8,8 +8,7 @@ from typing import Any
 
 from ..check import Finding
 from . import _table
-from ._app import Command
-from .check import _positive
+from ._app import Command, positive_int
 
 
 @dataclass
@@ -74,9 +73,9 @@ def run(args: argparse.Namespace) -> NoiseResult:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--micro-batch", type=_positive, default=4, help="samples per micro-batch (default 4)")
-    parser.add_argument("--accum", type=_positive, default=16, help="micro-batches per optimizer step (default 16)")
-    parser.add_argument("--epochs", type=_positive, default=4, help="training epochs (default 4)")
+    parser.add_argument("--micro-batch", type=positive_int, default=4, help="samples per micro-batch (default 4)")
+    parser.add_argument("--accum", type=positive_int, default=16, help="micro-batches per optimizer step (default 16)")
+    parser.add_argument("--epochs", type=positive_int, default=4, help="training epochs (default 4)")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
     parser.add_argument("--norm", choices=("batch", "group"), default="batch", help="norm layers of the model")
     parser.add_argument("--seed", type=int, default=0)
