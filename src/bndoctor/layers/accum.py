@@ -53,6 +53,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import distributed
 from ..distributed import HasProcessGroup
 from ..errors import BNDoctorError, BNDoctorWarning
+from ..stats.moments import pool_two
 from ._ema import ema_step, renormalize
 
 __all__ = ["AccumBatchNorm", "AccumMode"]
@@ -253,10 +254,9 @@ class AccumBatchNorm(HasProcessGroup, _BatchNorm):
             if win.mean is None or win.m2 is None:
                 total, pooled_mean, pooled_m2 = step_n, step_mean, step_var * step_n
             else:
-                total = win.count + step_n
-                delta = step_mean - win.mean
-                pooled_mean = win.mean + delta * (step_n / total)
-                pooled_m2 = win.m2 + step_var * step_n + delta * delta * (win.count * step_n / total)
+                total, pooled_mean, pooled_m2 = pool_two(
+                    win.count, win.mean, win.m2, step_n, step_mean, step_var * step_n
+                )
             win.count, win.mean, win.m2 = total, pooled_mean, pooled_m2
             use_count, use_mean, use_m2 = total, pooled_mean, pooled_m2
             full = self.__dict__.get("_collected")
@@ -265,11 +265,9 @@ class AccumBatchNorm(HasProcessGroup, _BatchNorm):
                 use_count, use_mean, use_m2 = full
             elif self.mode == "blend" and previous is not None and previous[0] > total:
                 prior = previous[0] - total  # the samples this window has not seen yet, taken from the last one
-                p_mean, p_m2 = previous[1], previous[2] * (prior / previous[0])
-                use_count = total + prior
-                delta = p_mean - pooled_mean
-                use_mean = pooled_mean + delta * (prior / use_count)
-                use_m2 = pooled_m2 + p_m2 + delta * delta * (total * prior / use_count)
+                use_count, use_mean, use_m2 = pool_two(
+                    total, pooled_mean, pooled_m2, prior, previous[1], previous[2] * (prior / previous[0])
+                )
             use_var = use_m2 / use_count  # every term of the pooled M2 is >= 0
             if n == 0:
                 return x.clone()

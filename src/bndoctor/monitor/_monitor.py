@@ -75,6 +75,7 @@ def _window_statistics(
 ) -> tuple[float, torch.Tensor, torch.Tensor] | None:
     """For AccumBatchNorm: (count, mean, biased var) it will normalise this micro-batch with."""
     from ..layers.accum import AccumBatchNorm
+    from ..stats.moments import pool_two
 
     if not isinstance(module, AccumBatchNorm) or module._controllers == 0:
         return None
@@ -84,10 +85,9 @@ def _window_statistics(
         return count, w_mean.double(), w_m2.double() / count
     if module._mean is None or module._m2 is None:
         return float(n), mean, var
-    count = module._count + n
-    delta = mean - module._mean.double()
-    pooled_mean = module._mean.double() + delta * (n / count)
-    pooled_m2 = module._m2.double() + var * n + delta * delta * (module._count * n / count)
+    count, pooled_mean, pooled_m2 = pool_two(
+        module._count, module._mean.double(), module._m2.double(), n, mean, var * n
+    )
     return count, pooled_mean, pooled_m2 / count
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Moments", "merge", "pool", "pool_columns"]
+__all__ = ["Moments", "merge", "pool", "pool_columns", "pool_two"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +73,15 @@ def merge(parts: list[Moments]) -> Moments:
     means = torch.stack([p.mean for p in parts])
     variances = torch.stack([p.m2 / max(p.count, 1.0) for p in parts])
     return pool(counts, means, variances)
+
+
+def pool_two(
+    count_a: float, mean_a: torch.Tensor, m2_a: torch.Tensor, count_b: float, mean_b: torch.Tensor, m2_b: torch.Tensor
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Pool two groups given as (count, mean, sum of squared deviations) (Chan, Golub and LeVeque 1979).
+
+    The incremental form for running windows; the groups' counts are Python numbers, so no host sync.
+    """
+    total = count_a + count_b
+    delta = mean_b - mean_a
+    return total, mean_a + delta * (count_b / total), m2_a + m2_b + delta * delta * (count_a * count_b / total)
