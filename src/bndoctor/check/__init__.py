@@ -131,7 +131,7 @@ def check(
         watched = {id(r.module): r.name for r in records}
         batch = setup.micro_batch if setup is not None else 2
         try:
-            traced = trace(model, (batch, *shape), watched)
+            traced = trace(model, (batch, *shape), watched, names)
             ctx.input_shapes, ctx.pairs = traced.input_shapes, traced.pairs
         except Exception as exc:  # data-dependent models, custom ops without meta kernels
             trace_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]

@@ -57,12 +57,14 @@ def _restore(swapped: list[tuple[dict, str, object]]) -> None:
         slots[name] = tensor
 
 
-def trace(model: nn.Module, shape: tuple[int, ...], watched: dict[int, str]) -> Trace:
-    """Run ``model`` on a meta tensor of ``shape``; record the inputs of the modules in ``watched``."""
+def trace(model: nn.Module, shape: tuple[int, ...], watched: dict[int, str], names: dict[int, str]) -> Trace:
+    """Run ``model`` on a meta tensor of ``shape``; record the inputs of the modules in ``watched``.
+
+    ``names`` maps ``id(module)`` to its qualified name (the caller has it already).
+    """
     result = Trace()
     outputs: dict[int, tuple[str, torch.Tensor]] = {}
     handles = []
-    names = {id(m): n for n, m in model.named_modules()}
 
     def shape_keeping(module: nn.Module) -> object:
         name = watched[id(module)]
