@@ -15,7 +15,6 @@ from ._app import Command, positive_int
 class NoiseResult:
     run: Any
     advice: list[Finding]
-    finetune: bool
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> NoiseResult:
         seed=args.seed,
     )
     advice = advise(result.logical_batch, result.b_simple, alpha=result.alpha, finetune=args.finetune)
-    return NoiseResult(result, advice, args.finetune)
+    return NoiseResult(result, advice)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
