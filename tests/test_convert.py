@@ -70,7 +70,7 @@ class TestFreeze:
         out = bd.freeze_bn(model, affine=True)
         assert out is not model and _bn_attributes(model) == before
         same = bd.freeze_bn(model, inplace=True)
-        assert same is model and isinstance(model.stem[1], bd.FrozenBatchNorm2d)
+        assert same is model and isinstance(model.stem[1], bd.layers.FrozenBatchNorm2d)
 
     @pytest.mark.parametrize("affine", [False, True])
     def test_round_trip_is_lossless(self, affine):
@@ -133,7 +133,7 @@ class TestFreeze:
         with pytest.warns(bd.BNDoctorWarning, match=r"skipped 1 BN-like layer.*'1'"):
             out = bd.freeze_bn(model)
         assert type(out[0]) is ThirdPartyFrozenBN2d and type(out[1]) is MMStyleSyncBN
-        assert isinstance(out[2], bd.FrozenBatchNorm2d)
+        assert isinstance(out[2], bd.layers.FrozenBatchNorm2d)
 
     def test_modules_selection(self):
         frozen = bd.freeze_bn(tiny_resnet(), modules=["stem", "layers.0"])
@@ -142,11 +142,11 @@ class TestFreeze:
 
     def test_track_running_stats_false_is_a_clear_error(self):
         model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False))
-        with pytest.raises(bd.MissingRunningStatsError, match=r"freeze_bn needs running statistics.*'1'"):
+        with pytest.raises(bd.errors.MissingRunningStatsError, match=r"freeze_bn needs running statistics.*'1'"):
             bd.freeze_bn(model)
 
     def test_uninitialised_lazy_is_a_clear_error(self):
-        with pytest.raises(bd.UninitializedLayerError, match=r"'0' .*LazyBatchNorm2d.*uninitialised"):
+        with pytest.raises(bd.errors.UninitializedLayerError, match=r"'0' .*LazyBatchNorm2d.*uninitialised"):
             bd.freeze_bn(nn.Sequential(nn.LazyBatchNorm2d()))
 
     def test_state_dict_keys_unchanged_so_checkpoints_load_both_ways(self):
@@ -188,7 +188,7 @@ def _repo_root():
 class TestDefaultNumGroups:
     @pytest.mark.parametrize("channels", range(1, 600))
     def test_rule(self, channels):
-        g = bd.default_num_groups(channels)
+        g = bd.remedies.default_num_groups(channels)
         assert channels % g == 0 and 1 <= g <= 32
         if channels >= 4:
             assert channels // g >= 4
@@ -197,8 +197,8 @@ class TestDefaultNumGroups:
         assert not better
 
     def test_small_channel_counts_never_get_one_channel_groups(self):
-        assert bd.default_num_groups(4) == 1  # Opacus' gcd(32, 4) = 4 gave GroupNorm(4, 4)
-        assert bd.default_num_groups(8) == 2
+        assert bd.remedies.default_num_groups(4) == 1  # Opacus' gcd(32, 4) = 4 gave GroupNorm(4, 4)
+        assert bd.remedies.default_num_groups(8) == 2
 
 
 class TestConvertBN:
@@ -236,13 +236,13 @@ class TestConvertBN:
     def test_bad_num_groups_names_layer_and_valid_values(self):
         model = nn.Sequential(nn.Conv2d(3, 48, 1), nn.Sequential(nn.BatchNorm2d(48)))
         match = r"num_groups=32 does not divide the 48 channels of '1\.0'"
-        with pytest.raises(bd.GroupCountError, match=match) as e:
+        with pytest.raises(bd.errors.GroupCountError, match=match) as e:
             bd.convert_bn(model, num_groups=32)
         assert "16, 24, 48" in e.value.hint
 
     def test_callable_num_groups_and_validation_before_any_change(self):
         model = nn.Sequential(nn.BatchNorm2d(8), nn.BatchNorm2d(6))
-        with pytest.raises(bd.GroupCountError, match="'1'"):
+        with pytest.raises(bd.errors.GroupCountError, match="'1'"):
             bd.convert_bn(model, num_groups=lambda c: 4, inplace=True)
         assert isinstance(model[0], nn.BatchNorm2d)  # nothing half-converted
         out = bd.convert_bn(model, num_groups=lambda c: c // 2)
@@ -251,7 +251,7 @@ class TestConvertBN:
     def test_bad_target_and_misplaced_num_groups(self):
         with pytest.raises(bd.BNDoctorError, match="to='group', 'layer' or 'instance'"):
             bd.convert_bn(nn.BatchNorm2d(4), "batch")
-        with pytest.raises(bd.GroupCountError, match="to='group' only"):
+        with pytest.raises(bd.errors.GroupCountError, match="to='group' only"):
             bd.convert_bn(nn.BatchNorm2d(4), "layer", num_groups=2)
 
     def test_keeps_device_dtype_mode_no_affine_and_no_bias(self):
@@ -279,7 +279,7 @@ class TestConvertBN:
         assert out[0] is out[2] and isinstance(out[0], nn.GroupNorm)
 
     def test_uninitialised_lazy_is_a_clear_error(self):
-        with pytest.raises(bd.UninitializedLayerError, match="uninitialised lazy layer") as e:
+        with pytest.raises(bd.errors.UninitializedLayerError, match="uninitialised lazy layer") as e:
             bd.convert_bn(nn.LazyBatchNorm2d())
         assert "run one forward pass" in e.value.hint
 

@@ -59,7 +59,7 @@ def test_accumulation_doc_snippet_runs():
 
 @pytest.mark.parametrize("index", range(len(_blocks("check.md"))))
 def test_check_doc_snippets_run(index):
-    from bndoctor.check import CHECKS
+    from bndoctor.diagnose import CHECKS
 
     try:
         exec(compile(_blocks("check.md")[index], "check.md", "exec"), {})

@@ -232,7 +232,7 @@ def test_check_and_fix_never_touch_the_model_and_fixed_models_run(model, micro, 
     fixed.eval()
     assert torch.isfinite(fixed(_input(model))).all()
     # a redundant-bias repair is exact in eval mode
-    only_bias = bd.Report([f for f in report.findings if f.code == "BN201"], setup, "m", report.bn_layers)
+    only_bias = bd.diagnose.Report([f for f in report.findings if f.code == "BN201"], setup, "m", report.bn_layers)
     repaired, _ = bd.fix(model, only_bias)
     _close(repaired.eval()(_input(model)), copy.deepcopy(model).eval()(_input(model)))
 

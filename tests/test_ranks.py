@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import bndoctor as bd
-from bndoctor.stats.moments import pool
+from bndoctor.moments import pool
 from tests._dist import run_ranks
 
 

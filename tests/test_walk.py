@@ -60,7 +60,7 @@ def test_root_bn_has_empty_name():
 
 @pytest.mark.parametrize("bad", [None, {"a": 1}, [nn.BatchNorm2d(2)], nn.BatchNorm2d(2).state_dict()])
 def test_non_module_is_a_clear_type_error(bad):
-    with pytest.raises(bd.NotAModuleError, match=r"torch.nn.Module \(got"):
+    with pytest.raises(bd.errors.NotAModuleError, match=r"torch.nn.Module \(got"):
         bd.find_bn(bad)
     with pytest.raises(TypeError):  # also a TypeError for callers who catch that
         bd.freeze_bn(bad)
@@ -93,15 +93,15 @@ class TestSelect:
         assert self.names(lambda n, m: isinstance(m, nn.BatchNorm1d)) == ["head.0"]
 
     def test_prefix_does_not_match_partial_words(self):
-        with pytest.raises(bd.ModuleSelectionError, match="'back' matches no BatchNorm layer"):
+        with pytest.raises(bd.errors.ModuleSelectionError, match="'back' matches no BatchNorm layer"):
             self.names("back")
 
     def test_typo_is_an_error_listing_layers(self):
-        with pytest.raises(bd.ModuleSelectionError, match=r"backbone\.0"):
+        with pytest.raises(bd.errors.ModuleSelectionError, match=r"backbone\.0"):
             self.names(["head", "haed"])
 
     def test_non_string_entries_rejected(self):
-        with pytest.raises(bd.ModuleSelectionError, match="got int"):
+        with pytest.raises(bd.errors.ModuleSelectionError, match="got int"):
             self.names([1])
 
 
@@ -133,9 +133,9 @@ class TestReplaceModule:
         assert bd.replace_module(nn.BatchNorm2d(2), "", new) is new
 
     def test_unknown_path_is_clear(self):
-        with pytest.raises(bd.ModuleSelectionError, match=r"no submodule at 'x\.y'"):
+        with pytest.raises(bd.errors.ModuleSelectionError, match=r"no submodule at 'x\.y'"):
             bd.replace_module(nn.Sequential(nn.ReLU()), "x.y", nn.Identity())
 
     def test_new_must_be_module(self):
-        with pytest.raises(bd.NotAModuleError, match="`new`"):
+        with pytest.raises(bd.errors.NotAModuleError, match="`new`"):
             bd.replace_module(nn.Sequential(nn.ReLU()), "0", "relu")

@@ -1,58 +1,49 @@
 """bndoctor: diagnose and repair BatchNorm when the physical batch is tiny.
 
+The top level holds the verbs users call (the README's); everything else is
+grouped in namespaced submodules:
+
+* :mod:`bndoctor.remedies` — one module per remedy, the remedy registry
+  (``register_remedy``, ``register_fix``) and the class-swap helpers;
+* :mod:`bndoctor.layers` — the layers and the protocol every layer answers;
+* :mod:`bndoctor.families` — the registry of BN-like layer families;
+* :mod:`bndoctor.diagnose` — ``check``/``fix`` with ``Report``, ``FixResult``
+  and the check registry; :mod:`bndoctor.findings` — ``Finding``, ``Action``;
+* :mod:`bndoctor.stats`, :mod:`bndoctor.ranks`, :mod:`bndoctor.monitor`,
+  :mod:`bndoctor.noise` — statistics, cross-rank, monitoring, batch-size science;
+* :mod:`bndoctor.errors` — every exception class;
+* ``bndoctor.bench``, ``bndoctor.integrations``, ``bndoctor.cli`` — imported on request.
+
 The root package imports torch and numpy only; optional integrations live in
 ``bndoctor.integrations`` and are never imported from here.
 """
 
 from ._version import __version__
 from ._walk import BNInfo, find_bn, replace_module
-from .accumulate import (
-    accumulate_bn,
-    accumulation_window,
-    close_windows,
-    collect_window,
-    from_accum_bn,
-    from_batch_renorm,
-    to_accum_bn,
-    to_batch_renorm,
-)
-from .check import (
-    CheckFailedError,
-    Finding,
-    FixResult,
-    Report,
-    TrainingSetup,
-    check,
-    fix,
-    register_check,
-)
-from .convert import convert_bn, default_num_groups, freeze_bn, unfreeze_bn
-from .errors import (
-    BNDoctorError,
-    BNDoctorWarning,
-    GroupCountError,
-    MissingRunningStatsError,
-    ModelSpecError,
-    ModuleSelectionError,
-    NotAModuleError,
-    UninitializedLayerError,
-)
-from .fold import fold_bn
-from .layers import AccumBatchNorm, BatchRenorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, SyncBatchNorm
+from .diagnose import TrainingSetup, check, fix, register_check
+from .errors import BNDoctorError, BNDoctorWarning
+from .findings import Finding
+from .layers import AccumBatchNorm, BatchRenorm, SyncBatchNorm
 from .monitor import BNMonitor
 from .noise import GradientNoiseScale, advise, tail_index
-from .ranks import DivergenceReport, merge_running_stats, rank_divergence
-from .stats import (
-    RecalibrationReport,
-    export_stats,
-    import_stats,
-    load_stats,
-    recalibrate,
-    stats_sets,
-    store_stats,
-    use_stats,
+from .ranks import merge_running_stats, rank_divergence
+from .remedies import (
+    accumulate_bn,
+    accumulation_window,
+    collect_window,
+    convert_bn,
+    fold_bn,
+    freeze_bn,
+    from_accum_bn,
+    from_batch_renorm,
+    from_sync_bn,
+    register_fix,
+    to_accum_bn,
+    to_batch_renorm,
+    to_sync_bn,
+    unfreeze_bn,
 )
-from .sync import from_sync_bn, to_sync_bn
+from .stats import export_stats, import_stats, load_stats, recalibrate, stats_sets, store_stats, use_stats
 
 __all__ = [
     "AccumBatchNorm",
@@ -61,33 +52,17 @@ __all__ = [
     "BNInfo",
     "BNMonitor",
     "BatchRenorm",
-    "CheckFailedError",
-    "DivergenceReport",
     "Finding",
-    "FixResult",
-    "FrozenBatchNorm1d",
-    "FrozenBatchNorm2d",
-    "FrozenBatchNorm3d",
     "GradientNoiseScale",
-    "GroupCountError",
-    "MissingRunningStatsError",
-    "ModelSpecError",
-    "ModuleSelectionError",
-    "NotAModuleError",
-    "RecalibrationReport",
-    "Report",
     "SyncBatchNorm",
     "TrainingSetup",
-    "UninitializedLayerError",
     "__version__",
     "accumulate_bn",
     "accumulation_window",
     "advise",
     "check",
-    "close_windows",
     "collect_window",
     "convert_bn",
-    "default_num_groups",
     "export_stats",
     "find_bn",
     "fix",
@@ -102,6 +77,7 @@ __all__ = [
     "rank_divergence",
     "recalibrate",
     "register_check",
+    "register_fix",
     "replace_module",
     "stats_sets",
     "store_stats",

@@ -19,9 +19,32 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["Snapshot", "preserved"]
+__all__ = ["Patches", "Snapshot", "preserved"]
 
 _ATTRS = ("momentum", "track_running_stats")
+
+
+class Patches:
+    """Instance attributes set temporarily (e.g. a wrapped ``forward``); :meth:`undo` puts back what was there.
+
+    The one way bndoctor patches a module while it runs it (recalibration, the shape trace of ``check``).
+    """
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[nn.Module, str, bool, Any]] = []
+
+    def set(self, module: nn.Module, attr: str, value: Any) -> None:
+        had = attr in module.__dict__
+        self._saved.append((module, attr, had, module.__dict__.get(attr)))
+        module.__dict__[attr] = value
+
+    def undo(self) -> None:
+        for module, attr, had, value in reversed(self._saved):
+            if had:
+                module.__dict__[attr] = value
+            else:
+                module.__dict__.pop(attr, None)
+        self._saved.clear()
 
 
 class Snapshot:
@@ -35,7 +58,7 @@ class Snapshot:
             (b, b.detach().clone()) for m in self.modules for b in m.buffers(recurse=False)
         ]
         self.handles: list[RemovableHandle] = []
-        self.patches: list[tuple[nn.Module, str, bool, Any]] = []
+        self.patches = Patches()
 
     def hook(self, handle: RemovableHandle) -> None:
         """Remove this hook when the block ends."""
@@ -43,20 +66,13 @@ class Snapshot:
 
     def patch(self, module: nn.Module, attr: str, value: Any) -> None:
         """Set an instance attribute (e.g. ``forward``) until the block ends."""
-        had = attr in module.__dict__
-        self.patches.append((module, attr, had, module.__dict__.get(attr)))
-        module.__dict__[attr] = value
+        self.patches.set(module, attr, value)
 
     def restore(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        for module, attr, had, value in reversed(self.patches):
-            if had:
-                module.__dict__[attr] = value
-            else:
-                module.__dict__.pop(attr, None)
-        self.patches.clear()
+        self.patches.undo()
         with torch.no_grad():
             for live, saved in self.buffers:
                 live.copy_(saved)

@@ -3,15 +3,12 @@
 Every conversion in bndoctor goes through this module, so that the same rules
 apply everywhere:
 
-* A BatchNorm layer is any ``torch.nn.modules.batchnorm._BatchNorm`` subclass
-  (BatchNorm1d/2d/3d, SyncBatchNorm, initialised LazyBatchNorm*, third-party
-  subclasses such as timm's ``BatchNormAct2d``).
-* A module that is *not* a ``_BatchNorm`` is recognised by behaviour:
-  ``weight``, ``bias``, ``running_mean`` and ``running_var`` all buffers and no
-  parameters of its own is a frozen BN (torchvision, detectron2 and timm ship
-  such ``FrozenBatchNorm2d`` classes); running-statistics buffers next to
-  trainable parameters is a BN-like layer whose forward bndoctor cannot
-  reason about (OpenMMLab's ``MMSyncBN``), reported as unsupported.
+* What counts as a BatchNorm layer, and what bndoctor may do with it, comes
+  from the layer-family registry (:mod:`bndoctor.families`): torch's
+  ``_BatchNorm`` subclasses, SyncBN, frozen layers recognised by behaviour
+  (torchvision, detectron2 and timm ``FrozenBatchNorm2d``), lazy layers, and
+  BN-like layers bndoctor cannot reason about (OpenMMLab's ``MMSyncBN``),
+  reported as unsupported.
 * A module reachable at several paths (shared submodule) is one layer: it is
   reported once with its aliases and replaced by one new object at every path.
 """
@@ -19,15 +16,13 @@ apply everywhere:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .errors import (
     BNDoctorError,
@@ -37,6 +32,7 @@ from .errors import (
     UninitializedLayerError,
     require_module,
 )
+from .families import BNKind, Family, family_of
 
 __all__ = [
     "BNInfo",
@@ -47,15 +43,13 @@ __all__ = [
     "replace_modules",
 ]
 
-BNKind = Literal["batchnorm", "sync", "frozen", "lazy", "bn-like"]
-
 #: What ``modules=`` accepts everywhere: ``None`` (all layers), a qualified
 #: name, prefix or glob pattern, several of them, or a predicate on
 #: ``(qualified_name, module)``.
 ModuleSelection = None | str | Iterable[str] | Callable[[str, nn.Module], bool]
 
-_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
-_LAZY_DIMS = {nn.LazyBatchNorm1d: 1, nn.LazyBatchNorm2d: 2, nn.LazyBatchNorm3d: 3}
+_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.LazyBatchNorm1d: 1}
+_DIMS.update({nn.LazyBatchNorm2d: 2, nn.LazyBatchNorm3d: 3})
 
 
 @dataclass(frozen=True)
@@ -65,7 +59,8 @@ class BNInfo:
     ``frozen`` means the layer normalises with its running statistics even in
     training mode (bndoctor's frozen layers and third-party FrozenBatchNorm).
     ``supported`` is ``False`` for layers bndoctor finds but cannot convert;
-    ``reason`` says why.
+    ``reason`` says why. ``family`` is the registry entry the layer matched
+    (:mod:`bndoctor.families`).
     """
 
     name: str
@@ -83,6 +78,7 @@ class BNInfo:
     supported: bool = True
     reason: str = ""
     aliases: tuple[str, ...] = ()
+    family: Family | None = field(default=None, repr=False, compare=False)
 
     @property
     def uses_batch_stats(self) -> bool:
@@ -90,6 +86,21 @@ class BNInfo:
         if self.frozen:
             return False
         return self.training or not self.track_running_stats
+
+    @property
+    def swappable(self) -> bool:
+        """Whether a class-swapping remedy (SyncBN, accumulation-aware BN, Batch Renorm) may convert it."""
+        return self.family is not None and self.family.swappable
+
+    @property
+    def lazy(self) -> bool:
+        """An uninitialised lazy layer: its shape is unknown until the first forward."""
+        return self.family is not None and self.family.lazy
+
+    @property
+    def opaque(self) -> bool:
+        """A BN-like layer whose forward bndoctor cannot reason about (found, never converted)."""
+        return not self.supported and not self.lazy
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready view (everything but the module object)."""
@@ -116,98 +127,50 @@ def _class_path(module: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _is_uninitialized(module: nn.Module) -> bool:
-    has_uninit = getattr(module, "has_uninitialized_params", None)
-    return bool(has_uninit()) if callable(has_uninit) else False
-
-
 def _bn_dims(module: nn.Module) -> int | None:
-    for base, dims in {**_DIMS, **_LAZY_DIMS}.items():
+    for base, dims in _DIMS.items():
         if isinstance(module, base):
             return dims
-    return getattr(module, "_bndoctor_dims", None)
-
-
-def _has_running_buffers(module: nn.Module) -> bool:
-    buffers = module._buffers
-    return buffers.get("running_mean") is not None and buffers.get("running_var") is not None
-
-
-def _is_frozen_by_behaviour(module: nn.Module) -> bool:
-    buffers = module._buffers
-    own_params = any(p is not None for p in module._parameters.values())
-    return buffers.get("weight") is not None and buffers.get("bias") is not None and not own_params
-
-
-def _behaviour_record(name: str, module: nn.Module, kind: BNKind, **fields: Any) -> BNInfo:
-    """A record for a layer recognised by its buffers rather than its class."""
-    return BNInfo(
-        name=name,
-        module=module,
-        kind=kind,
-        cls=_class_path(module),
-        dims=None,
-        num_features=int(module.get_buffer("running_mean").numel()),
-        track_running_stats=True,
-        eps=float(getattr(module, "eps", 1e-5)),
-        training=module.training,
-        **fields,
-    )
+    return None
 
 
 def _classify(name: str, module: nn.Module) -> BNInfo | None:
     """Return a record for a BN or BN-like module, ``None`` for anything else."""
-    from .layers.frozen import is_bndoctor_frozen
-    from .layers.sync import SyncBatchNorm
-
-    if isinstance(module, _InstanceNorm):
+    family = family_of(module)
+    if family is None:
         return None
-    if isinstance(module, _BatchNorm):
+    common = dict(
+        name=name,
+        module=module,
+        kind=family.kind,
+        cls=_class_path(module),
+        training=module.training,
+        frozen=family.frozen,
+        supported=family.supported,
+        reason=family.reason if not family.supported else "",
+        family=family,
+    )
+    if family.torch_bn:
         momentum = module.momentum
-        common = dict(
-            name=name,
-            module=module,
-            cls=_class_path(module),
+        return BNInfo(
             dims=_bn_dims(module),
+            num_features=None if family.lazy else int(module.num_features),
             affine=bool(module.affine),
             track_running_stats=bool(module.track_running_stats),
             momentum=None if momentum is None else float(momentum),
             eps=float(module.eps),
-            training=module.training,
+            **common,
         )
-        if _is_uninitialized(module):
-            return BNInfo(
-                kind="lazy",
-                num_features=None,
-                frozen=False,
-                supported=False,
-                reason="lazy layer not initialised yet; run one forward pass first",
-                **common,
-            )
-        kind: BNKind = "sync" if isinstance(module, (nn.SyncBatchNorm, SyncBatchNorm)) else "batchnorm"
-        frozen = is_bndoctor_frozen(module)
-        if frozen:
-            kind = "frozen"
-        return BNInfo(kind=kind, num_features=int(module.num_features), frozen=frozen, **common)
-    if not _has_running_buffers(module):
-        return None
-    if _is_frozen_by_behaviour(module):
-        return _behaviour_record(name, module, "frozen", affine=True, momentum=None, frozen=True)
-    # running statistics next to trainable parameters: BN-like, not convertible
+    # recognised by its buffers: a frozen BN keeps its affine as buffers
     momentum = getattr(module, "momentum", None)
-    return _behaviour_record(
-        name,
-        module,
-        "bn-like",
-        affine=getattr(module, "weight", None) is not None,
-        momentum=float(momentum) if isinstance(momentum, (int, float)) else None,
-        frozen=False,
-        supported=False,
-        reason=(
-            "has running statistics but does not subclass torch.nn.BatchNorm "
-            "(_BatchNorm), so bndoctor cannot tell how its forward uses them; "
-            "convert it to a torch BatchNorm class first"
-        ),
+    return BNInfo(
+        dims=None,
+        num_features=int(module.get_buffer("running_mean").numel()),
+        affine=True if family.frozen else getattr(module, "weight", None) is not None,
+        track_running_stats=True,
+        momentum=float(momentum) if isinstance(momentum, (int, float)) and not family.frozen else None,
+        eps=float(getattr(module, "eps", 1e-5)),
+        **common,
     )
 
 
@@ -217,15 +180,10 @@ def with_running_stats(model: nn.Module, modules: ModuleSelection = None) -> lis
     return [
         r
         for r in select(find_bn(model), modules)
-        if r.kind not in ("bn-like", "lazy")
+        if r.supported
         and getattr(r.module, "running_mean", None) is not None
         and getattr(r.module, "running_var", None) is not None
     ]
-
-
-def has_plain_forward(module: nn.Module) -> bool:
-    """Whether a BN layer's forward is torch's own (a subclass such as BatchNormAct2d adds more)."""
-    return type(module).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
 def find_bn(model: nn.Module) -> list[BNInfo]:
@@ -259,8 +217,6 @@ def find_bn(model: nn.Module) -> list[BNInfo]:
 
 
 def _with(record: BNInfo, **changes: object) -> BNInfo:
-    import dataclasses
-
     return dataclasses.replace(record, **changes)
 
 
@@ -312,7 +268,7 @@ def select(records: list[BNInfo], modules: ModuleSelection, *, argument: str = "
 
 
 def require_initialized(record: BNInfo) -> None:
-    if record.kind == "lazy":
+    if record.lazy:
         raise UninitializedLayerError(
             f"'{record.name}' ({record.cls.rsplit('.', 1)[-1]}) is an uninitialised "
             "lazy layer: its number of features is unknown",
@@ -334,7 +290,7 @@ def require_running_stats(record: BNInfo, operation: str) -> None:
 
 
 def warn_unsupported(records: Iterable[BNInfo], operation: str) -> None:
-    skipped = [r for r in records if r.kind == "bn-like"]
+    skipped = [r for r in records if r.opaque]
     if skipped:
         names = ", ".join(f"'{r.name}' ({r.cls})" for r in skipped)
         warnings.warn(
@@ -358,7 +314,7 @@ def prepare(model: nn.Module, inplace: bool) -> nn.Module:
     try:
         return copy.deepcopy(model)
     except Exception as exc:
-        lazy = [r.name for r in find_bn(model) if r.kind == "lazy"]
+        lazy = [r.name for r in find_bn(model) if r.lazy]
         why = f"it holds uninitialised lazy layers ({', '.join(lazy)})" if lazy else str(exc)
         raise BNDoctorError(
             f"cannot copy the model to convert it: {why}",

@@ -12,7 +12,6 @@ __all__ = [
     "BNDoctorWarning",
     "GroupCountError",
     "MissingRunningStatsError",
-    "ModelSpecError",
     "ModuleSelectionError",
     "NotAModuleError",
     "UninitializedLayerError",
@@ -51,10 +50,6 @@ class GroupCountError(BNDoctorError):
 
 class ModuleSelectionError(BNDoctorError):
     """A ``modules=`` selection names nothing in the model."""
-
-
-class ModelSpecError(BNDoctorError):
-    """The CLI could not turn a MODEL argument into a module."""
 
 
 class BNDoctorWarning(UserWarning):

@@ -29,7 +29,7 @@ def make_norm(norm: NormSpec, channels: int) -> nn.Module:
     ``"instance"`` (one channel per group), ``"none"`` (identity) or a callable
     ``channels -> module``.
     """
-    from .convert import default_num_groups
+    from .remedies import default_num_groups
 
     if callable(norm):
         return norm(channels)

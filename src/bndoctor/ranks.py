@@ -24,9 +24,10 @@ import torch
 import torch.nn as nn
 
 from . import distributed
+from ._table import render
 from ._walk import BNInfo, ModuleSelection, with_running_stats
 from .errors import BNDoctorError
-from .stats.moments import pool
+from .moments import pool
 
 __all__ = ["DivergenceReport", "LayerDivergence", "merge_running_stats", "rank_divergence"]
 
@@ -62,8 +63,6 @@ class DivergenceReport:
         return {"world_size": self.world_size, "max": self.max, "layers": [la.to_json() for la in self.layers]}
 
     def __str__(self) -> str:
-        from .cli._table import render
-
         rows = [
             [la.name, f"{la.mean_max:.3g}", f"{la.mean_avg:.3g}", f"{la.var_max:.3g}", f"{la.var_avg:.3g}"]
             for la in self.layers

@@ -283,7 +283,7 @@ def test_bn901_unsupported_bn_like_layer():
 
 
 def test_strict_raises_one_error_listing_every_error_finding():
-    with pytest.raises(bd.CheckFailedError, match="BN101") as info:
+    with pytest.raises(bd.diagnose.CheckFailedError, match="BN101") as info:
         bd.check(conv_bn(), S(micro_batch=2), strict=True)
     assert "bndoctor.fix" in info.value.hint
     bd.check(conv_bn(), S(micro_batch=32), strict=True)  # warnings and infos do not raise
@@ -328,7 +328,7 @@ def test_bad_input_is_refused_with_a_hint():
         bd.check(conv_bn(), input_shape=(3, 0))
     with pytest.raises(bd.BNDoctorError, match="TrainingSetup"):
         bd.check(conv_bn(), {"micro_batch": 2})
-    with pytest.raises(bd.NotAModuleError):
+    with pytest.raises(bd.errors.NotAModuleError):
         bd.check(conv_bn().state_dict())
 
 
@@ -349,13 +349,13 @@ def test_user_checks_are_looked_up_along_the_class_hierarchy():
         with pytest.raises(bd.BNDoctorError, match="already registered"):
             bd.register_check("TEST001", "again")(every_bn)
     finally:
-        from bndoctor.check import CHECKS
+        from bndoctor.diagnose import CHECKS
 
         CHECKS.pop("TEST001")
 
 
 def test_a_user_check_returning_garbage_is_named():
-    from bndoctor.check import CHECKS
+    from bndoctor.diagnose import CHECKS
 
     bd.register_check("TEST002", "broken")(lambda ctx: ["not a finding"])
     try:

@@ -36,7 +36,7 @@ def test_bad_option_is_one_line_plus_hint(capsys):
 
 
 def test_error_map():
-    user = describe(bndoctor.GroupCountError("bad groups", hint="pick 4"))
+    user = describe(bndoctor.errors.GroupCountError("bad groups", hint="pick 4"))
     assert (user.message, user.hint, user.code) == ("bad groups", "pick 4", EXIT_USAGE)
     assert describe(FileNotFoundError(2, "nope", "x.pt")).code == EXIT_USAGE
     internal = describe(RuntimeError("boom\nsecond line"))

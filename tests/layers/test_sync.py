@@ -243,7 +243,7 @@ def test_modules_selection_frozen_and_custom_layers():
     assert isinstance(synced["backbone"][0], bd.SyncBatchNorm)
     assert type(synced["backbone"][1]) is BatchNormAct2d and type(synced["head"][0]) is nn.BatchNorm1d
     frozen = bd.to_sync_bn(bd.freeze_bn(nn.Sequential(nn.BatchNorm2d(2))))
-    assert isinstance(frozen[0], bd.FrozenBatchNorm2d)
+    assert isinstance(frozen[0], bd.layers.FrozenBatchNorm2d)
 
 
 def test_torch_syncbatchnorm_converts_and_needs_dims_to_revert():

@@ -229,9 +229,9 @@ def test_bad_input_is_refused_with_a_hint():
         BNMonitor(tiny_resnet(), every=0)
     with pytest.raises(bd.BNDoctorError, match="sink"):
         BNMonitor(tiny_resnet(), sink=42)
-    with pytest.raises(bd.NotAModuleError):
+    with pytest.raises(bd.errors.NotAModuleError):
         BNMonitor([])
-    with pytest.raises(bd.ModuleSelectionError):
+    with pytest.raises(bd.errors.ModuleSelectionError):
         BNMonitor(tiny_resnet(), modules="nope")
 
 

@@ -145,7 +145,7 @@ def test_frozen_layers_untouched_unless_selected():
     assert torch.equal(model.stem[1].running_mean, before) and "stem.1 (frozen)" in report.skipped
     bd.recalibrate(model, [torch.randn(16, 1, 8, 8)], modules="stem", progress=False)
     assert not torch.equal(model.stem[1].running_mean, before)
-    assert isinstance(model.stem[1], bd.FrozenBatchNorm2d) and not model.stem[1].training
+    assert isinstance(model.stem[1], bd.layers.FrozenBatchNorm2d) and not model.stem[1].training
 
 
 def test_third_party_frozen_layer_recalibrated_from_its_input_when_selected():
@@ -221,9 +221,9 @@ def test_bad_input_errors():
         bd.recalibrate(model, torch.randn(4, 2), progress=False)
     with pytest.raises(bd.BNDoctorError, match="num_samples"):
         bd.recalibrate(model, [torch.randn(4, 2)], num_samples=0, progress=False)
-    with pytest.raises(bd.NotAModuleError):
+    with pytest.raises(bd.errors.NotAModuleError):
         bd.recalibrate({"a": 1}, [torch.randn(4, 2)])
-    with pytest.raises(bd.MissingRunningStatsError, match="recalibrate needs running statistics"):
+    with pytest.raises(bd.errors.MissingRunningStatsError, match="recalibrate needs running statistics"):
         bd.recalibrate(
             nn.Sequential(nn.BatchNorm1d(2, track_running_stats=False)),
             [torch.randn(4, 2)],

@@ -164,24 +164,24 @@ def _train(
     if scenario.remedy is not None:
         model = scenario.remedy(model)
     if scenario.sync_bn:
-        from ..sync import to_sync_bn
+        from ..remedies import to_sync_bn
 
         model = to_sync_bn(model, inplace=True)
     net: nn.Module = model
     if world > 1:
         net = _ddp(model)
     if scenario.accum_bn:
-        from ..accumulate import to_accum_bn
+        from ..remedies import to_accum_bn
 
         model = to_accum_bn(model, mode=scenario.accum_bn, inplace=True)
     if scenario.batch_renorm:
-        from ..accumulate import to_batch_renorm
+        from ..remedies import to_batch_renorm
 
         model = to_batch_renorm(model, warmup_steps=scenario.brn_warmup, inplace=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=scenario.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     if scenario.accum_bn:
-        from ..accumulate import accumulate_bn
+        from ..remedies import accumulate_bn
 
         accumulate_bn(model, optimizer)
     monitor = _monitor(model, rank, len(data.y_train) // scenario.micro_batch // world)
@@ -207,7 +207,7 @@ def _train(
             mine = logical[rank::world]
             optimizer.zero_grad(set_to_none=True)
             if scenario.two_pass:
-                from ..accumulate import collect_window
+                from ..remedies import collect_window
 
                 collect_window(model, [data.x_train[idx] for idx in mine])
             for step, idx in enumerate(mine):

@@ -157,7 +157,7 @@ def resolve(selection: Iterable[str] | None) -> list[Scenario]:
 
 def frozen_bn(model: nn.Module) -> nn.Module:
     """Remedy: freeze BN statistics (affine stays trainable)."""
-    from ..convert import freeze_bn
+    from ..remedies import freeze_bn
 
     return freeze_bn(model, inplace=True)
 

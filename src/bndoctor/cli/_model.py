@@ -19,8 +19,13 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from ..errors import ModelSpecError
+from ..errors import BNDoctorError
 from ..models import BUNDLED_MODELS
+
+
+class ModelSpecError(BNDoctorError):
+    """The CLI could not turn a MODEL argument into a module."""
+
 
 _FORMS = "a bundled model ({names}), package.module:callable, or a file saved with torch.save"
 

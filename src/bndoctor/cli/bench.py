@@ -78,7 +78,7 @@ class ScenarioList:
         return self.rows
 
     def to_text(self) -> str:
-        from . import _table
+        from .. import _table
 
         return _table.render(
             ["scenario", "group", "setup", "epochs", "description"],
@@ -132,7 +132,7 @@ DEMO_INTRO = (
 
 def _demo_diagnosis() -> str:
     """What ``bndoctor check`` says about the harness setup before anything trains."""
-    from ..check import TrainingSetup, check
+    from ..diagnose import TrainingSetup, check
     from ..models import tiny_resnet
 
     report = check(tiny_resnet(), TrainingSetup(micro_batch=2, accum_steps=32), input_shape=(1, 8, 8))

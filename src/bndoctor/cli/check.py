@@ -11,11 +11,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..check import Report, TrainingSetup, check
-from ..errors import ModelSpecError
+from ..diagnose import Report, TrainingSetup, check
 from ._app import Command, positive_int
 from ._errors import EXIT_FINDINGS, EXIT_OK
-from ._model import add_model_arguments, load_model, load_weights
+from ._model import ModelSpecError, add_model_arguments, load_model, load_weights
 
 
 @dataclass

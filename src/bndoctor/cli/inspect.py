@@ -10,11 +10,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .. import _table
 from .._walk import find_bn
-from ..errors import ModelSpecError
-from . import _table
 from ._app import Command
-from ._model import add_model_arguments, load_model, load_weights
+from ._model import ModelSpecError, add_model_arguments, load_model, load_weights
 
 
 @dataclass

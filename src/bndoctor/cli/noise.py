@@ -6,8 +6,8 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from ..check import Finding
-from . import _table
+from .. import _table
+from ..findings import Finding
 from ._app import Command, positive_int
 
 
@@ -56,8 +56,8 @@ class NoiseResult:
 
 
 def run(args: argparse.Namespace) -> NoiseResult:
+    from ..bench.noise import measure_noise
     from ..noise import advise
-    from ..noise.experiment import measure_noise
 
     result = measure_noise(
         micro_batch=args.micro_batch,

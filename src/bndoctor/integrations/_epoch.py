@@ -29,7 +29,7 @@ def end_of_epoch(
     """Recalibrate BN statistics on ``data`` and/or merge them across ranks; returns what was done."""
     done: dict[str, Any] = {}
     if recalibrate and data is not None:
-        from ..stats.recalibrate import recalibrate as run_recalibration
+        from ..stats import recalibrate as run_recalibration
 
         report = run_recalibration(model, data, num_samples=recalibrate_samples, forward=forward, progress=False)
         done["recalibrated_samples"] = report.samples

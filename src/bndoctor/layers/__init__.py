@@ -1,18 +1,29 @@
-"""Normalisation layers shipped by bndoctor."""
+"""Normalisation layers shipped by bndoctor, and the protocol every layer answers (:class:`BNDoctorLayer`)."""
 
-from .accum import AccumBatchNorm
+from ._base import (
+    BNDoctorLayer,
+    is_small_batch_remedy,
+    normalisation_statistics,
+    pools_ranks,
+    pools_window,
+    window_open,
+)
+from .accum import AccumBatchNorm, AccumMode
 from .frozen import (
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
     FrozenBatchNormMixin,
     frozen_class_for,
+    is_bndoctor_frozen,
 )
 from .renorm import BatchRenorm
 from .sync import SyncBatchNorm
 
 __all__ = [
     "AccumBatchNorm",
+    "AccumMode",
+    "BNDoctorLayer",
     "BatchRenorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
@@ -20,4 +31,10 @@ __all__ = [
     "FrozenBatchNormMixin",
     "SyncBatchNorm",
     "frozen_class_for",
+    "is_bndoctor_frozen",
+    "is_small_batch_remedy",
+    "normalisation_statistics",
+    "pools_ranks",
+    "pools_window",
+    "window_open",
 ]

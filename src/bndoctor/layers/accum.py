@@ -53,7 +53,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import distributed
 from ..distributed import HasProcessGroup
 from ..errors import BNDoctorError, BNDoctorWarning
-from ..stats.moments import pool_two
+from ..moments import pool_two
+from ._base import BNDoctorLayer
 from ._ema import ema_step, renormalize
 
 __all__ = ["AccumBatchNorm", "AccumMode"]
@@ -104,14 +105,22 @@ class _PooledNorm(torch.autograd.Function):
         return dx, (dw if need_w and ctx.has_weight else None), (db if need_b else None), None, None, None, None
 
 
-class AccumBatchNorm(HasProcessGroup, _BatchNorm):
+class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
     """BatchNorm whose training statistics span the whole gradient-accumulation window.
 
     Same arguments as ``torch.nn.BatchNorm2d`` plus ``mode``; accepts inputs
     ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` and ``(N, C, D, H, W)``. Build
     it with :func:`bndoctor.to_accum_bn` and attach the window control with
     :func:`bndoctor.accumulate_bn`.
+
+    Window control is counted: :meth:`acquire_control` / :meth:`release_control`
+    are called by whatever closes the windows (the optimizer hook of
+    ``accumulate_bn``, an ``accumulation_window`` block); without any, training
+    falls back to plain BatchNorm with a warning.
     """
+
+    pools_window = True
+    small_batch_remedy = True
 
     def __init__(
         self,
@@ -136,6 +145,7 @@ class AccumBatchNorm(HasProcessGroup, _BatchNorm):
         self._group = distributed.GroupRef(process_group)
         self._bndoctor_source_class: type | None = None
         self._controllers = 0  # attached accumulate_bn hooks / open accumulation_window blocks
+        self._in_block = False  # inside an accumulation_window block
         self._warned = False
         self.reset_window()
 
@@ -166,17 +176,63 @@ class AccumBatchNorm(HasProcessGroup, _BatchNorm):
     def window_open(self) -> bool:
         return self._win.count > 0
 
-    @property
-    def _count(self) -> float:
-        return self._win.count
+    def window_statistics(self, *, collected: bool = False) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+        """``(count, mean, biased var)`` of the open window (``collected=True``: of the collected whole window).
+
+        ``None`` when nothing is there. Tensors are the layer's own: read, do not modify.
+        """
+        if collected:
+            held = self.__dict__.get("_collected")
+            return None if held is None else (held[0], held[1], held[2] / held[0])
+        win = self._win
+        if win.mean is None or win.m2 is None or win.count == 0:
+            return None
+        return win.count, win.mean, win.m2 / win.count
 
     @property
-    def _mean(self) -> torch.Tensor | None:
-        return self._win.mean
+    def pools_ranks(self) -> bool:
+        return bool(self.sync)
 
     @property
-    def _m2(self) -> torch.Tensor | None:
-        return self._win.m2
+    def controlled(self) -> bool:
+        """Whether something closes this layer's windows (else training is plain BN)."""
+        return self._controllers > 0
+
+    def acquire_control(self, *, block: bool = False) -> None:
+        """Count one more window controller (``block``: an ``accumulation_window`` block, which does not nest)."""
+        if block:
+            if self._in_block:
+                raise BNDoctorError(
+                    "accumulation_window blocks do not nest",
+                    hint="close the outer window before opening another",
+                )
+            self._in_block = True
+        self._controllers += 1
+
+    def release_control(self, *, block: bool = False) -> None:
+        if block:
+            self._in_block = False
+        self._controllers = max(self._controllers - 1, 0)
+
+    @torch.no_grad()
+    def normalisation_statistics(
+        self, mean: torch.Tensor, var: torch.Tensor, n: int
+    ) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+        """The window statistics this micro-batch will be normalised with, given its own (mean, biased var).
+
+        ``None`` when no window control is attached (the layer then trains as plain BN).
+        """
+        if not self.controlled:
+            return None
+        collected = self.__dict__.get("_collected")
+        if collected is not None:
+            count, w_mean, w_m2 = collected
+            return count, w_mean.double(), w_m2.double() / count
+        win = self._win
+        if win.mean is None or win.m2 is None:
+            return float(n), mean, var
+        count, pooled_mean, pooled_m2 = pool_two(win.count, win.mean.double(), win.m2.double(), n, mean, var * n)
+        return count, pooled_mean, pooled_m2 / count
 
     @torch.no_grad()
     def close_window(self) -> None:
@@ -191,18 +247,11 @@ class AccumBatchNorm(HasProcessGroup, _BatchNorm):
 
     # ----------------------------------------------------------------- forward
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise BNDoctorError(
-                f"expected at least 2D input (got {input.dim()}D input)",
-                hint="AccumBatchNorm normalises dimension 1 of (N, C, ...) inputs",
-            )
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         if not self.training or not self.track_running_stats or self.running_mean is None:
             return super().forward(input)
-        if self._controllers == 0:
+        if not self.controlled:
             if not self._warned:
                 self._warned = True
                 warnings.warn(

@@ -21,13 +21,16 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError
+from ._base import BNDoctorLayer
 from ._ema import renormalize
 
 __all__ = ["BatchRenorm"]
 
 
-class BatchRenorm(_BatchNorm):
+class BatchRenorm(BNDoctorLayer, _BatchNorm):
     """Batch Renormalization for inputs ``(N, C, ...)``; ``r_max``/``d_max`` ramp up over ``warmup_steps``."""
+
+    small_batch_remedy = True
 
     def __init__(
         self,
@@ -54,13 +57,6 @@ class BatchRenorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype)
         self.r_max, self.d_max, self.warmup_steps = float(r_max), float(d_max), int(warmup_steps)
         self._bndoctor_source_class: type | None = None
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise BNDoctorError(
-                f"expected at least 2D input (got {input.dim()}D input)",
-                hint="BatchRenorm normalises dimension 1 of (N, C, ...) inputs",
-            )
 
     def limits(self) -> tuple[float, float]:
         """The current (r_max, d_max) of the warm-up ramp."""

@@ -27,12 +27,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..distributed import GroupRef, HasProcessGroup, world_size
 from ..errors import BNDoctorError
+from ._base import BNDoctorLayer
 from ._ema import ema_step
 
 __all__ = ["SyncBatchNorm"]
 
 
-class SyncBatchNorm(HasProcessGroup, _BatchNorm):
+class SyncBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
     """BatchNorm whose training-mode statistics span all ranks of a process group.
 
     Args are those of ``torch.nn.BatchNorm2d`` plus ``process_group`` (default:
@@ -58,12 +59,9 @@ class SyncBatchNorm(HasProcessGroup, _BatchNorm):
         self._group = GroupRef(process_group)
         self._bndoctor_source_class: type | None = None
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() < 2:
-            raise BNDoctorError(
-                f"expected at least 2D input (got {input.dim()}D input)",
-                hint="SyncBatchNorm normalises dimension 1 of (N, C, ...) inputs",
-            )
+    @property
+    def pools_ranks(self) -> bool:
+        return True
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)

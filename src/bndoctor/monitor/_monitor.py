@@ -47,17 +47,19 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
+from .._validate import positive_int
 from .._version import __version__
 from .._walk import ModuleSelection, with_running_stats
-from ..check import Finding
 from ..errors import BNDoctorError, require_module
+from ..findings import ERROR_BELOW, Finding
+from ..layers import normalisation_statistics
 from .sinks import JsonlSink, Sink
 
 __all__ = ["BNMonitor"]
 
 log = logging.getLogger("bndoctor.monitor")
 
-MIN_EFFECTIVE_BATCH = 8
+MIN_EFFECTIVE_BATCH = ERROR_BELOW
 COLLAPSE_FRACTION = 0.25
 DIVERGENCE_ALERT = 0.25
 
@@ -68,27 +70,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
-
-
-def _window_statistics(
-    module: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int
-) -> tuple[float, torch.Tensor, torch.Tensor] | None:
-    """For AccumBatchNorm: (count, mean, biased var) it will normalise this micro-batch with."""
-    from ..layers.accum import AccumBatchNorm
-    from ..stats.moments import pool_two
-
-    if not isinstance(module, AccumBatchNorm) or module._controllers == 0:
-        return None
-    collected = module.__dict__.get("_collected")
-    if collected is not None:
-        count, w_mean, w_m2 = collected
-        return count, w_mean.double(), w_m2.double() / count
-    if module._mean is None or module._m2 is None:
-        return float(n), mean, var
-    count, pooled_mean, pooled_m2 = pool_two(
-        module._count, module._mean.double(), module._m2.double(), n, mean, var * n
-    )
-    return count, pooled_mean, pooled_m2 / count
 
 
 def _sinks(sink: Any) -> list[Sink]:
@@ -139,16 +120,9 @@ class BNMonitor:
         log: bool = True,
     ) -> None:
         require_module(model)
-        for name, value in (("every", every), ("window", window)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BNDoctorError(
-                    f"expected {name} to be a positive integer (got {value!r})", hint=f"e.g. {name}=100"
-                )
-        if isinstance(divergence_every, bool) or not isinstance(divergence_every, int) or divergence_every < 0:
-            raise BNDoctorError(
-                f"expected divergence_every to be an integer >= 0 (got {divergence_every!r})",
-                hint="0 turns the cross-rank check off",
-            )
+        positive_int(every, "every", hint="e.g. every=100")
+        positive_int(window, "window", hint="e.g. window=5")
+        positive_int(divergence_every, "divergence_every", minimum=0, hint="0 turns the cross-rank check off")
         self.model = model
         self.root = _unwrap(model)
         records = with_running_stats(self.root, modules)
@@ -288,7 +262,7 @@ class BNMonitor:
             image_means = values.mean(2)  # (C, images)
             mean_b = image_means.mean(1)
             var_b = values.reshape(x.shape[1], -1).var(1, unbiased=False)
-            window = _window_statistics(module, mean_b, var_b, n)
+            window = normalisation_statistics(module, mean_b, var_b, n)
             if window is not None:  # accumulation-aware BN normalises with its window, not the micro-batch
                 out["window"] = window[0]
                 mean_b, var_b = window[1], window[2]

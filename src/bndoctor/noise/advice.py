@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import math
 
-from ..check import Finding
-from ..check.builtin import FINETUNE_RANGE
+from ..findings import FINETUNE_RANGE, Finding
 
 __all__ = ["advise"]
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
+from .._validate import positive_int
 from ..errors import BNDoctorError
 from .tail import tail_index
 
@@ -47,12 +48,6 @@ class NoiseSample:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BNDoctorError(f"expected {name} to be a positive integer (got {value!r})", hint=f"e.g. {name}=8")
-    return value
 
 
 class GradientNoiseScale:
@@ -91,11 +86,9 @@ class GradientNoiseScale:
                 "GradientNoiseScale found no parameter that requires a gradient",
                 hint="pass the model (or its trainable parameters) that the optimizer updates",
             )
-        self.micro_batch = _positive_int("micro_batch", micro_batch)
-        self.accum_steps = _positive_int("accum_steps", accum_steps)
-        self.world_size = (
-            _positive_int("world_size", world_size) if world_size is not None else distributed.world_size()
-        )
+        self.micro_batch = positive_int(micro_batch, "micro_batch")
+        self.accum_steps = positive_int(accum_steps, "accum_steps")
+        self.world_size = positive_int(world_size, "world_size") if world_size is not None else distributed.world_size()
         if self.accum_steps * self.world_size < 2:
             raise BNDoctorError(
                 "the gradient noise scale needs two batch sizes, but one micro-batch makes each step "

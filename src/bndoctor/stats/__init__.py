@@ -1,18 +1,18 @@
-"""Population statistics: pooled moments, recalibration (PreciseBN) and per-domain sets."""
+"""Population statistics: recalibration (PreciseBN) and per-domain sets of running statistics.
+
+The pooled-moment math they share is :mod:`bndoctor.moments`; how batches are
+fed is :mod:`bndoctor._batches` (``forward(model, batch)``).
+"""
 
 from .domains import export_stats, import_stats, load_stats, stats_sets, store_stats, use_stats
-from .moments import Moments, pool
-from .recalibrate import LayerChange, RecalibrationReport, default_forward, recalibrate
+from .recalibrate import LayerChange, RecalibrationReport, recalibrate
 
 __all__ = [
     "LayerChange",
-    "Moments",
     "RecalibrationReport",
-    "default_forward",
     "export_stats",
     "import_stats",
     "load_stats",
-    "pool",
     "recalibrate",
     "stats_sets",
     "store_stats",

@@ -37,7 +37,6 @@ statistics are written only after the pass succeeded everywhere.
 
 from __future__ import annotations
 
-import itertools
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -49,16 +48,17 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import distributed
+from .._batches import Forward, batch_size, default_forward, model_device, to_device
 from .._progress import ProgressBar
 from .._state import preserved
+from .._table import render
+from .._validate import positive_int
 from .._walk import BNInfo, ModuleSelection, find_bn, require_running_stats, select, warn_unsupported
 from ..errors import BNDoctorError, BNDoctorWarning, require_module
-from .moments import Moments, merge, pool, pool_columns
+from ..families import has_plain_forward
+from ..moments import Moments, merge, pool, pool_columns
 
-__all__ = ["LayerChange", "RecalibrationReport", "default_forward", "recalibrate"]
-
-Forward = Callable[[nn.Module, Any], Any]
-_PLAIN_FORWARD = _BatchNorm.forward
+__all__ = ["LayerChange", "RecalibrationReport", "recalibrate"]
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,6 @@ class RecalibrationReport:
         }
 
     def __str__(self) -> str:
-        from ..cli._table import render
-
         head = (
             f"recalibrated {sum(la.reached for la in self.layers)} BN layer(s) on {self.global_samples} samples "
             f"({self.batches} batches on this rank, world size {self.world_size}) in {self.seconds:.2f} s"
@@ -124,53 +122,6 @@ class RecalibrationReport:
         if self.skipped:
             notes.append(f"skipped: {', '.join(self.skipped)}")
         return "\n".join([head, table, *notes])
-
-
-# --------------------------------------------------------------------------- batches
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """A tensor is the input; a tuple/list holds the input first; a dict is passed as keyword arguments."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, (list, tuple)) and batch:
-        return model(batch[0])
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    raise BNDoctorError(
-        f"cannot feed a batch of type {type(batch).__name__} to the model",
-        hint="pass forward=lambda model, batch: model(...) to say how a batch is fed",
-    )
-
-
-def _to_device(batch: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_to_device(v, device) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
-    for item in items:
-        size = _batch_size(item)
-        if size:
-            return size
-    return 0
-
-
-def _model_device(model: nn.Module) -> torch.device | None:
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return None if tensor is None else tensor.device
 
 
 # --------------------------------------------------------------------------- collection
@@ -201,7 +152,7 @@ class _Pass:
             not exact
             and isinstance(r.module, _BatchNorm)
             and not isinstance(r.module, nn.SyncBatchNorm)
-            and type(r.module).forward is _PLAIN_FORWARD
+            and has_plain_forward(r.module)
             and r.module.running_mean.dtype in (torch.float32, torch.float64)
             and r.module.running_mean.device == device
             for r in records
@@ -373,13 +324,7 @@ def recalibrate(
     initialised.
     """
     require_module(model)
-    if num_samples is not None and (
-        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1
-    ):
-        raise BNDoctorError(
-            f"expected num_samples to be a positive int or None (got {num_samples!r})",
-            hint="e.g. num_samples=2048, or None to use all the data",
-        )
+    positive_int(num_samples, "num_samples", none_ok=True, hint="e.g. num_samples=2048, or None to use all the data")
     if isinstance(data, (torch.Tensor, Mapping)) or not isinstance(data, Iterable):
         raise BNDoctorError(
             f"expected `data` to be an iterable of batches (got {type(data).__name__})",
@@ -389,19 +334,19 @@ def recalibrate(
     records = select(find_bn(model), modules)
     skipped: list[str] = []
     if modules is None:
-        skipped = [f"{r.name} (frozen)" for r in records if r.frozen and r.kind != "bn-like"]
+        skipped = [f"{r.name} (frozen)" for r in records if r.frozen]
         skipped += [
             f"{r.name} (track_running_stats=False)"
             for r in records
-            if not r.frozen and not r.track_running_stats and r.kind != "lazy"
+            if not r.frozen and not r.track_running_stats and not r.lazy
         ]
         records = [r for r in records if not r.frozen and r.track_running_stats]
     warn_unsupported(records, "recalibrate")
-    targets = [r for r in records if r.kind != "bn-like"]
+    targets = [r for r in records if not r.opaque]
     for record in targets:
         require_running_stats(record, "recalibrate")
     forward = forward or default_forward
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     dist_on = distributed.active(process_group)
     world = distributed.world_size(process_group) if dist_on else 1
     recorder = _Pass(targets, exact)
@@ -425,10 +370,10 @@ def recalibrate(
                     module.track_running_stats = False  # batch statistics, buffers untouched
                 snapshot.patch(module, "forward", recorder.wrapper(index))
             for batch in data:
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device)
                 forward(model, batch)
                 recorder.end_batch()
-                used += _batch_size(batch)
+                used += batch_size(batch)
                 batches += 1
                 if show is not None:
                     show(used, num_samples)

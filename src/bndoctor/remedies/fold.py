@@ -17,21 +17,18 @@ that sit next to each other in an ``nn.Sequential`` are folded instead.
 from __future__ import annotations
 
 import copy
-import itertools
 import warnings
-from collections import Counter
 
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
 
-from ._walk import BNInfo, ModuleSelection, has_plain_forward, plan, replace_modules
-from .errors import BNDoctorWarning
+from .._pairs import find_pairs
+from .._walk import BNInfo, ModuleSelection, plan, replace_modules
+from ..errors import BNDoctorWarning
+from ..families import has_plain_forward
 
 __all__ = ["fold_bn"]
-
-_PRODUCERS = (_ConvNd, nn.Linear)
 
 
 def _foldable(record: BNInfo) -> bool:
@@ -59,70 +56,16 @@ def _out_channels(producer: nn.Module) -> int:
     return producer.out_channels  # type: ignore[return-value]
 
 
-def _pairs_from_trace(model: nn.Module, bn_by_id: dict[int, BNInfo]) -> list[tuple[nn.Module, BNInfo]]:
-    import torch.fx
-
-    class _Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return id(m) in bn_by_id or isinstance(m, _PRODUCERS) or super().is_leaf_module(m, qualname)
-
-    graph = _Tracer().trace(model)
-    calls = Counter()
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[id(model.get_submodule(node.target))] += 1
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        bn = model.get_submodule(node.target)
-        record = bn_by_id.get(id(bn))
-        if record is None or len(node.args) != 1 or node.kwargs:
-            continue
-        source = node.args[0]
-        if not isinstance(source, torch.fx.Node) or source.op != "call_module":
-            continue
-        producer = model.get_submodule(source.target)
-        if (
-            isinstance(producer, _PRODUCERS)
-            and len(source.users) == 1
-            and calls[id(producer)] == 1
-            and calls[id(bn)] == 1
-        ):
-            pairs.append((producer, record))
-    return pairs
-
-
-def _pairs_from_sequentials(model: nn.Module, bn_by_id: dict[int, BNInfo]) -> list[tuple[nn.Module, BNInfo]]:
-    uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    pairs = []
-    for container in model.modules():
-        if not isinstance(container, nn.Sequential):
-            continue
-        children = list(container)
-        for producer, bn in itertools.pairwise(children):
-            record = bn_by_id.get(id(bn))
-            if (
-                record is not None
-                and isinstance(producer, _PRODUCERS)
-                and uses[id(producer)] == 1
-                and uses[id(bn)] == 1
-            ):
-                pairs.append((producer, record))
-    return pairs
-
-
 def _find_pairs(model: nn.Module, bn_by_id: dict[int, BNInfo]) -> list[tuple[nn.Module, BNInfo]]:
-    try:
-        return _pairs_from_trace(model, bn_by_id)
-    except Exception as exc:  # any tracing failure means: use the fallback
+    pairs, why = find_pairs(model, bn_by_id)
+    if why:
         warnings.warn(
-            f"fold_bn could not trace {type(model).__name__} with torch.fx ({exc}); "
+            f"fold_bn could not trace {type(model).__name__} with torch.fx ({why}); "
             "folding only conv/linear -> BN pairs that sit next to each other in nn.Sequential",
             BNDoctorWarning,
             stacklevel=3,
         )
-        return _pairs_from_sequentials(model, bn_by_id)
+    return pairs
 
 
 def _scale_shift(record: BNInfo) -> tuple[torch.Tensor, torch.Tensor]:

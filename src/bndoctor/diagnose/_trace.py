@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-__all__ = ["Trace", "trace"]
+from .._pairs import PRODUCERS
+from .._state import Patches
 
-_PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_MISSING = object()
+__all__ = ["Trace", "trace"]
 
 
 @dataclass
@@ -84,13 +84,12 @@ def trace(model: nn.Module, shape: tuple[int, ...], watched: dict[int, str], nam
         if isinstance(output, torch.Tensor):
             outputs[id(output)] = (names.get(id(module), ""), output)  # the reference keeps the id unique
 
-    patched: list[tuple[nn.Module, object]] = []
+    patches = Patches()
     try:
         for module in model.modules():
             if id(module) in watched:
-                patched.append((module, module.__dict__.get("forward", _MISSING)))
-                module.forward = shape_keeping(module)  # type: ignore[method-assign]
-            elif isinstance(module, _PRODUCERS):
+                patches.set(module, "forward", shape_keeping(module))
+            elif isinstance(module, PRODUCERS):
                 handles.append(module.register_forward_hook(after))
         swapped = _to_meta(model)
         try:
@@ -101,9 +100,5 @@ def trace(model: nn.Module, shape: tuple[int, ...], watched: dict[int, str], nam
     finally:
         for handle in handles:
             handle.remove()
-        for module, previous in patched:
-            if previous is _MISSING:
-                del module.forward
-            else:
-                module.forward = previous  # type: ignore[method-assign]
+        patches.undo()
     return result

@@ -1,10 +1,13 @@
-"""The built-in checks: the seeds' checklist and the pitfalls of ../PEERS.md as findings.
+"""The built-in checks: the seeds' checklist and the pitfalls of the peer tools as findings.
 
 Codes are stable: BN1xx batch size and statistics regime, BN2xx layer
 configuration, BN3xx distributed setup, GN1xx GroupNorm, BN9xx what bndoctor
-cannot analyse. Thresholds: a normalisation batch below 8 samples is an
-error, below 16 a warning (the Group Normalization paper's ImageNet curve:
-BN's error grows quickly below 8 images per GPU, Wu and He 2018).
+cannot analyse. Thresholds (:mod:`bndoctor.findings`): a normalisation batch
+below 8 samples is an error, below 16 a warning (the Group Normalization
+paper's ImageNet curve: BN's error grows quickly below 8 images per GPU, Wu
+and He 2018). What a layer normalises over is asked from the layer itself
+(:mod:`bndoctor.layers` protocol); the remedies a finding prescribes come
+from the remedy registry (:func:`bndoctor.remedies.prescriptions`).
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import remedies
 from .._walk import BNInfo
-from ._core import Action, Context, Finding, register_check
+from ..findings import ERROR_BELOW, FINETUNE_RANGE, WARN_BELOW, Action, Finding
+from ..layers import is_small_batch_remedy, pools_ranks, pools_window
+from ._core import Context, register_check
 
-ERROR_BELOW = 8
-WARN_BELOW = 16
-FINETUNE_RANGE = (32, 128)
 MOMENTUM_RANGE = (0.001, 0.5)
 EPS_RANGE = (1e-7, 1e-2)
 _SHOWN = 5
@@ -33,71 +36,38 @@ def _names(records: list[BNInfo]) -> str:
 
 
 def _is_remedy(record: BNInfo) -> bool:
-    from ..layers.accum import AccumBatchNorm
-    from ..layers.renorm import BatchRenorm
-
-    return isinstance(record.module, (AccumBatchNorm, BatchRenorm))
+    return is_small_batch_remedy(record.module)
 
 
 def _learning(ctx: Context) -> list[BNInfo]:
     """Layers that will normalise with (and learn) batch statistics once the model trains."""
-    return [r for r in ctx.records if r.kind in ("batchnorm", "sync", "bn-like") and not r.frozen]
+    return [r for r in ctx.records if not r.frozen and not r.lazy]
 
 
 def _synced(ctx: Context, record: BNInfo) -> bool:
     if ctx.setup is not None and ctx.setup.sync_bn:
         return True
-    return record.kind == "sync" or bool(getattr(record.module, "sync", False))
+    return pools_ranks(record.module)
 
 
 def _normalisation_batch(ctx: Context, record: BNInfo) -> int:
-    """Samples per statistics computation of this layer in training."""
-    from ..layers.accum import AccumBatchNorm
-
+    """Samples per statistics computation of this layer in training (the layer says what it pools)."""
     setup = ctx.setup
-    assert setup is not None
+    if setup is None:
+        raise ValueError("the normalisation batch needs a TrainingSetup")  # internal: callers check first
     n = setup.micro_batch
     if _synced(ctx, record):
         n *= setup.world_size
-    if isinstance(record.module, AccumBatchNorm):
+    if pools_window(record.module):
         n *= setup.accum_steps
     return n
 
 
-def _remedies(ctx: Context) -> list[tuple[str, Action]]:
-    """Remedies for a tiny normalisation batch, best first for this setup."""
-    setup = ctx.setup
-    assert setup is not None
-    if setup.finetune:
-        return [
-            (
-                "freeze the BN statistics: model = bndoctor.freeze_bn(model) (with a large domain shift, "
-                "then bndoctor.recalibrate(model, target_loader))",
-                Action("freeze_bn"),
-            )
-        ]
-    ranked: list[tuple[str, Action]] = []
-    if setup.accum_steps > 1:
-        span = "micro-batch x accumulation" + (" x world size" if setup.world_size > 1 else "")
-        ranked.append(
-            (
-                f"accumulation-aware BN normalises over the window ({span}): model = bndoctor.to_accum_bn("
-                f"{'bndoctor.to_sync_bn(model)' if setup.world_size > 1 else 'model'}); "
-                "bndoctor.accumulate_bn(model, optimizer)",
-                Action("to_accum_bn", options=(("sync", setup.world_size > 1),)),
-            )
-        )
-    if setup.world_size > 1:
-        ranked.append(
-            (
-                f"SyncBatchNorm normalises over all {setup.world_size} processes: model = bndoctor.to_sync_bn(model)",
-                Action("to_sync_bn"),
-            )
-        )
-    ranked.append(
-        ("GroupNorm does not depend on the batch: model = bndoctor.convert_bn(model, 'group')", Action("convert_bn"))
-    )
-    return ranked
+def _remedies(ctx: Context) -> list[remedies.Prescription]:
+    """Remedies for a tiny normalisation batch, best first for this setup (from the remedy registry)."""
+    if ctx.setup is None:
+        return []
+    return remedies.prescriptions(ctx.setup)
 
 
 def _values_per_channel(ctx: Context, records: list[BNInfo]) -> dict[str, int]:
@@ -126,8 +96,8 @@ def small_normalisation_batch(ctx: Context) -> Iterator[Finding]:
         if size >= WARN_BELOW:
             continue
         severity = "error" if size < ERROR_BELOW else "warning"
-        remedies = _remedies(ctx)
-        fix = "; else ".join(text for text, _ in remedies[:3])
+        ranked = _remedies(ctx)
+        fix = "; else ".join(p.text for p in ranked[:3])
         setup = ctx.setup
         values = _values_per_channel(ctx, group)
         spread = f" ({min(values.values())}-{max(values.values())} values per channel)" if values else ""
@@ -148,7 +118,7 @@ def small_normalisation_batch(ctx: Context) -> Iterator[Finding]:
                 "values_per_channel": values,
             },
             fix,
-            Action(remedies[0][1].name, tuple(r.name for r in group), remedies[0][1].options),
+            Action(ranked[0].action.name, tuple(r.name for r in group), ranked[0].action.options) if ranked else None,
         )
 
 
@@ -185,7 +155,7 @@ def accumulation_with_bn(ctx: Context) -> Finding | None:
     if not layers:
         return None
     setup = ctx.setup
-    remedy = _remedies(ctx)[0]
+    ranked = _remedies(ctx)
     return Finding(
         "BN103",
         "warning",
@@ -194,8 +164,8 @@ def accumulation_with_bn(ctx: Context) -> Finding | None:
         f"{setup.logical_batch}, but {len(layers)} BN layer(s) still see {setup.micro_batch} sample(s) at a time "
         f"and update their running statistics {setup.accum_steps} times per optimizer step",
         {"accum_steps": setup.accum_steps, "micro_batch": setup.micro_batch, "layers": len(layers)},
-        remedy[0],
-        Action(remedy[1].name, tuple(r.name for r in layers), remedy[1].options),
+        ranked[0].text if ranked else "",
+        Action(ranked[0].action.name, tuple(r.name for r in layers), ranked[0].action.options) if ranked else None,
     )
 
 
@@ -270,7 +240,7 @@ def bias_before_bn(ctx: Context) -> Iterator[Finding]:
         producer = ctx.model.get_submodule(producer_name) if producer_name else None
         if record is None or producer is None or getattr(producer, "bias", None) is None:
             continue
-        if record.kind not in ("batchnorm", "sync", "frozen"):
+        if not record.supported:
             continue
         yield Finding(
             "BN201",
@@ -303,7 +273,7 @@ def no_running_stats(ctx: Context, name: str, module: nn.Module) -> Finding | No
 def bn_eval_while_training(ctx: Context) -> Finding | None:
     if not ctx.model.training:
         return None
-    trainable = [r for r in ctx.records if r.kind in ("batchnorm", "sync") and not r.frozen]
+    trainable = [r for r in ctx.records if r.supported and not r.frozen]
     idle = [r for r in trainable if not r.training]
     if not idle:
         return None
@@ -434,7 +404,7 @@ def never_reached(ctx: Context) -> Finding | None:
 
 @register_check("BN301", "SyncBN under DataParallel", applies_to=nn.DataParallel)
 def sync_under_data_parallel(ctx: Context, name: str, module: nn.Module) -> Finding | None:
-    synced = [r for r in ctx.records if r.kind == "sync" and (not name or r.name.startswith(name + "."))]
+    synced = [r for r in ctx.records if pools_ranks(r.module) and (not name or r.name.startswith(name + "."))]
     if not synced:
         return None
     return Finding(
@@ -507,7 +477,7 @@ def one_channel_per_group(ctx: Context, name: str, module: nn.Module) -> Finding
 @register_check("BN901", "BN-like layer bndoctor cannot analyse")
 def unsupported_layers(ctx: Context) -> Iterator[Finding]:
     for record in ctx.records:
-        if record.kind == "bn-like" or record.kind == "lazy":
+        if not record.supported:
             yield Finding(
                 "BN901",
                 "info",

@@ -1,16 +1,25 @@
-"""Convert BatchNorm layers to bndoctor's SyncBatchNorm and back."""
+"""SyncBN: convert BatchNorm layers to bndoctor's SyncBatchNorm (CPU and GPU) and back.
+
+Also registers the ``to_sync_bn`` fixer and prescription (several processes:
+normalise over all of them) and ``from_sync_bn`` (torch's SyncBatchNorm in a
+single process cannot train).
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch.nn as nn
 
-from . import distributed
-from ._walk import ModuleSelection
-from .convert import revert_bn, swap_bn_layers
-from .errors import BNDoctorError
-from .layers.sync import SyncBatchNorm
+from .. import distributed
+from .._walk import ModuleSelection
+from ..errors import BNDoctorError
+from ..findings import Action
+from ..layers.sync import SyncBatchNorm
+from ..training import TrainingSetup
+from ._registry import FixStep, Prescription, Remedy, register_remedy
+from ._swap import revert_layers, swap_layers
 
 __all__ = ["from_sync_bn", "to_sync_bn"]
 
@@ -45,7 +54,7 @@ def to_sync_bn(
             )
         process_group = distributed.subgroup(group_size)
 
-    return swap_bn_layers(
+    return swap_layers(
         model,
         lambda record: SyncBatchNorm(int(record.num_features or 0), process_group=process_group),
         modules=modules,
@@ -61,4 +70,43 @@ def from_sync_bn(model: nn.Module, *, dims: int | None = None, inplace: bool = F
     every field (lossless round trip). Other SyncBatchNorm layers (built
     directly, or torch's) need ``dims=1, 2 or 3`` to pick the class.
     """
-    return revert_bn(model, (SyncBatchNorm, nn.SyncBatchNorm), dims=dims, inplace=inplace)
+    return revert_layers(model, (SyncBatchNorm, nn.SyncBatchNorm), dims=dims, inplace=inplace)
+
+
+def _fix_to_sync(step: FixStep) -> nn.Module:
+    before = step.classes()
+    step.model = to_sync_bn(step.model, modules=step.selection, inplace=True)
+    step.note("to_sync_bn", before=before)
+    return step.model
+
+
+def _fix_from_sync(step: FixStep) -> nn.Module:
+    before = step.classes()
+    dims = [len(step.layer_shapes[m]) - 2 for m in step.layers if m in step.layer_shapes]
+    common = Counter(dims).most_common(1)[0][0] if dims else 2  # traced input rank, else images
+    step.model = from_sync_bn(step.model, dims=common, inplace=True)
+    step.note("from_sync_bn", before=before)
+    return step.model
+
+
+def _prescribe(setup: TrainingSetup) -> Prescription | None:
+    if setup.world_size == 1 or setup.finetune:
+        return None
+    return Prescription(
+        f"SyncBatchNorm normalises over all {setup.world_size} processes: model = bndoctor.to_sync_bn(model)",
+        Action("to_sync_bn"),
+    )
+
+
+register_remedy(
+    Remedy(
+        "to_sync_bn",
+        fix=_fix_to_sync,
+        order=60,
+        layer=SyncBatchNorm,
+        revert=from_sync_bn,
+        prescribe=_prescribe,
+        rank=20,
+    )
+)
+register_remedy(Remedy("from_sync_bn", fix=_fix_from_sync, order=40))

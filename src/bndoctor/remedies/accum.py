@@ -1,4 +1,4 @@
-"""Accumulation-aware BatchNorm: conversion and window control.
+"""Accumulation-aware BatchNorm: conversion, window control, and its fixer and prescription.
 
     model = bndoctor.to_accum_bn(model)              # BN -> AccumBatchNorm
     handle = bndoctor.accumulate_bn(model, optimizer)
@@ -18,17 +18,21 @@ explicitly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ._walk import ModuleSelection
-from .convert import revert_bn, swap_bn_layers
-from .errors import BNDoctorError, require_module
-from .layers.accum import AccumBatchNorm, AccumMode
+from .._batches import Forward, batch_size, default_forward
+from .._walk import ModuleSelection
+from ..errors import BNDoctorError, require_module
+from ..findings import Action
+from ..layers import AccumBatchNorm, AccumMode, pools_ranks
+from ..training import TrainingSetup
+from ._registry import FixStep, Prescription, Remedy, register_remedy
+from ._swap import revert_layers, swap_layers
 
 __all__ = [
     "AccumulationHandle",
@@ -37,9 +41,7 @@ __all__ = [
     "close_windows",
     "collect_window",
     "from_accum_bn",
-    "from_batch_renorm",
     "to_accum_bn",
-    "to_batch_renorm",
 ]
 
 
@@ -68,48 +70,13 @@ def to_accum_bn(
         raise BNDoctorError(f"expected sync True, False or None (got {sync!r})", hint="None follows the model")
 
     def make(record: Any) -> AccumBatchNorm:
-        synced = record.kind == "sync" if sync is None else sync
+        synced = pools_ranks(record.module) if sync is None else sync
         group = process_group if process_group is not None else getattr(record.module, "process_group", None)
         return AccumBatchNorm(
             int(record.num_features or 0), mode=mode, sync=synced, process_group=group if synced else None
         )
 
-    return swap_bn_layers(model, make, modules=modules, inplace=inplace, operation="to_accum_bn")
-
-
-def to_batch_renorm(
-    model: nn.Module,
-    *,
-    r_max: float = 3.0,
-    d_max: float = 5.0,
-    warmup_steps: int = 5000,
-    momentum: float = 0.01,
-    modules: ModuleSelection = None,
-    inplace: bool = False,
-) -> nn.Module:
-    """Replace trainable BN layers by :class:`bndoctor.BatchRenorm` (Ioffe 2017), a small-batch baseline.
-
-    ``momentum`` replaces the layers' momentum (Batch Renorm relies on slow,
-    accurate running statistics; the paper uses 0.01). Revert with
-    :func:`bndoctor.from_batch_renorm`.
-    """
-    from .layers.renorm import BatchRenorm
-
-    def make(record: Any) -> BatchRenorm:
-        return BatchRenorm(int(record.num_features or 0), r_max=r_max, d_max=d_max, warmup_steps=warmup_steps)
-
-    converted = swap_bn_layers(model, make, modules=modules, inplace=inplace, operation="to_batch_renorm")
-    for module in converted.modules():
-        if isinstance(module, BatchRenorm):
-            module.momentum = momentum
-    return converted
-
-
-def from_batch_renorm(model: nn.Module, *, dims: int | None = None, inplace: bool = False) -> nn.Module:
-    """Turn BatchRenorm layers back into the BatchNorm class they came from (momentum as it is now)."""
-    from .layers.renorm import BatchRenorm
-
-    return revert_bn(model, (BatchRenorm,), dims=dims, inplace=inplace)
+    return swap_layers(model, make, modules=modules, inplace=inplace, operation="to_accum_bn")
 
 
 def from_accum_bn(model: nn.Module, *, dims: int | None = None, inplace: bool = False) -> nn.Module:
@@ -118,7 +85,7 @@ def from_accum_bn(model: nn.Module, *, dims: int | None = None, inplace: bool = 
     A layer with an open window is an error: its last micro-batches have not
     been committed to the running statistics yet.
     """
-    return revert_bn(model, (AccumBatchNorm,), dims=dims, inplace=inplace)
+    return revert_layers(model, (AccumBatchNorm,), dims=dims, inplace=inplace)
 
 
 def _layers(model: nn.Module) -> list[AccumBatchNorm]:
@@ -156,7 +123,7 @@ class AccumulationHandle:
         self._hook.remove()
         self._hook = None
         for layer in self._layers:
-            layer._controllers -= 1
+            layer.release_control()
 
 
 def accumulate_bn(model: nn.Module, optimizer: torch.optim.Optimizer) -> AccumulationHandle:
@@ -176,7 +143,7 @@ def accumulate_bn(model: nn.Module, optimizer: torch.optim.Optimizer) -> Accumul
 
     handle._hook = optimizer.register_step_post_hook(after_step)
     for layer in layers:
-        layer._controllers += 1
+        layer.acquire_control()
     return handle
 
 
@@ -188,36 +155,30 @@ def accumulation_window(model: nn.Module) -> Iterator[nn.Module]:
     not nest.
     """
     layers = _layers(model)
-    if any(getattr(layer, "_in_window_block", False) for layer in layers):
-        raise BNDoctorError(
-            "accumulation_window blocks do not nest",
-            hint="close the outer window before opening another",
-        )
     for layer in layers:
         if layer.window_open:
             raise BNDoctorError(
                 "an accumulation window is already open (forward passes since the last optimizer step)",
                 hint="call optimizer.step() first, or bndoctor.close_windows(model)",
             )
-        layer._in_window_block = True
-        layer._controllers += 1
+    acquired: list[AccumBatchNorm] = []
     ok = False
     try:
+        for layer in layers:
+            layer.acquire_control(block=True)  # raises if a block is open already
+            acquired.append(layer)
         yield model
         ok = True
     finally:
-        for layer in layers:
-            layer._in_window_block = False
-            layer._controllers -= 1
+        for layer in acquired:
+            layer.release_control(block=True)
             if ok:
                 layer.close_window()
             else:
                 layer.reset_window()
 
 
-def collect_window(
-    model: nn.Module, batches: Iterable[Any], *, forward: Callable[[nn.Module, Any], Any] | None = None
-) -> int:
+def collect_window(model: nn.Module, batches: Iterable[Any], *, forward: Forward | None = None) -> int:
     """First of two passes: gather the whole window's statistics before its gradient pass.
 
     Runs ``model`` without gradients over the window's micro-batches (each
@@ -238,8 +199,6 @@ def collect_window(
     (default: a tensor, or the first element of a tuple/list, or a dict as
     keyword arguments). Returns the number of samples collected per rank.
     """
-    from .stats.recalibrate import _batch_size, default_forward
-
     layers = _layers(model)
     for layer in layers:
         if layer.window_open or layer.holds_collected:
@@ -255,19 +214,59 @@ def collect_window(
     feed = forward or default_forward
     samples = 0
     for layer in layers:
-        layer._controllers += 1
+        layer.acquire_control()
     try:
         with torch.no_grad():
             for batch in batches:
                 feed(model, batch)
-                samples += _batch_size(batch)
+                samples += batch_size(batch)
     except BaseException:
         for layer in layers:
             layer.reset_window()
         raise
     finally:
         for layer in layers:
-            layer._controllers -= 1
+            layer.release_control()
     for layer in layers:
         layer.hold_collected()
     return samples
+
+
+def _fix(step: FixStep) -> nn.Module:
+    before = step.classes()
+    sync = bool(any(dict(a.options).get("sync") for a in step.actions))
+    if sync and "to_sync_bn" not in step.planned:  # pool across ranks: sync first, then accumulate
+        from .sync import to_sync_bn
+
+        step.model = to_sync_bn(step.model, modules=step.selection, inplace=True)
+        step.note("to_sync_bn")
+    step.model = to_accum_bn(step.model, modules=step.selection, inplace=True)
+    step.note("to_accum_bn", before=before, suffix=" (pooled across ranks)" if sync else "")
+    step.changes.append("  then call bndoctor.accumulate_bn(model, optimizer) once the optimizer exists")
+    return step.model
+
+
+def _prescribe(setup: TrainingSetup) -> Prescription | None:
+    if setup.accum_steps == 1 or setup.finetune:
+        return None
+    span = "micro-batch x accumulation" + (" x world size" if setup.world_size > 1 else "")
+    return Prescription(
+        f"accumulation-aware BN normalises over the window ({span}): model = bndoctor.to_accum_bn("
+        f"{'bndoctor.to_sync_bn(model)' if setup.world_size > 1 else 'model'}); "
+        "bndoctor.accumulate_bn(model, optimizer)",
+        Action("to_accum_bn", options=(("sync", setup.world_size > 1),)),
+    )
+
+
+register_remedy(
+    Remedy(
+        "to_accum_bn",
+        fix=_fix,
+        order=70,
+        layer=AccumBatchNorm,
+        revert=from_accum_bn,
+        prescribe=_prescribe,
+        rank=10,
+        attach=accumulate_bn,
+    )
+)

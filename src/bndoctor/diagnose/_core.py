@@ -1,16 +1,19 @@
-"""Findings, reports, the training setup and the registry of checks."""
+"""Reports, the context a check sees, and the registry of checks."""
 
 from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch.nn as nn
 
+from .. import _table
 from .._walk import BNInfo
 from ..errors import BNDoctorError
+from ..findings import SEVERITIES, Action, Finding, Severity
+from ..training import TrainingSetup
 
 __all__ = [
     "CHECKS",
@@ -25,112 +28,9 @@ __all__ = [
     "register_check",
 ]
 
-Severity = Literal["error", "warning", "info"]
-SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
-PRECISIONS = ("fp32", "fp16", "bf16")
-
 
 class CheckFailedError(BNDoctorError):
     """``check(..., strict=True)`` found error-level problems; the message lists them all."""
-
-
-@dataclass(frozen=True)
-class TrainingSetup:
-    """How the model will be trained: the numbers that decide what BatchNorm sees.
-
-    ``micro_batch`` is the physical batch per device and forward pass,
-    ``accum_steps`` the micro-batches per optimizer step, ``world_size`` the
-    number of data-parallel processes, ``sync_bn`` whether BN statistics are
-    synchronised across them (e.g. by the framework), ``finetune`` whether the
-    model starts from pretrained weights, ``precision`` the training precision.
-    """
-
-    micro_batch: int
-    accum_steps: int = 1
-    world_size: int = 1
-    sync_bn: bool = False
-    finetune: bool = False
-    precision: str = "fp32"
-
-    def __post_init__(self) -> None:
-        for name in ("micro_batch", "accum_steps", "world_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BNDoctorError(
-                    f"expected TrainingSetup.{name} to be a positive integer (got {value!r})",
-                    hint="e.g. TrainingSetup(micro_batch=2, accum_steps=32, world_size=4)",
-                )
-        if self.precision not in PRECISIONS:
-            raise BNDoctorError(
-                f"expected precision one of {', '.join(PRECISIONS)} (got {self.precision!r})",
-                hint="fp16 and bf16 mean mixed precision (autocast) or a model cast to that type",
-            )
-
-    @property
-    def logical_batch(self) -> int:
-        """Samples per optimizer step: micro-batch x accumulation steps x world size."""
-        return self.micro_batch * self.accum_steps * self.world_size
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "micro_batch": self.micro_batch,
-            "accum_steps": self.accum_steps,
-            "world_size": self.world_size,
-            "sync_bn": self.sync_bn,
-            "finetune": self.finetune,
-            "precision": self.precision,
-            "logical_batch": self.logical_batch,
-        }
-
-
-@dataclass(frozen=True)
-class Action:
-    """A repair :func:`bndoctor.fix` knows how to apply: a name, the layers, options."""
-
-    name: str
-    modules: tuple[str, ...] = ()
-    options: tuple[tuple[str, Any], ...] = ()
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "modules": list(self.modules), "options": dict(self.options)}
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem: stable code, severity, where, the numbers, why it matters and the fix."""
-
-    code: str
-    severity: Severity
-    module: str | None
-    message: str
-    evidence: dict[str, Any] = field(default_factory=dict)
-    fix: str = ""
-    action: Action | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.severity not in SEVERITIES:
-            raise BNDoctorError(
-                f"expected severity 'error', 'warning' or 'info' (got {self.severity!r}) in finding {self.code}",
-                hint="pick the severity by consequence: error breaks training, warning degrades it",
-            )
-
-    @property
-    def where(self) -> str:
-        return self.module if self.module else "(model)"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "code": self.code,
-            "severity": self.severity,
-            "module": self.module,
-            "message": self.message,
-            "evidence": self.evidence,
-            "fix": self.fix,
-            "action": None if self.action is None else self.action.as_dict(),
-        }
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.severity} {self.where}: {self.message}"
 
 
 @dataclass
@@ -194,8 +94,6 @@ class Report:
     to_json = as_dict
 
     def to_text(self) -> str:
-        from ..cli import _table
-
         head = f"{self.model}: {self.bn_layers} BatchNorm layer(s)"
         if self.setup is not None:
             s = self.setup
@@ -248,9 +146,6 @@ class Context:
     names: dict[int, str]
     input_shapes: dict[str, tuple[int, ...]] | None = None
     pairs: list[tuple[str, str]] | None = None
-
-    def name_of(self, module: nn.Module) -> str:
-        return self.names.get(id(module), type(module).__name__)
 
     @property
     def traced(self) -> bool:

@@ -1,5 +1,7 @@
 """Noise-scale experiments on the harness model (digits, tiny ResNet): what ``bndoctor noise`` runs.
 
+Harness-only code (``bndoctor noise`` and ``benchmarks/bench_noise.py`` use it).
+
 ``measure_noise`` trains with gradient accumulation and records B_simple and
 the tail index at every optimizer step. ``steps_to_target`` trains at one
 logical batch with a grid of learning rates and counts the optimizer steps
@@ -20,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BNDoctorError
-from .scale import GradientNoiseScale
+from ..noise.scale import GradientNoiseScale
 
-__all__ = ["NoiseRun", "fit_noise_model", "measure_noise", "steps_to_target"]
+__all__ = ["NoiseRun", "fit_noise_model", "measure_noise", "model_and_data", "steps_to_target"]
 
 
 @dataclass
@@ -50,9 +52,9 @@ class NoiseRun:
         return statistics.median(values) if values else None
 
 
-def _model_and_data(norm: str, seed: int) -> tuple[torch.nn.Module, Any]:
-    from ..bench.data import load_digits
+def model_and_data(norm: str, seed: int) -> tuple[torch.nn.Module, Any]:
     from ..models import tiny_resnet
+    from .data import load_digits
 
     torch.manual_seed(seed)
     data = load_digits()
@@ -70,7 +72,7 @@ def measure_noise(
     progress: Any = None,
 ) -> NoiseRun:
     """Train the harness model with accumulation; record B_simple and alpha at every optimizer step."""
-    from ..bench.samplers import schedule
+    from .samplers import schedule
 
     if micro_batch < 2 and norm == "batch":
         raise BNDoctorError("BatchNorm needs micro_batch >= 2", hint="use --micro-batch 2 or more, or --norm group")
@@ -78,7 +80,7 @@ def measure_noise(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model, data = _model_and_data(norm, seed)
+        model, data = model_and_data(norm, seed)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
         gns = GradientNoiseScale(model, micro_batch=micro_batch, accum_steps=accum_steps).attach(optimizer)
         rng = np.random.default_rng(seed)
@@ -126,11 +128,11 @@ def steps_to_target(
     smoothing: float = 0.9,
 ) -> dict[str, Any]:
     """Fewest optimizer steps to an EMA training loss <= ``target`` at batch ``batch``, over the ``lrs`` grid."""
-    from ..bench.samplers import schedule
+    from .samplers import schedule
 
     best: dict[str, Any] = {"batch": batch, "steps": None, "lr": None, "per_lr": {}}
     for lr in lrs:
-        model, data = _model_and_data(norm, seed)
+        model, data = model_and_data(norm, seed)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         rng = np.random.default_rng(seed)
         ema, steps, reached = None, 0, None

@@ -1,0 +1,89 @@
+"""``bndoctor.fix``: apply what a report's findings prescribe, through the remedy registry."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from .. import remedies as _remedies  # noqa: F401  (registers the built-in remedies)
+from ..errors import BNDoctorError, require_module
+from ..findings import Action, Finding
+from ..remedies import REMEDIES, FixStep
+from ._core import Report
+
+__all__ = ["FixResult", "fix"]
+
+
+@dataclass
+class FixResult:
+    """The repaired model and one line per change; unpacks as ``model, changes = bndoctor.fix(...)``."""
+
+    model: nn.Module
+    changes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter((self.model, self.changes))
+
+
+def _merge(findings: list[Finding]) -> tuple[dict[str, list[Action]], list[str]]:
+    """Distinct actions per remedy name, and the findings whose action no fixer is registered for."""
+    merged: dict[str, list[Action]] = {}
+    unknown = []
+    for finding in findings:
+        action = finding.action
+        if action is None:
+            continue
+        remedy = REMEDIES.get(action.name)
+        if remedy is None or remedy.fix is None:
+            unknown.append(
+                f"{finding.code} {finding.where} (no fixer is registered for action {action.name!r}: "
+                "bndoctor.remedies.register_fix)"
+            )
+            continue
+        actions = merged.setdefault(action.name, [])
+        if action not in actions:
+            actions.append(action)
+    return merged, unknown
+
+
+def fix(model: nn.Module, report: Report, *, inplace: bool = False) -> FixResult:
+    """Apply the repairs that ``report``'s findings prescribe; returns the model and the changes.
+
+    Works on a copy unless ``inplace=True``. Each finding's action is applied
+    by the fixer registered under its name (:mod:`bndoctor.remedies`), in the
+    remedies' fixed order: drop redundant biases (exact: the bias moves into
+    the BN's running mean), float32 statistics, momentum, SyncBN without
+    processes back to BN, freezing, SyncBN, accumulation-aware BN, Batch
+    Renorm, GroupNorm, then remedies you registered. Findings without a
+    mechanical fix (e.g. eps, layers never reached), or whose action has no
+    registered fixer, are listed in ``skipped``.
+    """
+    require_module(model)
+    if not isinstance(report, Report):
+        raise BNDoctorError(
+            f"expected a bndoctor.diagnose.Report (got {type(report).__name__})",
+            hint="report = bndoctor.check(model, setup); bndoctor.fix(model, report)",
+        )
+    target = model if inplace else copy.deepcopy(model)
+    result = FixResult(target)
+    result.skipped = [f"{f.code} {f.where}" for f in report.findings if f.action is None and f.severity != "info"]
+    merged, unknown = _merge(report.findings)
+    result.skipped += unknown
+    known = {n for n, _ in target.named_modules()}
+    planned = frozenset(merged)
+    for name in sorted(merged, key=lambda n: (REMEDIES[n].order, n)):
+        actions = merged[name]
+        layers = sorted({m for a in actions for m in a.modules if m in known})
+        if not layers and any(a.modules for a in actions):
+            continue  # every layer it names is gone (an earlier repair replaced it)
+        step = FixStep(target, actions, layers, dict(report.layer_shapes), planned)
+        fixer = REMEDIES[name].fix
+        assert fixer is not None  # _merge keeps only remedies with a fixer
+        target = fixer(step)
+        result.changes += step.changes
+        result.skipped += step.skipped
+    result.model = target
+    return result

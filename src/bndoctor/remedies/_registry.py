@@ -1,0 +1,202 @@
+"""The remedy registry: what ``fix`` dispatches to, what ``check`` may prescribe, what a training loop attaches.
+
+A remedy is registered once, next to its converters (one module per remedy
+in this package), as a :class:`Remedy`:
+
+* ``fix``: the fixer :func:`bndoctor.fix` calls for findings whose
+  :class:`~bndoctor.findings.Action` carries the remedy's ``name``. It gets a
+  :class:`FixStep` (the model, the merged actions, the layers they name) and
+  returns the model's root. Fixers run in ascending ``order``.
+* ``prescribe``: given a :class:`~bndoctor.training.TrainingSetup`, a
+  :class:`Prescription` for a normalisation batch that is too small, or
+  ``None``. ``check``'s BN101 lists them best first (ascending ``rank``).
+* ``layer`` / ``revert``: the layer class the remedy installs and the function
+  that turns it back into BatchNorm.
+* ``attach``: what a training loop must do once the optimizer exists (for
+  accumulation-aware BN: close the window at each optimizer step), called by
+  :func:`attach_all` for models that hold ``layer``.
+
+Users register their own with :func:`register_remedy`, or only a fixer with
+:func:`register_fix` (a sibling of :func:`bndoctor.register_check`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn as nn
+
+from ..errors import BNDoctorError, require_module
+from ..findings import Action
+from ..training import TrainingSetup
+
+__all__ = [
+    "REMEDIES",
+    "FixStep",
+    "Prescription",
+    "Remedy",
+    "attach_all",
+    "prescriptions",
+    "register_fix",
+    "register_remedy",
+]
+
+
+@dataclass
+class FixStep:
+    """One remedy's share of a :func:`bndoctor.fix` call.
+
+    ``actions``: the distinct actions with this remedy's name; ``layers``: the
+    modules they name that exist in ``model`` (sorted; empty means the whole
+    model); ``layer_shapes``: the input shape ``check`` traced for each layer;
+    ``planned``: the names of every remedy this ``fix`` call applies. A fixer
+    appends one line per change to ``changes`` (see :meth:`note`) and what it
+    left alone to ``skipped``, and returns the model's root.
+    """
+
+    model: nn.Module
+    actions: list[Action]
+    layers: list[str]
+    layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    planned: frozenset[str] = frozenset()
+    changes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def selection(self) -> list[str] | None:
+        """``modules=`` for a converter: the named layers, or ``None`` (all)."""
+        return self.layers or None
+
+    def option(self, key: str, default: Any = None) -> Any:
+        """An option of the first action that sets ``key``."""
+        for action in self.actions:
+            options = dict(action.options)
+            if key in options:
+                return options[key]
+        return default
+
+    def classes(self) -> dict[str, type]:
+        """The class of each named layer now (take it before a class swap, pass it to :meth:`note`)."""
+        wanted = set(self.layers)
+        return {n: type(m) for n, m in self.model.named_modules() if n in wanted}
+
+    def note(self, name: str, *, before: dict[str, type] | None = None, suffix: str = "") -> None:
+        """Record ``"name: N layer(s)"``; with ``before``, count only the layers whose class changed."""
+        if not self.layers:
+            shown = "all layers"
+        elif before is None:
+            shown = f"{len(self.layers)} layer(s)"
+        else:
+            after = {n: type(m) for n, m in self.model.named_modules() if n in before}
+            kept = [n for n in self.layers if after.get(n) is before.get(n)]
+            for n in kept:
+                self.skipped.append(f"{n} (left as it is: a BN subclass with its own forward, or nothing to change)")
+            changed = len(self.layers) - len(kept)
+            shown = f"{changed} layer(s)" if not kept else f"{changed} of {len(self.layers)} layer(s)"
+        self.changes.append(f"{name}: {shown}{suffix}")
+
+
+Fixer = Callable[[FixStep], nn.Module]
+
+
+@dataclass(frozen=True)
+class Prescription:
+    """A remedy for a too-small normalisation batch: the sentence ``check`` shows and the action ``fix`` applies."""
+
+    text: str
+    action: Action
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """A registered remedy; see the module docstring for each field."""
+
+    name: str
+    fix: Fixer | None = None
+    order: int = 100
+    layer: type | None = None
+    revert: Callable[..., nn.Module] | None = None
+    prescribe: Callable[[TrainingSetup], Prescription | None] | None = None
+    rank: int = 100
+    attach: Callable[[nn.Module, Any], Any] | None = None
+
+
+#: Every registered remedy by name (built-in ones and yours).
+REMEDIES: dict[str, Remedy] = {}
+
+
+def register_remedy(remedy: Remedy, *, replace: bool = False) -> Remedy:
+    """Register ``remedy`` under ``remedy.name`` (``replace=True`` to redefine one)."""
+    if not isinstance(remedy, Remedy):
+        raise BNDoctorError(
+            f"expected a bndoctor.remedies.Remedy (got {type(remedy).__name__})",
+            hint="Remedy(name='to_my_bn', fix=my_fixer, layer=MyBN, revert=from_my_bn)",
+        )
+    if not isinstance(remedy.name, str) or not remedy.name:
+        raise BNDoctorError(f"expected a non-empty remedy name (got {remedy.name!r})", hint='e.g. "to_my_bn"')
+    if remedy.name in REMEDIES and not replace:
+        raise BNDoctorError(
+            f"a remedy named {remedy.name!r} is already registered",
+            hint="choose another name or pass replace=True",
+        )
+    REMEDIES[remedy.name] = remedy
+    return remedy
+
+
+def register_fix(name: str, *, order: int = 100, replace: bool = False) -> Callable[[Fixer], Fixer]:
+    """Register ``fn(step: FixStep) -> model`` as the fixer for actions named ``name``; a decorator.
+
+    The sibling of :func:`bndoctor.register_check`: a check of your own returns
+    findings with ``Action(name, modules)`` and :func:`bndoctor.fix` applies
+    them through this fixer::
+
+        @bndoctor.register_fix("to_my_bn")
+        def fix_my_bn(step):
+            return to_my_bn(step.model, modules=step.selection, inplace=True)
+    """
+
+    def decorate(fn: Fixer) -> Fixer:
+        existing = REMEDIES.get(name)
+        if existing is not None and existing.fix is not None and not replace:
+            raise BNDoctorError(
+                f"a fixer for {name!r} is already registered",
+                hint="choose another action name or pass replace=True",
+            )
+        if existing is None:
+            register_remedy(Remedy(name, fix=fn, order=order))
+        else:
+            REMEDIES[name] = Remedy(**{**existing.__dict__, "fix": fn, "order": order})
+        return fn
+
+    return decorate
+
+
+def prescriptions(setup: TrainingSetup) -> list[Prescription]:
+    """What the registered remedies prescribe for a too-small normalisation batch under ``setup``, best first."""
+    out = []
+    for remedy in sorted(REMEDIES.values(), key=lambda r: r.rank):
+        if remedy.prescribe is not None:
+            prescription = remedy.prescribe(setup)
+            if prescription is not None:
+                out.append(prescription)
+    return out
+
+
+def attach_all(model: nn.Module, optimizer: Any) -> list[Any]:
+    """Attach what every remedy present in ``model`` needs from the training loop; returns the handles.
+
+    E.g. for accumulation-aware BN, the optimizer step hook that closes each
+    window (:func:`bndoctor.accumulate_bn`). Models without such layers get
+    nothing attached.
+    """
+    require_module(model)
+    classes = {type(m) for m in model.modules()}
+    handles = []
+    for remedy in REMEDIES.values():
+        if remedy.attach is None or remedy.layer is None:
+            continue
+        if any(issubclass(c, remedy.layer) for c in classes):
+            handles.append(remedy.attach(model, optimizer))
+    return handles

@@ -1,0 +1,124 @@
+"""Class swaps: replace BN layers by another BatchNorm class and back, moving their state.
+
+The shared machinery of every remedy that installs a layer of its own
+(SyncBN, accumulation-aware BN, Batch Renorm, and any registered by users):
+:func:`swap_layers` replaces the swappable layers (see
+:mod:`bndoctor.families`) and remembers each one's class; :func:`revert_layers`
+turns them back. Parameters and buffers move as objects, so requires_grad,
+sharing and optimizer state carry over.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .._walk import BNInfo, ModuleSelection, plan, replace_modules, require_initialized, warn_unsupported
+from ..errors import BNDoctorError, BNDoctorWarning
+from ..layers import window_open
+
+__all__ = ["revert_layers", "swap_layers", "transfer_bn_state"]
+
+_AFFINE = ("weight", "bias")
+_DIMS_TO_CLASS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def transfer_bn_state(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Give BN ``target`` the parameters, buffers, hyper-parameters and mode of BN ``source``.
+
+    The Parameter objects themselves move, so requires_grad, sharing and any
+    optimizer state keyed by them carry over.
+    """
+    for name in _AFFINE:
+        param = getattr(source, name, None)
+        if param is None:
+            target.register_parameter(name, None)
+        else:
+            setattr(target, name, param)
+    for name, buffer in source._buffers.items():
+        target._buffers[name] = buffer
+    for attr in ("momentum", "eps", "affine", "track_running_stats", "training"):
+        setattr(target, attr, getattr(source, attr))
+    return target
+
+
+def swap_layers(
+    model: nn.Module,
+    make: Callable[[BNInfo], _BatchNorm],
+    *,
+    modules: ModuleSelection,
+    inplace: bool,
+    operation: str,
+) -> nn.Module:
+    """Replace the swappable BN layers by ``make(record)``, moving their state and remembering their class.
+
+    Frozen layers are left alone (they do not use batch statistics), and so are
+    layers of families that are not swappable, such as BN subclasses with
+    their own forward or another remedy's layer (a warning names them and says
+    why). ``operation`` names the caller in messages.
+    """
+
+    def validate(record: BNInfo) -> None:
+        if record.swappable or record.lazy:
+            require_initialized(record)
+
+    model, records = plan(model, modules, inplace, validate)
+    warn_unsupported(records, operation)
+    kept = [r for r in records if r.supported and not r.frozen and not r.swappable]
+    if kept:
+        warnings.warn(
+            f"{operation} left {len(kept)} BN subclass(es) unchanged: "
+            + "; ".join(f"'{r.name}' ({r.family.reason if r.family else 'not swappable'})" for r in kept),
+            BNDoctorWarning,
+            stacklevel=3,
+        )
+    replacements = {}
+    for record in records:
+        if not record.swappable:
+            continue
+        new = make(record)
+        if type(new) is type(record.module):
+            continue
+        transfer_bn_state(record.module, new)
+        new._bndoctor_source_class = type(record.module)  # type: ignore[assignment]
+        replacements[id(record.module)] = (record.module, new)
+    return replace_modules(model, replacements)
+
+
+def revert_layers(model: nn.Module, classes: tuple[type, ...], *, dims: int | None, inplace: bool) -> nn.Module:
+    """Replace layers of ``classes`` by the BatchNorm class they were converted from (or ``dims``).
+
+    A layer whose window is still open (see :func:`bndoctor.layers.window_open`) is an
+    error: its last statistics have not been committed yet.
+    """
+    if dims is not None and dims not in _DIMS_TO_CLASS:
+        raise BNDoctorError(f"expected dims=1, 2 or 3 (got {dims!r})", hint="2 for images (N, C, H, W)")
+    model, records = plan(model, None, inplace, validate=_require_closed_window)
+    replacements = {}
+    for record in records:
+        module = record.module
+        if not isinstance(module, classes):
+            continue
+        cls = getattr(module, "_bndoctor_source_class", None)
+        if cls is None or cls is nn.SyncBatchNorm:
+            if dims is None:
+                raise BNDoctorError(
+                    f"'{record.name}' is a {type(module).__name__} with no remembered BatchNorm class",
+                    hint="pass dims=1, 2 or 3 (e.g. dims=2 for BatchNorm2d)",
+                )
+            cls = _DIMS_TO_CLASS[dims]
+        new = cls(int(record.num_features or 0))
+        transfer_bn_state(module, new)
+        replacements[id(module)] = (module, new)
+    return replace_modules(model, replacements)
+
+
+def _require_closed_window(record: BNInfo) -> None:
+    if window_open(record.module):
+        raise BNDoctorError(
+            f"'{record.name}' has an accumulation window open (statistics of micro-batches not yet committed)",
+            hint="call optimizer.step() (with accumulate_bn attached) or leave the accumulation_window block first",
+        )

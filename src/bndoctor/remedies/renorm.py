@@ -1,0 +1,63 @@
+"""Batch Renormalization (Ioffe 2017) as a remedy: convert BN layers to :class:`bndoctor.BatchRenorm` and back.
+
+The small-batch baseline every other remedy is measured against. ``check``
+does not prescribe it (accumulation-aware BN and SyncBN pool real samples
+instead of correcting towards running statistics), so it registers no
+prescription; ``fix`` can still apply it for a finding of your own with
+``Action("to_batch_renorm")``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from .._walk import ModuleSelection
+from ..layers import BatchRenorm
+from ._registry import FixStep, Remedy, register_remedy
+from ._swap import revert_layers, swap_layers
+
+__all__ = ["from_batch_renorm", "to_batch_renorm"]
+
+
+def to_batch_renorm(
+    model: nn.Module,
+    *,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    warmup_steps: int = 5000,
+    momentum: float = 0.01,
+    modules: ModuleSelection = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace trainable BN layers by :class:`bndoctor.BatchRenorm` (Ioffe 2017), a small-batch baseline.
+
+    ``momentum`` replaces the layers' momentum (Batch Renorm relies on slow,
+    accurate running statistics; the paper uses 0.01). Revert with
+    :func:`bndoctor.from_batch_renorm`.
+    """
+
+    def make(record: Any) -> BatchRenorm:
+        return BatchRenorm(int(record.num_features or 0), r_max=r_max, d_max=d_max, warmup_steps=warmup_steps)
+
+    converted = swap_layers(model, make, modules=modules, inplace=inplace, operation="to_batch_renorm")
+    for module in converted.modules():
+        if isinstance(module, BatchRenorm):
+            module.momentum = momentum
+    return converted
+
+
+def from_batch_renorm(model: nn.Module, *, dims: int | None = None, inplace: bool = False) -> nn.Module:
+    """Turn BatchRenorm layers back into the BatchNorm class they came from (momentum as it is now)."""
+    return revert_layers(model, (BatchRenorm,), dims=dims, inplace=inplace)
+
+
+def _fix(step: FixStep) -> nn.Module:
+    before = step.classes()
+    step.model = to_batch_renorm(step.model, modules=step.selection, inplace=True)
+    step.note("to_batch_renorm", before=before)
+    return step.model
+
+
+register_remedy(Remedy("to_batch_renorm", fix=_fix, order=75, layer=BatchRenorm, revert=from_batch_renorm))
