@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from _publish import publish
+from bndoctor.bench.noise import fit_noise_model, model_and_data, steps_to_target
 from bndoctor.noise import GradientNoiseScale
-from bndoctor.noise.experiment import _model_and_data, fit_noise_model, steps_to_target
 
 BATCHES = (8, 16, 32, 64, 128, 256)
 LRS = (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8)
@@ -38,7 +38,7 @@ def _b_simple(seed: int, micro: int = 8, accum: int = 8, lr: float = 0.1) -> lis
     """B_simple at every optimizer step until the EMA training loss reaches the target."""
     from bndoctor.bench.samplers import schedule
 
-    model, data = _model_and_data("group", seed)
+    model, data = model_and_data("group", seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     gns = GradientNoiseScale(model, micro_batch=micro, accum_steps=accum, tail_coordinates=0).attach(optimizer)
     rng = np.random.default_rng(seed)

@@ -60,11 +60,14 @@ def test_accumulation_doc_snippet_runs():
 @pytest.mark.parametrize("index", range(len(_blocks("check.md"))))
 def test_check_doc_snippets_run(index):
     from bndoctor.diagnose import CHECKS
+    from bndoctor.remedies import REMEDIES
 
     try:
         exec(compile(_blocks("check.md")[index], "check.md", "exec"), {})
     finally:
-        CHECKS.pop("ACME001", None)
+        for code in ("ACME001", "ACME002"):
+            CHECKS.pop(code, None)
+        REMEDIES.pop("slow_momentum", None)
 
 
 def test_monitor_doc_snippet_runs(tmp_path, monkeypatch):

@@ -127,8 +127,7 @@ def test_huggingface_trainer_callback(tmp_path):
 def test_noise_records_are_written_once_per_measured_step(tmp_path):
     from bndoctor.integrations._epoch import MonitorCallbackCore
 
-    core = MonitorCallbackCore()
-    core._setup_core(tmp_path / "run.jsonl", False, None, None, False, {"every": 1000}, True, None)
+    core = MonitorCallbackCore(sink=tmp_path / "run.jsonl", noise_scale=True, every=1000)
     model = tiny_resnet()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     core._start(model, str(tmp_path), None)
@@ -142,3 +141,15 @@ def test_noise_records_are_written_once_per_measured_step(tmp_path):
     core._stop()
     lines = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
     assert len([r for r in lines if r["kind"] == "noise"]) == 1  # labelled with the monitor's step
+
+
+def test_callback_options_are_validated_when_the_callback_is_built():
+    from bndoctor.integrations._epoch import MonitorCallbackCore
+
+    with pytest.raises(bd.BNDoctorError, match="unknown option\\(s\\) evry") as info:
+        MonitorCallbackCore(evry=10)
+    assert "every" in info.value.hint
+    with pytest.raises(bd.BNDoctorError, match="recalibrate_samples to be a positive integer or None"):
+        MonitorCallbackCore(recalibrate_samples=0)
+    with pytest.raises(bd.BNDoctorError, match="recalibrate_forward to be callable"):
+        MonitorCallbackCore(recalibrate_forward="model")

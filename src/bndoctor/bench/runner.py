@@ -180,10 +180,9 @@ def _train(
         model = to_batch_renorm(model, warmup_steps=scenario.brn_warmup, inplace=True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=scenario.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    if scenario.accum_bn:
-        from ..remedies import accumulate_bn
+    from ..remedies import attach_all
 
-        accumulate_bn(model, optimizer)
+    attach_all(model, optimizer)  # e.g. the window control of accumulation-aware BN, whichever remedy made it
     monitor = _monitor(model, rank, len(data.y_train) // scenario.micro_batch // world)
     group = scenario.accum_steps * world
     micro_batches = len(data.y_train) // scenario.micro_batch  # full micro-batches per epoch (iid)

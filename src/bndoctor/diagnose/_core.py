@@ -12,21 +12,10 @@ import torch.nn as nn
 from .. import _table
 from .._walk import BNInfo
 from ..errors import BNDoctorError
-from ..findings import SEVERITIES, Action, Finding, Severity
+from ..findings import SEVERITIES, Finding
 from ..training import TrainingSetup
 
-__all__ = [
-    "CHECKS",
-    "Action",
-    "Check",
-    "CheckFailedError",
-    "Context",
-    "Finding",
-    "Report",
-    "Severity",
-    "TrainingSetup",
-    "register_check",
-]
+__all__ = ["CHECKS", "Check", "CheckFailedError", "Context", "Report", "checks_for", "register_check"]
 
 
 class CheckFailedError(BNDoctorError):

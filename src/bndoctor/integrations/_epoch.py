@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
 import torch.nn as nn
 
 from .. import distributed
+from .._validate import positive_int
+from ..errors import BNDoctorError
 from ..monitor import BNMonitor
 
 
@@ -42,28 +45,61 @@ def end_of_epoch(
 
 
 class MonitorCallbackCore:
-    """What the Lightning and Hugging Face callbacks share: options, the monitor, the epoch-end work."""
+    """What the Lightning and Hugging Face callbacks share: options, the monitor, the epoch-end work.
 
-    def _setup_core(
+    Keyword arguments (validated here, when the callback is built):
+
+    * ``sink``: ``"auto"`` writes ``bn_monitor.jsonl`` in the trainer's output
+      folder; or a path, a sink object, a list of them, or ``None``.
+    * ``recalibrate``: recalibrate BN statistics on the training data at the
+      end of each epoch (PreciseBN); ``recalibrate_samples`` caps the samples
+      (default: the whole loader); ``recalibrate_forward(model, batch)`` says
+      how a batch is fed.
+    * ``merge_ranks``: merge running statistics across ranks at each epoch end.
+    * ``noise_scale``: track the gradient noise scale on the trainer's
+      optimizer; ``noise_micro_batch`` when the loader does not say its batch size.
+    * anything else goes to :class:`bndoctor.BNMonitor` (``every``, ``modules``, ``warmup``, ...).
+
+    Cooperative: it calls ``super().__init__()``, so the framework's callback
+    base class is initialised too.
+    """
+
+    def __init__(
         self,
-        sink: Any,
-        recalibrate: bool,
-        recalibrate_samples: int | None,
-        recalibrate_forward: Any,
-        merge_ranks: bool,
-        monitor_options: dict[str, Any],
+        *,
+        sink: Any = "auto",
+        recalibrate: bool = False,
+        recalibrate_samples: int | None = None,
+        recalibrate_forward: Any = None,
+        merge_ranks: bool = False,
         noise_scale: bool = False,
         noise_micro_batch: int | None = None,
+        **monitor_options: Any,
     ) -> None:
-        self.noise_scale = noise_scale
-        self.noise_micro_batch = noise_micro_batch
-        self.noise: Any = None  # the GradientNoiseScale once training starts
+        super().__init__()
+        positive_int(recalibrate_samples, "recalibrate_samples", none_ok=True, hint="e.g. recalibrate_samples=2048")
+        positive_int(noise_micro_batch, "noise_micro_batch", none_ok=True, hint="samples per device per forward")
+        if recalibrate_forward is not None and not callable(recalibrate_forward):
+            raise BNDoctorError(
+                f"expected recalibrate_forward to be callable (got {type(recalibrate_forward).__name__})",
+                hint="recalibrate_forward=lambda model, batch: model(batch[0])",
+            )
+        accepted = [n for n in inspect.signature(BNMonitor).parameters if n not in ("model", "sink")]
+        unknown = sorted(set(monitor_options) - set(accepted))
+        if unknown:
+            raise BNDoctorError(
+                f"unknown option(s) {', '.join(unknown)} for the BN monitor callback",
+                hint=f"monitor options are {', '.join(accepted)}; see MonitorCallbackCore for the others",
+            )
         self.sink = sink
-        self.recalibrate = recalibrate
+        self.recalibrate = bool(recalibrate)
         self.recalibrate_samples = recalibrate_samples
         self.recalibrate_forward = recalibrate_forward
-        self.merge_ranks = merge_ranks
+        self.merge_ranks = bool(merge_ranks)
+        self.noise_scale = bool(noise_scale)
+        self.noise_micro_batch = noise_micro_batch
         self.monitor_options = monitor_options
+        self.noise: Any = None  # the GradientNoiseScale once training starts
         self.monitor: BNMonitor | None = None
         self.epochs: list[dict[str, Any]] = []
 
@@ -89,7 +125,6 @@ class MonitorCallbackCore:
         self, model: nn.Module, optimizer: Any, micro_batch: int | None, accum_steps: int, world_size: int
     ) -> None:
         """Attach a GradientNoiseScale to the framework's optimizer; its estimates go to the monitor's sinks."""
-        from ..errors import BNDoctorError
         from ..noise import GradientNoiseScale
 
         if not self.noise_scale or self.noise is not None:

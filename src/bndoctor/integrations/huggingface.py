@@ -35,28 +35,8 @@ class BNMonitorTrainerCallback(MonitorCallbackCore, TrainerCallback, ExportableS
     protocol, so the monitor's counters and raised alerts survive a resume.
     """
 
-    def __init__(
-        self,
-        *,
-        sink: Any = "auto",
-        recalibrate: bool = False,
-        recalibrate_samples: int | None = None,
-        recalibrate_forward: Any = None,
-        merge_ranks: bool = False,
-        noise_scale: bool = False,
-        noise_micro_batch: int | None = None,
-        **monitor_options: Any,
-    ) -> None:
-        self._setup_core(
-            sink,
-            recalibrate,
-            recalibrate_samples,
-            recalibrate_forward,
-            merge_ranks,
-            monitor_options,
-            noise_scale,
-            noise_micro_batch,
-        )
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)  # arguments: see MonitorCallbackCore
         self.monitor_state: dict[str, Any] | None = None  # set by the Trainer when it resumes a checkpoint
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:

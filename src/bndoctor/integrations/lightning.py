@@ -53,29 +53,8 @@ class BNMonitorCallback(MonitorCallbackCore, Callback):
     used for recalibration (default: the whole training loader).
     """
 
-    def __init__(
-        self,
-        *,
-        sink: Any = "auto",
-        recalibrate: bool = False,
-        recalibrate_samples: int | None = None,
-        recalibrate_forward: Any = None,
-        merge_ranks: bool = False,
-        noise_scale: bool = False,
-        noise_micro_batch: int | None = None,
-        **monitor_options: Any,
-    ) -> None:
-        super().__init__()
-        self._setup_core(
-            sink,
-            recalibrate,
-            recalibrate_samples,
-            recalibrate_forward,
-            merge_ranks,
-            monitor_options,
-            noise_scale,
-            noise_micro_batch,
-        )
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)  # arguments: see MonitorCallbackCore
         self._pending_state: dict[str, Any] | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:

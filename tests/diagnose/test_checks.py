@@ -193,6 +193,22 @@ def test_bn201_bias_before_bn_found_by_fx_by_trace_and_in_sequentials():
     assert "BN201" not in codes(nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.BatchNorm2d(8)))
 
 
+@pytest.mark.parametrize(
+    ("producer", "bn", "shape"),
+    [
+        (nn.ConvTranspose2d(3, 8, 2), nn.BatchNorm2d(8), (3, 4, 4)),
+        (nn.Conv1d(3, 8, 1), nn.BatchNorm1d(8), (3, 5)),
+        (nn.Linear(3, 8), nn.BatchNorm1d(8), (3,)),
+    ],
+)
+def test_bn201_traced_and_untraced_agree_on_every_producer(producer, bn, shape):
+    # one definition of producer -> BN pairs (bndoctor._pairs) serves fold, the fx path and the meta trace
+    model = nn.Sequential(producer, bn)
+    untraced = bd.check(model).by_code("BN201")
+    traced = bd.check(model, input_shape=shape).by_code("BN201")
+    assert [f.module for f in untraced] == [f.module for f in traced] == ["0"]
+
+
 def test_bn202_no_running_stats():
     assert "BN202" in codes(conv_bn(bn=nn.BatchNorm2d(8, track_running_stats=False)))
     assert "BN202" not in codes(conv_bn())
