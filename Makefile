@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
+# Third-party model libraries for the compatibility tests, installed without their torch dependency
+# into $(VENV)/thirdparty (off sys.path; tests/_thirdparty.py adds it and shims torchvision's CUDA-only ops).
+VISION_PINS ?= torchvision==0.28.0 timm==1.0.31
 
 .PHONY: setup demo test lint bench clean
 
@@ -16,8 +19,9 @@ $(VENV)/.demo: $(VENV)/.torch pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[demo]"
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.torch pyproject.toml
+$(VENV)/.installed: $(VENV)/.torch pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --upgrade --target $(VENV)/thirdparty $(VISION_PINS)
 	touch $@
 
 setup: $(VENV)/.installed

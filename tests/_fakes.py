@@ -30,14 +30,22 @@ class ThirdPartyFrozenBN2d(nn.Module):
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
-    """Like timm's BatchNormAct2d: a BatchNorm2d subclass with an activation after it."""
+    """Like timm's BatchNormAct2d: a BatchNorm2d subclass that applies its `drop` and `act` children after BN."""
 
-    def __init__(self, num_features: int, **kwargs) -> None:
+    def __init__(self, num_features: int, act_layer: type[nn.Module] = nn.ReLU, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
-        self.act = nn.ReLU()
+        self.drop = nn.Identity()
+        self.act = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(super().forward(x))
+        return self.act(self.drop(super().forward(x)))
+
+
+class ScaledOutputBN(nn.BatchNorm2d):
+    """A BN subclass with a forward of its own that no convention describes: bndoctor must leave it alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x)
 
 
 class MMStyleSyncBN(nn.Module):

@@ -14,15 +14,28 @@ family                    kind        members
 ========================  ==========  =============================================================
 ``lazy``                  lazy        uninitialised ``LazyBatchNorm*`` (shape unknown: unsupported)
 ``bndoctor-frozen``       frozen      layers frozen by :func:`bndoctor.freeze_bn`
-``sync``                  sync        torch's and bndoctor's ``SyncBatchNorm``
+``norm-act-sync``         sync        a ``SyncBatchNorm`` subclass that applies ``drop``/``act``
+                                      children after normalising (timm's ``SyncBatchNormAct``)
+``sync``                  sync        torch's ``SyncBatchNorm`` and bndoctor's
 ``bndoctor-remedy``       batchnorm   bndoctor's own remedy layers (AccumBatchNorm, BatchRenorm)
+``norm-act``              batchnorm   a ``_BatchNorm`` subclass that applies ``drop``/``act``
+                                      children after normalising (timm's ``BatchNormAct2d``)
 ``torch``                 batchnorm   ``_BatchNorm`` subclasses whose forward is torch's own
-``custom-forward``        batchnorm   ``_BatchNorm`` subclasses with their own forward (timm's BatchNormAct2d)
+``custom-forward``        batchnorm   other ``_BatchNorm`` subclasses with a forward of their own
 ``frozen-by-behaviour``   frozen      running statistics *and* affine as buffers, no parameters
-                                      (torchvision/detectron2/timm ``FrozenBatchNorm2d``)
+                                      (torchvision/detectron2/transformers ``FrozenBatchNorm2d``,
+                                      timm's ``FrozenBatchNormAct2d`` with its ``act``)
 ``bn-like``               bn-like     running statistics next to parameters, not a ``_BatchNorm``
                                       (OpenMMLab's ``MMSyncBN``): found, never converted
 ========================  ==========  =============================================================
+
+A *norm+activation* layer is recognised by timm's contract: a BN subclass
+with a forward of its own and an ``act`` child module (and optionally
+``drop``), applied as ``act(drop(bn(x)))``. Remedies keep those children:
+class swaps move them into the new layer (bndoctor's layers apply them, see
+:data:`bndoctor.layers.POST_OPS`), ``convert_bn`` makes a
+:class:`bndoctor.layers.GroupNormAct`, and ``fold_bn`` leaves them after the
+folded conv.
 
 Add a family with :func:`register_family` (``before="torch"`` to take
 precedence over a built-in one).
@@ -41,7 +54,16 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 from .errors import BNDoctorError
 from .layers import BNDoctorLayer, SyncBatchNorm, is_bndoctor_frozen
 
-__all__ = ["FAMILIES", "BNKind", "Family", "family_of", "has_plain_forward", "register_family"]
+__all__ = [
+    "FAMILIES",
+    "BNKind",
+    "Family",
+    "family_of",
+    "has_plain_forward",
+    "has_post_ops",
+    "normalises_then_post_ops",
+    "register_family",
+]
 
 BNKind = Literal["batchnorm", "sync", "frozen", "lazy", "bn-like"]
 
@@ -73,6 +95,34 @@ class Family:
 def has_plain_forward(module: nn.Module) -> bool:
     """Whether a BN layer's forward is torch's own (a subclass such as BatchNormAct2d adds more)."""
     return type(module).forward in (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def has_post_ops(module: nn.Module) -> bool:
+    """Whether the module holds an ``act`` child (the norm+activation contract; ``drop`` is optional)."""
+    return isinstance(module._modules.get("act"), nn.Module)
+
+
+def normalises_then_post_ops(module: nn.Module) -> bool:
+    """Whether the module's forward is known: BatchNorm (or a frozen affine map), then ``drop``/``act`` if present.
+
+    True for torch's own forward, bndoctor's layers, norm+activation layers and
+    frozen-by-behaviour layers; False for a BN subclass with a forward nobody
+    described (bndoctor cannot tell what converting or folding it would lose).
+    """
+    if isinstance(module, BNDoctorLayer) or has_plain_forward(module):
+        return True
+    if isinstance(module, _BatchNorm):
+        return has_post_ops(module)
+    return _frozen_by_behaviour(module)
+
+
+def _norm_act(module: nn.Module) -> bool:
+    return (
+        isinstance(module, _BatchNorm)
+        and not isinstance(module, BNDoctorLayer)
+        and not has_plain_forward(module)
+        and has_post_ops(module)
+    )
 
 
 def _is_uninitialized(module: nn.Module) -> bool:
@@ -110,19 +160,29 @@ FAMILIES: list[Family] = [
         reason="lazy layer not initialised yet; run one forward pass first",
     ),
     Family("bndoctor-frozen", "frozen", lambda m: _bn(m) and is_bndoctor_frozen(m), frozen=True),
-    Family("sync", "sync", lambda m: isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm)), swappable=True),
+    Family("norm-act-sync", "sync", lambda m: isinstance(m, nn.SyncBatchNorm) and _norm_act(m), swappable=True),
+    Family(
+        "sync",
+        "sync",
+        lambda m: isinstance(m, SyncBatchNorm) or (isinstance(m, nn.SyncBatchNorm) and has_plain_forward(m)),
+        swappable=True,
+    ),
     Family(
         "bndoctor-remedy",
         "batchnorm",
         lambda m: _bn(m) and isinstance(m, BNDoctorLayer),
         reason="already a bndoctor remedy layer; turn it back into BatchNorm with its from_... function first",
     ),
+    Family("norm-act", "batchnorm", _norm_act, swappable=True),
     Family("torch", "batchnorm", lambda m: _bn(m) and has_plain_forward(m), swappable=True),
     Family(
         "custom-forward",
         "batchnorm",
         _bn,
-        reason="a BN subclass with its own forward; converting it would drop what its forward adds",
+        reason=(
+            "a BN subclass with its own forward that bndoctor does not know; converting it would drop what "
+            "its forward adds (freeze it with freeze_bn, or register a layer family for it)"
+        ),
     ),
     Family("frozen-by-behaviour", "frozen", _frozen_by_behaviour, torch_bn=False, frozen=True),
     Family(

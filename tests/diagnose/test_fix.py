@@ -85,14 +85,15 @@ def test_fix_refuses_what_is_not_a_report():
 
 
 def test_layers_a_repair_leaves_alone_are_counted_and_listed():
-    from tests._fakes import BatchNormAct2d
+    from tests._fakes import ScaledOutputBN
 
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, bias=False), BatchNormAct2d(8), nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        nn.Conv2d(3, 8, 3, bias=False), ScaledOutputBN(8), nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
     )
     report = bd.check(model, S(micro_batch=2, accum_steps=8))
     with pytest.warns(bd.BNDoctorWarning, match="own forward"):
         result = bd.fix(model, report)
     assert result.changes[0] == "to_accum_bn: 1 of 2 layer(s)"
-    assert result.skipped == ["1 (left as it is: a BN subclass with its own forward, or nothing to change)"]
-    assert type(result.model[1]) is BatchNormAct2d and isinstance(result.model[3], bd.AccumBatchNorm)
+    (skipped,) = result.skipped
+    assert skipped.startswith("1 (left as it is: a BN subclass with its own forward") and "freeze_bn" in skipped
+    assert type(result.model[1]) is ScaledOutputBN and isinstance(result.model[3], bd.AccumBatchNorm)

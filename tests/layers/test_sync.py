@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import bndoctor as bd
 from tests._dist import run_ranks
-from tests._fakes import BatchNormAct2d, randomize_bn
+from tests._fakes import BatchNormAct2d, ScaledOutputBN, randomize_bn
 
 C = 3
 
@@ -236,12 +236,12 @@ def test_convert_revert_round_trip_is_lossless():
 
 def test_modules_selection_frozen_and_custom_layers():
     model = nn.ModuleDict(
-        {"backbone": nn.Sequential(nn.BatchNorm2d(2), BatchNormAct2d(2)), "head": nn.Sequential(nn.BatchNorm1d(2))}
+        {"backbone": nn.Sequential(nn.BatchNorm2d(2), ScaledOutputBN(2)), "head": nn.Sequential(nn.BatchNorm1d(2))}
     )
     with pytest.warns(bd.BNDoctorWarning, match=r"left 1 BN subclass.*backbone\.1"):
         synced = bd.to_sync_bn(model, modules="backbone")
     assert isinstance(synced["backbone"][0], bd.SyncBatchNorm)
-    assert type(synced["backbone"][1]) is BatchNormAct2d and type(synced["head"][0]) is nn.BatchNorm1d
+    assert type(synced["backbone"][1]) is ScaledOutputBN and type(synced["head"][0]) is nn.BatchNorm1d
     frozen = bd.to_sync_bn(bd.freeze_bn(nn.Sequential(nn.BatchNorm2d(2))))
     assert isinstance(frozen[0], bd.layers.FrozenBatchNorm2d)
 

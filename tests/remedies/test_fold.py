@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import bndoctor as bd
 from bndoctor.models import resnet18, tiny_resnet
-from tests._fakes import BatchNormAct2d, ThirdPartyFrozenBN2d, randomize_bn
+from tests._fakes import BatchNormAct2d, ScaledOutputBN, ThirdPartyFrozenBN2d, randomize_bn
 
 
 def _eval_ready(model, seed=0):
@@ -105,10 +105,22 @@ def test_shared_conv_called_twice_is_not_folded():
 
 
 def test_bn_subclass_with_its_own_forward_is_not_folded():
-    model = _eval_ready(nn.Sequential(nn.Conv2d(2, 4, 1), BatchNormAct2d(4)))
+    model = _eval_ready(nn.Sequential(nn.Conv2d(2, 4, 1), ScaledOutputBN(4)))
     with pytest.warns(bd.BNDoctorWarning, match="own forward"):
         folded = bd.fold_bn(model)
-    assert isinstance(folded[1], BatchNormAct2d)
+    assert isinstance(folded[1], ScaledOutputBN)
+
+
+@pytest.mark.parametrize("act", [nn.SiLU, nn.PReLU])
+def test_norm_act_layer_folds_and_keeps_its_activation(act):
+    torch.manual_seed(0)
+    model = _eval_ready(nn.Sequential(nn.Conv2d(2, 4, 1), BatchNormAct2d(4, act_layer=act)))
+    folded = bd.fold_bn(model)
+    assert isinstance(folded[1], bd.layers.PostOps) and folded[1].act is not model[1].act
+    assert set(folded.state_dict()) == {"0.weight", "0.bias"} | {k for k in model.state_dict() if ".act." in k}
+    x = torch.randn(3, 2, 5, 5)
+    torch.testing.assert_close(folded(x), model(x))
+    assert folded(x).min() >= -0.3 if act is nn.SiLU else True  # SiLU's floor: the activation is still there
 
 
 def test_untraceable_model_falls_back_to_sequential_pairs():

@@ -1,7 +1,10 @@
 """Normalisation layers shipped by bndoctor, and the protocol every layer answers (:class:`BNDoctorLayer`)."""
 
 from ._base import (
+    POST_OPS,
     BNDoctorLayer,
+    PostOps,
+    apply_post_ops,
     is_small_batch_remedy,
     normalisation_statistics,
     pools_ranks,
@@ -17,10 +20,12 @@ from .frozen import (
     frozen_class_for,
     is_bndoctor_frozen,
 )
+from .norm_act import GroupNormAct
 from .renorm import BatchRenorm
 from .sync import SyncBatchNorm
 
 __all__ = [
+    "POST_OPS",
     "AccumBatchNorm",
     "AccumMode",
     "BNDoctorLayer",
@@ -29,7 +34,10 @@ __all__ = [
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
     "FrozenBatchNormMixin",
+    "GroupNormAct",
+    "PostOps",
     "SyncBatchNorm",
+    "apply_post_ops",
     "frozen_class_for",
     "is_bndoctor_frozen",
     "is_small_batch_remedy",

@@ -14,17 +14,53 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError
 
 __all__ = [
+    "POST_OPS",
     "BNDoctorLayer",
+    "PostOps",
+    "apply_post_ops",
     "is_small_batch_remedy",
     "normalisation_statistics",
     "pools_ranks",
     "pools_window",
     "window_open",
 ]
+
+
+#: Children that a norm+activation layer applies after normalising, in this order (timm's convention).
+POST_OPS = ("drop", "act")
+
+
+def apply_post_ops(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """``act(drop(out))`` with whichever of the two children ``module`` has (none: ``out`` itself)."""
+    children = module._modules
+    if children:
+        for name in POST_OPS:
+            child = children.get(name)
+            if child is not None:
+                out = child(out)
+    return out
+
+
+class PostOps(nn.Module):
+    """What is left of a norm+activation layer once its normalisation is folded away: ``act(drop(x))``.
+
+    Holds the original ``drop`` and ``act`` objects under the same names, so
+    their parameters (a PReLU's) keep their state_dict keys.
+    """
+
+    def __init__(self, **children: nn.Module) -> None:
+        super().__init__()
+        for name in POST_OPS:
+            if name in children:
+                self.add_module(name, children[name])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_post_ops(self, x)
 
 
 class BNDoctorLayer:
@@ -46,6 +82,12 @@ class BNDoctorLayer:
     It also accepts inputs of any rank >= 2 (``(N, C)``, ``(N, C, L)``,
     ``(N, C, H, W)``, ``(N, C, D, H, W)``), which torch's dimension-specific
     classes do not.
+
+    A subclass implements ``_normalise(input)`` (default: torch's BatchNorm);
+    ``forward`` applies it and then the layer's ``drop`` and ``act`` children
+    when it has them, so a
+    norm+activation layer (timm's ``BatchNormAct2d``) converted to a bndoctor
+    layer keeps its dropout and activation (see :data:`POST_OPS`).
     """
 
     pools_window: ClassVar[bool] = False
@@ -63,6 +105,13 @@ class BNDoctorLayer:
         self, mean: torch.Tensor, var: torch.Tensor, n: int
     ) -> tuple[float, torch.Tensor, torch.Tensor] | None:
         return None
+
+    def _normalise(self, input: torch.Tensor) -> torch.Tensor:
+        """The normalisation itself; by default torch's BatchNorm (a subclass overrides it)."""
+        return _BatchNorm.forward(self, input)  # type: ignore[arg-type]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return apply_post_ops(self, self._normalise(input))
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:

@@ -51,3 +51,15 @@ def renormalize(
     if bias is not None and weight is None:
         b = b + bias
     return torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.0, eps)
+
+
+@torch.no_grad()
+def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``x`` (N, C, ...) in one pass of torch's fused BN kernel.
+
+    The kernel returns ``1/std``, and 0 where the variance is 0 (a constant
+    channel), so the variance is read back as ``invstd**-2`` only where that is
+    positive: a constant channel has variance 0, not ``inf``.
+    """
+    _, mean, invstd = torch.native_batch_norm(x.detach(), None, None, None, None, True, 0.0, 0.0)
+    return mean, torch.where(invstd > 0, invstd.pow(-2), torch.zeros_like(invstd))

@@ -55,7 +55,7 @@ from ..distributed import HasProcessGroup
 from ..errors import BNDoctorError, BNDoctorWarning
 from ..moments import pool_two
 from ._base import BNDoctorLayer
-from ._ema import ema_step, renormalize
+from ._ema import batch_moments, ema_step, renormalize
 
 __all__ = ["AccumBatchNorm", "AccumMode"]
 
@@ -247,10 +247,10 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
 
     # ----------------------------------------------------------------- forward
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _normalise(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         if not self.training or not self.track_running_stats or self.running_mean is None:
-            return super().forward(input)
+            return _BatchNorm.forward(self, input)
         if not self.controlled:
             if not self._warned:
                 self._warned = True
@@ -260,7 +260,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
                     BNDoctorWarning,
                     stacklevel=2,
                 )
-            return super().forward(input)
+            return _BatchNorm.forward(self, input)
         return self._window_forward(input)
 
     def _step_statistics(
@@ -272,9 +272,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         the ranks: one all_reduce of [n, sum x, sum x^2] in float64.
         """
         if n > 0:
-            # torch's fused BN kernel gives the batch mean and 1/std in one pass (eps=0: var = invstd^-2)
-            _, mean, invstd = torch.native_batch_norm(x.detach(), None, None, None, None, True, 0.0, 0.0)
-            var = invstd.pow(-2)
+            mean, var = batch_moments(x)
         else:
             mean = var = torch.zeros(x.shape[1], device=x.device, dtype=x.dtype)
         if not self._synced():

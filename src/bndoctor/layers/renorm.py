@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError
 from ._base import BNDoctorLayer
-from ._ema import renormalize
+from ._ema import batch_moments, renormalize
 
 __all__ = ["BatchRenorm"]
 
@@ -63,14 +63,13 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
         done = 1.0 if self.warmup_steps == 0 else min(1.0, float(self.num_batches_tracked) / self.warmup_steps)
         return 1.0 + (self.r_max - 1.0) * done, self.d_max * done
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _normalise(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         if not self.training:
-            return super().forward(input)
+            return _BatchNorm.forward(self, input)
         r_max, d_max = self.limits()
         with torch.no_grad():
-            _, mean_b, invstd_b = torch.native_batch_norm(input.detach(), None, None, None, None, True, 0.0, 0.0)
-            var_b = invstd_b.pow(-2)
+            mean_b, var_b = batch_moments(input)
             std = torch.sqrt(self.running_var + self.eps)  # type: ignore[operator]
             r = (torch.sqrt(var_b + self.eps) / std).clamp_(1.0 / r_max, r_max)
             d = ((mean_b - self.running_mean) / std).clamp_(-d_max, d_max)

@@ -63,11 +63,11 @@ class SyncBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
     def pools_ranks(self) -> bool:
         return True
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _normalise(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         bn_training = self.training or not self.track_running_stats or self.running_mean is None
         if not bn_training or world_size(self.process_group) == 1:
-            return super().forward(input)
+            return _BatchNorm.forward(self, input)
         return self._sync_forward(input)
 
     def _sync_forward(self, x: torch.Tensor) -> torch.Tensor:

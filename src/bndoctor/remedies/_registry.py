@@ -29,6 +29,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..errors import BNDoctorError, require_module
+from ..families import family_of
 from ..findings import Action
 from ..training import TrainingSetup
 
@@ -89,10 +90,12 @@ class FixStep:
         elif before is None:
             shown = f"{len(self.layers)} layer(s)"
         else:
-            after = {n: type(m) for n, m in self.model.named_modules() if n in before}
-            kept = [n for n in self.layers if after.get(n) is before.get(n)]
+            modules = {n: m for n, m in self.model.named_modules() if n in before}
+            kept = [n for n in self.layers if type(modules.get(n)) is before.get(n)]
             for n in kept:
-                self.skipped.append(f"{n} (left as it is: a BN subclass with its own forward, or nothing to change)")
+                family = family_of(modules[n]) if n in modules else None
+                why = family.reason if family is not None and family.reason else "nothing to change"
+                self.skipped.append(f"{n} (left as it is: {why})")
             changed = len(self.layers) - len(kept)
             shown = f"{changed} layer(s)" if not kept else f"{changed} of {len(self.layers)} layer(s)"
         self.changes.append(f"{name}: {shown}{suffix}")

@@ -24,13 +24,16 @@ __all__ = ["revert_layers", "swap_layers", "transfer_bn_state"]
 
 _AFFINE = ("weight", "bias")
 _DIMS_TO_CLASS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__)
 
 
 def transfer_bn_state(source: nn.Module, target: nn.Module) -> nn.Module:
-    """Give BN ``target`` the parameters, buffers, hyper-parameters and mode of BN ``source``.
+    """Give BN ``target`` the parameters, buffers, children, hyper-parameters and mode of BN ``source``.
 
     The Parameter objects themselves move, so requires_grad, sharing and any
-    optimizer state keyed by them carry over.
+    optimizer state keyed by them carry over. Children move too: a
+    norm+activation layer's ``drop`` and ``act`` (bndoctor's layers apply them
+    after normalising).
     """
     for name in _AFFINE:
         param = getattr(source, name, None)
@@ -40,9 +43,29 @@ def transfer_bn_state(source: nn.Module, target: nn.Module) -> nn.Module:
             setattr(target, name, param)
     for name, buffer in source._buffers.items():
         target._buffers[name] = buffer
+    for name, child in source._modules.items():
+        target._modules[name] = child
     for attr in ("momentum", "eps", "affine", "track_running_stats", "training"):
         setattr(target, attr, getattr(source, attr))
     return target
+
+
+def _own_attributes(module: nn.Module) -> dict[str, object]:
+    """The instance attributes a class adds to nn.Module's (e.g. num_features, eps), to rebuild it without __init__."""
+    return {k: v for k, v in module.__dict__.items() if k not in _MODULE_INTERNALS and not k.startswith("_bndoctor")}
+
+
+def _rebuild(cls: type, attributes: dict[str, object]) -> nn.Module:
+    """An instance of ``cls`` with nn.Module's machinery and ``attributes``, its ``__init__`` not called.
+
+    Third-party BN classes need arguments bndoctor cannot know (timm's BatchNormAct2d: its activation);
+    their own attributes were remembered at conversion time and their parameters, buffers and children
+    are moved in afterwards.
+    """
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    module.__dict__.update(attributes)
+    return module
 
 
 def swap_layers(
@@ -82,8 +105,9 @@ def swap_layers(
         new = make(record)
         if type(new) is type(record.module):
             continue
-        transfer_bn_state(record.module, new)
         new._bndoctor_source_class = type(record.module)  # type: ignore[assignment]
+        new._bndoctor_source_attributes = _own_attributes(record.module)  # type: ignore[assignment]
+        transfer_bn_state(record.module, new)
         replacements[id(record.module)] = (record.module, new)
     return replace_modules(model, replacements)
 
@@ -103,14 +127,18 @@ def revert_layers(model: nn.Module, classes: tuple[type, ...], *, dims: int | No
         if not isinstance(module, classes):
             continue
         cls = getattr(module, "_bndoctor_source_class", None)
-        if cls is None or cls is nn.SyncBatchNorm:
+        attributes = getattr(module, "_bndoctor_source_attributes", None)
+        if cls is None or cls is nn.SyncBatchNorm:  # torch's SyncBatchNorm cannot run in one process: plain BN
             if dims is None:
                 raise BNDoctorError(
                     f"'{record.name}' is a {type(module).__name__} with no remembered BatchNorm class",
                     hint="pass dims=1, 2 or 3 (e.g. dims=2 for BatchNorm2d)",
                 )
-            cls = _DIMS_TO_CLASS[dims]
-        new = cls(int(record.num_features or 0))
+            new = _DIMS_TO_CLASS[dims](int(record.num_features or 0))
+        elif attributes is None:  # converted by an older bndoctor: torch's classes rebuild from num_features
+            new = cls(int(record.num_features or 0))
+        else:
+            new = _rebuild(cls, attributes)
         transfer_bn_state(module, new)
         replacements[id(module)] = (module, new)
     return replace_modules(model, replacements)

@@ -8,36 +8,38 @@ that feeds nothing else, the two collapse into one layer with
 rounding, and one fewer pass over the activations. The arithmetic is done in
 float64 and cast back to the layer's dtype.
 
-Which layer feeds which is read from a ``torch.fx`` trace of the model (used
-for analysis only: the returned model keeps its own classes and structure, the
-folded BN becomes ``nn.Identity``). When the model cannot be traced, pairs
-that sit next to each other in an ``nn.Sequential`` are folded instead.
+Which layer feeds which (:mod:`bndoctor._pairs`) is read from a forward
+pass on ``example_input`` when one is given — any model that runs, including
+those torch.fx cannot trace — else from a ``torch.fx`` trace, else from
+neighbours in ``nn.Sequential``. It is used for analysis only: the returned
+model keeps its own classes and structure; the folded BN becomes
+``nn.Identity``, or, for a norm+activation layer (timm's ``BatchNormAct2d``),
+a :class:`bndoctor.layers.PostOps` holding its own dropout and activation.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._pairs import find_pairs
+from .._batches import Forward, default_forward
+from .._pairs import ForwardPairs, find_pairs
+from .._state import preserved
 from .._walk import BNInfo, ModuleSelection, plan, replace_modules
 from ..errors import BNDoctorWarning
-from ..families import has_plain_forward
+from ..families import normalises_then_post_ops
+from ..layers import POST_OPS, PostOps
 
 __all__ = ["fold_bn"]
 
 
 def _foldable(record: BNInfo) -> bool:
-    if not record.supported or record.uses_batch_stats:
-        return False
-    if isinstance(record.module, _BatchNorm):
-        # a subclass with its own forward (timm's BatchNormAct2d) does more than BN
-        return has_plain_forward(record.module)
-    return True  # third-party frozen BN: a pure affine map
+    # a BN subclass with a forward nobody described does more than BN: not folded
+    return record.supported and not record.uses_batch_stats and normalises_then_post_ops(record.module)
 
 
 def _why_not(record: BNInfo) -> str:
@@ -45,9 +47,15 @@ def _why_not(record: BNInfo) -> str:
         return "track_running_stats=False: no running statistics"
     if record.uses_batch_stats:
         return "in training mode and not frozen: call model.eval() or freeze_bn first"
-    if isinstance(record.module, _BatchNorm) and not has_plain_forward(record.module):
+    if not normalises_then_post_ops(record.module):
         return f"{type(record.module).__name__} has its own forward"
     return "not fed by a conv/linear whose output feeds only this layer"
+
+
+def _what_remains(module: nn.Module) -> nn.Module:
+    """What replaces a folded BN: nothing, or the dropout and activation of a norm+activation layer."""
+    children = {name: module._modules[name] for name in POST_OPS if module._modules.get(name) is not None}
+    return PostOps(**children) if children else nn.Identity()
 
 
 def _out_channels(producer: nn.Module) -> int:
@@ -56,12 +64,22 @@ def _out_channels(producer: nn.Module) -> int:
     return producer.out_channels  # type: ignore[return-value]
 
 
-def _find_pairs(model: nn.Module, bn_by_id: dict[int, BNInfo]) -> list[tuple[nn.Module, BNInfo]]:
+def _find_pairs(
+    model: nn.Module, bn_by_id: dict[int, BNInfo], example_input: Any, forward: Forward | None
+) -> list[tuple[nn.Module, BNInfo]]:
+    if example_input is not None:
+        with preserved(model, model.modules()), torch.no_grad():  # modes and every buffer come back
+            for module in model.modules():
+                module.__dict__["training"] = False
+            with ForwardPairs(model, bn_by_id) as recorder:
+                (forward or default_forward)(model, example_input)
+        return recorder.pairs()
     pairs, why = find_pairs(model, bn_by_id)
     if why:
         warnings.warn(
-            f"fold_bn could not trace {type(model).__name__} with torch.fx ({why}); "
-            "folding only conv/linear -> BN pairs that sit next to each other in nn.Sequential",
+            f"fold_bn could not trace {type(model).__name__} with torch.fx ({why.splitlines()[0][:160]}); "
+            "folding only conv/linear -> BN pairs that sit next to each other in nn.Sequential. Pass "
+            "example_input=<a batch> to find every pair from a forward pass instead",
             BNDoctorWarning,
             stacklevel=3,
         )
@@ -107,15 +125,30 @@ def _folded(producer: nn.Module, record: BNInfo) -> nn.Module:
     return new
 
 
-def fold_bn(model: nn.Module, *, modules: ModuleSelection = None, inplace: bool = False) -> nn.Module:
+def fold_bn(
+    model: nn.Module,
+    *,
+    example_input: Any = None,
+    forward: Forward | None = None,
+    modules: ModuleSelection = None,
+    inplace: bool = False,
+) -> nn.Module:
     """Fold every BN that normalises with running statistics into the conv/linear before it.
 
     A BN layer is folded when it is in eval mode or frozen (see
     :func:`bndoctor.freeze_bn`), keeps running statistics, and its input is
     the output of a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear``
     whose output feeds nothing else. The BN is replaced by ``nn.Identity``
-    and the producer by a copy with folded weight and bias; in eval mode the
-    model computes the same function (allclose in float32).
+    (a norm+activation layer by its dropout and activation) and the producer
+    by a copy with folded weight and bias; in eval mode the model computes the
+    same function (allclose in float32).
+
+    ``example_input`` (a batch: tensor, tuple with the input first, or dict of
+    keyword arguments; ``forward(model, batch)`` says how to feed anything
+    else) finds the pairs from one no-grad forward in eval mode, which works
+    for models torch.fx cannot trace (transformers' vision models); modes and
+    buffers are restored afterwards. Without it, a torch.fx trace is used,
+    and for untraceable models only neighbours in ``nn.Sequential``.
 
     Use it for inference, or for fine-tuning with frozen statistics *and*
     affine (the producer then learns the product). Build the optimizer after
@@ -124,13 +157,13 @@ def fold_bn(model: nn.Module, *, modules: ModuleSelection = None, inplace: bool 
     """
     model, records = plan(model, modules, inplace)
     bn_by_id = {id(r.module): r for r in records if _foldable(r)}
-    pairs = _find_pairs(model, bn_by_id) if bn_by_id else []
+    pairs = _find_pairs(model, bn_by_id, example_input, forward) if bn_by_id else []
     replacements: dict[int, tuple[nn.Module, nn.Module]] = {}
     for producer, record in pairs:
         if _out_channels(producer) != record.num_features:
             continue
         replacements[id(producer)] = (producer, _folded(producer, record))
-        replacements[id(record.module)] = (record.module, nn.Identity())
+        replacements[id(record.module)] = (record.module, _what_remains(record.module))
     left = [r for r in records if id(r.module) not in replacements and r.supported]
     if left:
         listed = "; ".join(f"'{r.name}' ({_why_not(r)})" for r in left[:10])

@@ -8,6 +8,7 @@ registers the ``convert_bn`` fixer and its prescription.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -15,8 +16,10 @@ import torch
 import torch.nn as nn
 
 from .._walk import BNInfo, ModuleSelection, plan, replace_modules, require_initialized, warn_unsupported
-from ..errors import BNDoctorError, GroupCountError
+from ..errors import BNDoctorError, BNDoctorWarning, GroupCountError
+from ..families import normalises_then_post_ops
 from ..findings import Action
+from ..layers import POST_OPS, GroupNormAct
 from ..training import TrainingSetup
 from ._registry import FixStep, Prescription, Remedy, register_remedy
 
@@ -84,7 +87,8 @@ def _to_group_norm(record: BNInfo, groups: int) -> nn.GroupNorm:
     module = record.module
     weight, bias = _affine_tensors(module)
     reference = weight if weight is not None else module.get_buffer("running_mean")
-    norm = nn.GroupNorm(
+    tail = {name: module._modules[name] for name in POST_OPS if module._modules.get(name) is not None}
+    norm = (GroupNormAct if tail else nn.GroupNorm)(
         groups,
         int(record.num_features or 0),
         eps=record.eps,
@@ -101,6 +105,8 @@ def _to_group_norm(record: BNInfo, groups: int) -> nn.GroupNorm:
             target = getattr(norm, name)
             target.copy_(source)
             target.requires_grad_(source.requires_grad if isinstance(source, nn.Parameter) else True)
+    for name, child in tail.items():  # a norm+activation layer keeps its dropout and activation
+        norm.add_module(name, child)
     norm.train(record.training if not record.frozen else _requested_mode(module))
     return norm
 
@@ -130,6 +136,11 @@ def convert_bn(
     input rank (a ``(N, C)`` input has nothing to normalise over per channel,
     so do not use it after ``Linear``).
 
+    A norm+activation layer (timm's ``BatchNormAct2d``) becomes a
+    :class:`bndoctor.layers.GroupNormAct` that keeps its dropout and
+    activation; a BN subclass whose forward bndoctor does not know is left
+    as it is, with a warning.
+
     γ and β are copied (``requires_grad`` kept); running statistics are
     dropped because the new layers do not use them, so outputs change and the
     model needs training or fine-tuning afterwards. Works for BN 1d/2d/3d and
@@ -157,7 +168,15 @@ def convert_bn(
 
     model, records = plan(model, modules, inplace, validate)
     warn_unsupported(records, "convert_bn")
-    targets = [r for r in records if r.supported]
+    targets = [r for r in records if r.supported and normalises_then_post_ops(r.module)]
+    unknown = [r for r in records if r.supported and r not in targets]
+    if unknown:
+        warnings.warn(
+            f"convert_bn left {len(unknown)} BN subclass(es) unchanged: "
+            + "; ".join(f"'{r.name}' ({r.family.reason if r.family else 'unknown forward'})" for r in unknown),
+            BNDoctorWarning,
+            stacklevel=2,
+        )
     groups = {r.name: _group_count(r, to, num_groups) for r in targets}
     replacements = {id(r.module): (r.module, _to_group_norm(r, groups[r.name])) for r in targets}
     return replace_modules(model, replacements)
