@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import bndoctor as bd
 from tests._dist import run_ranks
-from tests._fakes import BatchNormAct2d, ScaledOutputBN, randomize_bn
+from tests._fakes import ScaledOutputBN, randomize_bn
 
 C = 3
 

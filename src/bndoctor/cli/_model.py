@@ -2,7 +2,9 @@
 
 MODEL is one of:
 
-* the name of a bundled model (``tiny-resnet``, ``resnet18``);
+* the name of a bundled model (``tiny-resnet``, ``resnet18``, ``resnet50``);
+* ``timm:NAME``, ``torchvision:NAME`` or ``transformers:CLASS`` — built with
+  random weights, nothing downloaded (see :mod:`bndoctor.cli._libraries`);
 * ``package.module:callable`` — imported and called with no arguments;
 * a file saved with ``torch.save``: a state_dict is loaded with
   ``weights_only=True``; a pickled full model only with ``trust_pickle=True``,
@@ -19,15 +21,13 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from ..errors import BNDoctorError
 from ..models import BUNDLED_MODELS
+from ._libraries import LIBRARIES, ModelSpecError, build, parse_model_kwargs
 
-
-class ModelSpecError(BNDoctorError):
-    """The CLI could not turn a MODEL argument into a module."""
-
-
-_FORMS = "a bundled model ({names}), package.module:callable, or a file saved with torch.save"
+_FORMS = (
+    "a bundled model ({names}), timm:NAME, torchvision:NAME, transformers:CLASS (e.g. transformers:ResNetConfig), "
+    "package.module:callable, or a file saved with torch.save"
+)
 
 
 def _forms() -> str:
@@ -104,8 +104,19 @@ def _from_file(path: str, trust_pickle: bool) -> nn.Module | Mapping[str, torch.
     )
 
 
-def load_model(spec: str, *, trust_pickle: bool = False) -> nn.Module | Mapping[str, torch.Tensor]:
+def load_model(
+    spec: str, *, trust_pickle: bool = False, model_kwargs: str | None = None
+) -> nn.Module | Mapping[str, torch.Tensor]:
     """Resolve MODEL; a state_dict comes back as a mapping of tensors."""
+    kwargs = parse_model_kwargs(model_kwargs)
+    library, sep, name = spec.partition(":")
+    if sep and library in LIBRARIES and name and "." not in name:
+        return build(library, name, kwargs)
+    if kwargs:
+        raise ModelSpecError(
+            f"--model-kwargs applies to timm:, torchvision: and transformers: models (got MODEL {spec!r})",
+            hint="for your own code, wrap the model in a function that takes no arguments",
+        )
     if spec in BUNDLED_MODELS:
         return BUNDLED_MODELS[spec]()
     if os.path.exists(spec):
@@ -142,6 +153,11 @@ def load_weights(model: nn.Module, path: str) -> None:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """MODEL, ``--weights`` and ``--trust-pickle``: how every command that reads a model gets it."""
     parser.add_argument("model", metavar="MODEL", help=_forms())
+    parser.add_argument(
+        "--model-kwargs",
+        metavar="K=V,...",
+        help="keyword arguments for a timm:/torchvision:/transformers: MODEL, e.g. num_classes=10,in_chans=1",
+    )
     parser.add_argument("--weights", metavar="FILE", help="state_dict to load into MODEL (weights_only=True)")
     parser.add_argument(
         "--trust-pickle",

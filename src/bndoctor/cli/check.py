@@ -43,7 +43,7 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> CheckResult:
-    loaded = load_model(args.model, trust_pickle=args.trust_pickle)
+    loaded = load_model(args.model, trust_pickle=args.trust_pickle, model_kwargs=args.model_kwargs)
     if not isinstance(loaded, nn.Module):
         raise ModelSpecError(
             "check needs the model's modules, but MODEL is a state_dict file",

@@ -110,7 +110,7 @@ def bn_from_state_dict(state: Mapping[str, torch.Tensor]) -> list[dict[str, Any]
 
 
 def run(args: argparse.Namespace) -> InspectResult:
-    loaded = load_model(args.model, trust_pickle=args.trust_pickle)
+    loaded = load_model(args.model, trust_pickle=args.trust_pickle, model_kwargs=args.model_kwargs)
     if not isinstance(loaded, nn.Module):
         if args.weights:
             raise ModelSpecError(

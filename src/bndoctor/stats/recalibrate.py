@@ -56,6 +56,7 @@ from .._validate import positive_int
 from .._walk import BNInfo, ModuleSelection, find_bn, require_running_stats, select, warn_unsupported
 from ..errors import BNDoctorError, BNDoctorWarning, require_module
 from ..families import has_plain_forward
+from ..layers import apply_post_ops, pools_ranks
 from ..moments import Moments, merge, pool, pool_columns
 
 __all__ = ["LayerChange", "RecalibrationReport", "recalibrate"]
@@ -170,6 +171,12 @@ class _Pass:
     def wrapper(self, index: int) -> Callable[..., Any]:
         module = self.records[index].module
         original = type(module).forward.__get__(module)
+        if pools_ranks(module):
+            # statistics are pooled across ranks once, after the pass: each rank normalises locally (no
+            # collective per forward, so uneven data cannot leave a rank waiting), then its drop/act if any
+            def original(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+                return apply_post_ops(module, _BatchNorm.forward(module, x))
+
         if self.fast[index]:
 
             def fast_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -365,7 +372,7 @@ def recalibrate(
                     module.momentum = 1.0  # running buffers receive exactly the batch statistics
                     module.running_mean.zero_()
                     module.running_var.fill_(1.0)  # no NaN from earlier statistics can leak in
-                elif isinstance(module, _BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
+                elif isinstance(module, _BatchNorm):
                     module.__dict__["training"] = True
                     module.track_running_stats = False  # batch statistics, buffers untouched
                 snapshot.patch(module, "forward", recorder.wrapper(index))

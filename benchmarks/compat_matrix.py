@@ -1,0 +1,230 @@
+"""Compatibility matrix: every bndoctor operation on every BN architecture timm, torchvision and transformers build.
+
+    python benchmarks/compat_matrix.py                  # all libraries, writes docs/compatibility.md
+    python benchmarks/compat_matrix.py --limit 5        # a quick look
+
+Each model is built with random weights (nothing is downloaded) and run
+through :func:`bndoctor.bench.compat.run_operations` on a batch of 2 images
+at a small input size (64x64, larger where an architecture needs it). For
+timm, one model per architecture (module of ``timm.models``): the first
+variant, in name order, that builds and holds BatchNorm. Needs timm and
+torchvision in ``.venv/thirdparty`` (``make setup``); like the tests, it skips
+registering torchvision's CUDA-only fake ops, which cannot load beside a CPU
+torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests import _thirdparty  # noqa: E402  (the test-only torchvision shim; never in the library)
+
+from bndoctor import find_bn  # noqa: E402
+from bndoctor.bench.compat import OPERATIONS, run_operations  # noqa: E402
+
+SIZES = (64, 128, 224)
+
+
+def _example(size: int, channels: int = 3) -> torch.Tensor:
+    return torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _runs(build, size: int) -> bool:
+    try:
+        model = build().eval()
+        with torch.no_grad():
+            model(_example(size))
+        return True
+    except Exception:
+        return False
+
+
+def _pick_size(build) -> int | None:
+    return next((s for s in SIZES if _runs(build, s)), None)
+
+
+def timm_models(limit: int | None) -> list[tuple[str, object]]:
+    timm = _thirdparty.timm()
+    out = []
+    for module in sorted(timm.list_modules()):
+        for name in sorted(timm.list_models(module=module)):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model = timm.create_model(name, pretrained=False)
+            except Exception:
+                continue
+            if find_bn(model):
+                out.append((f"timm:{name}", lambda name=name: timm.create_model(name, pretrained=False)))
+            else:
+                out.append((f"timm:{name}", None))  # no BatchNorm in this architecture
+            break
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def torchvision_models(limit: int | None) -> list[tuple[str, object]]:
+    tv = _thirdparty.torchvision()
+    out = []
+    for name in sorted(tv.models.list_models(module=tv.models)):
+        build = lambda name=name: tv.models.get_model(name, weights=None)  # noqa: E731
+        out.append((f"torchvision:{name}", build if find_bn(build()) else None))
+        if limit and len(out) >= limit:
+            break
+    out.append(
+        ("torchvision:resnet50 (FrozenBatchNorm2d)", lambda: tv.models.resnet50(norm_layer=tv.ops.FrozenBatchNorm2d))
+    )
+    return out
+
+
+HF_CONFIGS = [
+    ("ResNetConfig", {}),
+    ("RegNetConfig", {}),
+    ("MobileNetV1Config", {}),
+    ("MobileNetV2Config", {}),
+    ("EfficientNetConfig", {}),
+    ("BitConfig", {}),
+    ("MobileViTConfig", {}),
+    ("MobileViTV2Config", {}),
+    ("LevitConfig", {}),
+    ("EfficientFormerConfig", {}),
+    ("VanConfig", {}),
+    ("ConvNextConfig", {}),
+    ("DetrConfig", {"use_timm_backbone": False, "use_pretrained_backbone": False}),
+    ("ConditionalDetrConfig", {"use_timm_backbone": False, "use_pretrained_backbone": False}),
+    ("TableTransformerConfig", {"use_timm_backbone": False, "use_pretrained_backbone": False}),
+]
+
+
+def transformers_models(limit: int | None) -> list[tuple[str, object]]:
+    tr = _thirdparty.transformers()
+    out = []
+    for config_name, kwargs in HF_CONFIGS[:limit]:
+        config_cls = getattr(tr, config_name, None)
+        if config_cls is None:
+            continue
+
+        def build(config_cls=config_cls, kwargs=kwargs):
+            model = tr.AutoModel.from_config(config_cls(**kwargs))
+            backbone = getattr(model, "backbone", None)  # DETR-style models: the conv backbone holds the BN
+            inner = getattr(backbone, "model", None) or getattr(backbone, "conv_encoder", None)
+            return inner if isinstance(inner, torch.nn.Module) and backbone is not None else model
+
+        try:
+            out.append((f"transformers:{config_name}", build if find_bn(build()) else None))
+        except Exception as exc:
+            out.append((f"transformers:{config_name}", f"does not build here: {type(exc).__name__}: {exc}"[:160]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=None, help="models per library (default: all)")
+    parser.add_argument("--libraries", default="timm,torchvision,transformers")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "compatibility.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    warnings.simplefilter("ignore")
+    listers = {"timm": timm_models, "torchvision": torchvision_models, "transformers": transformers_models}
+    rows: list[tuple[str, str, int, list]] = []  # library, model, size, results
+    without_bn: dict[str, list[str]] = defaultdict(list)
+    unbuildable: list[tuple[str, str]] = []
+    start = time.perf_counter()
+    for library in args.libraries.split(","):
+        for name, build in listers[library](args.limit):
+            if build is None:
+                without_bn[library].append(name)
+                continue
+            if isinstance(build, str):
+                unbuildable.append((name, build))
+                continue
+            size = _pick_size(build)
+            if size is None:
+                unbuildable.append((name, f"no forward at {', '.join(map(str, SIZES))} px"))
+                continue
+            results = run_operations(build, _example(size))
+            rows.append((library, name, size, results))
+            bad = [r.operation for r in results if r.status == "fail"]
+            print(f"{name:55s} {size:4d}px  {'FAIL ' + ','.join(bad) if bad else 'ok'}", flush=True)
+    seconds = time.perf_counter() - start
+    Path(args.out).write_text(render(rows, without_bn, unbuildable, seconds, args))
+    print(f"wrote {args.out} ({len(rows)} models, {seconds / 60:.1f} min)")
+
+
+def render(rows, without_bn, unbuildable, seconds, args) -> str:
+    import timm  # imported by the listers through the shim
+    import torchvision
+    import transformers
+
+    libraries = sorted({r[0] for r in rows})
+    lines = [
+        "# Compatibility matrix",
+        "",
+        "Every bndoctor operation on every BatchNorm architecture that timm, torchvision and transformers build,",
+        "with random weights (nothing downloaded), on a batch of 2 images at 64x64 (larger where an architecture",
+        "needs it). What each operation checks is in `src/bndoctor/bench/compat.py`; each is compared with an",
+        "independent answer (outputs before/after, the float64 statistics of the layer inputs, the original",
+        "state_dict). `n/a`: the model's BN layers are all frozen, so nothing learns statistics to sync,",
+        "accumulate or recalibrate.",
+        "",
+        f"Generated by `python benchmarks/compat_matrix.py` in {seconds / 60:.0f} min on 2 CPU cores, with torch",
+        f"{torch.__version__}, timm {timm.__version__}, torchvision {torchvision.__version__}, transformers",
+        f"{transformers.__version__}. timm: one model per architecture (the first variant by name that builds).",
+        "",
+        "| library | models | " + " | ".join(OPERATIONS) + " |",
+        "|---|---|" + "---|" * len(OPERATIONS),
+    ]
+    for library in libraries:
+        mine = [r for r in rows if r[0] == library]
+        cells = []
+        for i in range(len(OPERATIONS)):
+            results = [r[3][i] for r in mine]
+            passed = sum(x.status == "pass" for x in results)
+            na = sum(x.status == "n/a" for x in results)
+            applicable = len(results) - na
+            cells.append(f"{passed}/{applicable}" + (f" (+{na} n/a)" if na else ""))
+        lines.append(f"| {library} | {len(mine)} | " + " | ".join(cells) + " |")
+    failures = [(r[1], x) for r in rows for x in r[3] if x.status == "fail"]
+    lines += ["", "## Failures", ""]
+    if failures:
+        lines += [f"- `{name}` — {x.operation}: {x.detail}" for name, x in failures]
+    else:
+        lines.append("None.")
+    partial = [(r[1], x.detail) for r in rows for x in r[3] if x.operation == "fold" and x.status == "pass"]
+    partial = [(n, d) for n, d in partial if d.split(" of ")[0] != d.split(" of ")[-1].split(" ")[0]]
+    lines += [
+        "",
+        "## Layers fold leaves in place",
+        "",
+        "`fold_bn` folds a BN only into a conv/linear whose output feeds nothing else. Pre-activation BN",
+        "(DenseNet, ResNetV2, DPN: BN after a concatenation or a residual sum) has no such producer and stays,",
+        "exact as before.",
+        "",
+    ]
+    lines += [f"- `{n}`: {d}" for n, d in partial] or ["None."]
+    if unbuildable:
+        lines += ["", "## Not run (the model does not build or run here)", ""]
+        lines += [f"- `{n}`: {why}" for n, why in unbuildable]
+    lines += ["", "## Architectures without BatchNorm (nothing to do)", ""]
+    for library, names in sorted(without_bn.items()):
+        lines.append(f"- {library} ({len(names)}): " + ", ".join(f"`{n.split(':', 1)[1]}`" for n in names))
+    lines += ["", "## Per model", "", "| model | input | " + " | ".join(OPERATIONS) + " |"]
+    lines.append("|---|---|" + "---|" * len(OPERATIONS))
+    for _, name, size, results in rows:
+        lines.append(f"| `{name}` | {size} | " + " | ".join(x.status for x in results) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
