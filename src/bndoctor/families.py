@@ -17,6 +17,7 @@ family                    kind        members
 ``norm-act-sync``         sync        a ``SyncBatchNorm`` subclass that applies ``drop``/``act``
                                       children after normalising (timm's ``SyncBatchNormAct``)
 ``sync``                  sync        torch's ``SyncBatchNorm`` and bndoctor's
+``bndoctor-norm-act``     batchnorm   bndoctor's ``BatchNormAct`` (plain BN + ``drop``/``act``)
 ``bndoctor-remedy``       batchnorm   bndoctor's own remedy layers (AccumBatchNorm, BatchRenorm)
 ``norm-act``              batchnorm   a ``_BatchNorm`` subclass that applies ``drop``/``act``
                                       children after normalising (timm's ``BatchNormAct2d``)
@@ -52,7 +53,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .errors import BNDoctorError
-from .layers import BNDoctorLayer, SyncBatchNorm, is_bndoctor_frozen
+from .layers import BatchNormAct, BNDoctorLayer, SyncBatchNorm, is_bndoctor_frozen
 
 __all__ = [
     "FAMILIES",
@@ -167,6 +168,7 @@ FAMILIES: list[Family] = [
         lambda m: isinstance(m, SyncBatchNorm) or (isinstance(m, nn.SyncBatchNorm) and has_plain_forward(m)),
         swappable=True,
     ),
+    Family("bndoctor-norm-act", "batchnorm", lambda m: isinstance(m, BatchNormAct), swappable=True),
     Family(
         "bndoctor-remedy",
         "batchnorm",

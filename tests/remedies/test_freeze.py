@@ -178,3 +178,20 @@ def _repo_root():
     import pathlib
 
     return pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_third_party_frozen_bn_becomes_trainable_on_request():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ThirdPartyFrozenBN2d(4))
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        model[1].get_buffer(name).uniform_(0.5, 1.5)
+    assert type(bd.unfreeze_bn(model)[1]) is ThirdPartyFrozenBN2d  # left alone by default
+    trainable = bd.unfreeze_bn(model, third_party=True)
+    layer = trainable[1]
+    assert type(layer) is nn.BatchNorm2d and layer.weight.requires_grad and layer.eps == model[1].eps
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(trainable.eval()(x), model.eval()(x))
+    trainable.train()(x)
+    assert not torch.equal(layer.running_mean, model[1].running_mean)  # it learns statistics again
+    with pytest.raises(bd.BNDoctorError, match="dims=1, 2 or 3"):
+        bd.unfreeze_bn(model, third_party=True, dims=4)

@@ -80,3 +80,38 @@ def test_norm_act_layers_are_recognised_by_their_children_and_frozen_with_them()
     frozen = bd.freeze_bn(model).train()
     x = torch.randn(4, 3, 6, 6) * 5
     assert frozen(x).min() >= SILU_FLOOR  # the frozen subclass keeps BatchNormAct2d's forward
+
+
+class SyncBatchNormAct(nn.SyncBatchNorm):
+    """Like timm's SyncBatchNormAct: torch's SyncBatchNorm with `drop` and `act` applied after it."""
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+def _timm_style_sync():
+    layer = SyncBatchNormAct(4)
+    layer.drop, layer.act = nn.Identity(), nn.SiLU()
+    return randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), layer))
+
+
+def test_a_norm_act_syncbn_goes_back_to_local_bn_with_its_activation():
+    model = _timm_style_sync()
+    (record,) = bd.find_bn(model)
+    assert record.family.name == "norm-act-sync" and record.kind == "sync"
+    local = bd.from_sync_bn(model)  # no dims needed: it becomes bndoctor's BatchNormAct
+    assert type(local[1]) is bd.layers.BatchNormAct and isinstance(local[1].act, nn.SiLU)
+    x = torch.randn(4, 3, 6, 6) * 5
+    torch.testing.assert_close(local.eval()(x), model.eval()(x))
+    assert local.train()(x).min() >= SILU_FLOOR
+    accum = bd.to_accum_bn(local)  # and it is an ordinary BN layer to every remedy
+    assert type(accum[1]) is bd.AccumBatchNorm and isinstance(accum[1].act, nn.SiLU)
+
+
+def test_check_and_fix_of_a_norm_act_syncbn_in_one_process_keep_the_activation():
+    model = _timm_style_sync()
+    report = bd.check(model)
+    assert report.by_code("BN302")[0].action.name == "from_sync_bn"
+    fixed, changes = bd.fix(model, report)
+    assert type(fixed[1]) is bd.layers.BatchNormAct and changes == ["from_sync_bn: 1 layer(s)"]
+    assert fixed.train()(torch.randn(4, 3, 6, 6) * 5).min() >= SILU_FLOOR

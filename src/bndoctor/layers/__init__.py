@@ -20,7 +20,7 @@ from .frozen import (
     frozen_class_for,
     is_bndoctor_frozen,
 )
-from .norm_act import GroupNormAct
+from .norm_act import BatchNormAct, GroupNormAct
 from .renorm import BatchRenorm
 from .sync import SyncBatchNorm
 
@@ -29,6 +29,7 @@ __all__ = [
     "AccumBatchNorm",
     "AccumMode",
     "BNDoctorLayer",
+    "BatchNormAct",
     "BatchRenorm",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",

@@ -18,7 +18,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._walk import BNInfo, ModuleSelection, plan, replace_modules, require_initialized, warn_unsupported
 from ..errors import BNDoctorError, BNDoctorWarning
-from ..layers import window_open
+from ..families import has_post_ops
+from ..layers import BatchNormAct, window_open
 
 __all__ = ["revert_layers", "swap_layers", "transfer_bn_state"]
 
@@ -128,7 +129,9 @@ def revert_layers(model: nn.Module, classes: tuple[type, ...], *, dims: int | No
             continue
         cls = getattr(module, "_bndoctor_source_class", None)
         attributes = getattr(module, "_bndoctor_source_attributes", None)
-        if cls is None or cls is nn.SyncBatchNorm:  # torch's SyncBatchNorm cannot run in one process: plain BN
+        if (cls is None or cls is nn.SyncBatchNorm) and has_post_ops(module):
+            new = BatchNormAct(int(record.num_features or 0))  # a norm+activation SyncBN: keep its drop/act
+        elif cls is None or cls is nn.SyncBatchNorm:  # torch's SyncBatchNorm cannot run in one process: plain BN
             if dims is None:
                 raise BNDoctorError(
                     f"'{record.name}' is a {type(module).__name__} with no remembered BatchNorm class",

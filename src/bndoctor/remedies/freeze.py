@@ -9,10 +9,14 @@ batch statistics. Also registers the ``freeze_bn`` fixer and prescription
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
-from .._walk import BNInfo, ModuleSelection, plan, require_running_stats, warn_unsupported
+from .._walk import BNInfo, ModuleSelection, plan, replace_modules, require_running_stats, warn_unsupported
+from ..errors import BNDoctorError
+from ..families import has_post_ops
 from ..findings import Action
+from ..layers import POST_OPS, BatchNormAct
 from ..layers.frozen import FreezeState, frozen_class_for, is_bndoctor_frozen
 from ..training import TrainingSetup
 from ._registry import FixStep, Prescription, Remedy, register_remedy
@@ -20,6 +24,7 @@ from ._registry import FixStep, Prescription, Remedy, register_remedy
 __all__ = ["freeze_bn", "unfreeze_bn"]
 
 _AFFINE = ("weight", "bias")
+_DIMS_TO_CLASS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 def freeze_bn(
@@ -84,6 +89,8 @@ def freeze_bn(
 def unfreeze_bn(
     model: nn.Module,
     *,
+    third_party: bool = False,
+    dims: int = 2,
     modules: ModuleSelection = None,
     inplace: bool = False,
 ) -> nn.Module:
@@ -96,12 +103,23 @@ def unfreeze_bn(
     for (``model.train()`` / ``model.eval()`` while frozen), or the layer's
     mode at freeze time if none was asked for.
 
-    Third-party frozen classes (torchvision/detectron2 ``FrozenBatchNorm2d``)
-    have no original class to return to and are left as they are.
+    Third-party frozen classes (torchvision/detectron2/DETR
+    ``FrozenBatchNorm2d``) have no original class to return to and are left as
+    they are, unless ``third_party=True``: then each becomes a trainable
+    ``BatchNorm{dims}d`` (a :class:`bndoctor.layers.BatchNormAct` when it has
+    an activation, as timm's ``FrozenBatchNormAct2d``) with its statistics,
+    its affine as trainable parameters, and eps kept — for fine-tuning a
+    detection backbone with BN that learns again. Build the optimizer after.
     """
+    if third_party and dims not in _DIMS_TO_CLASS:
+        raise BNDoctorError(f"expected dims=1, 2 or 3 (got {dims!r})", hint="2 for images (N, C, H, W)")
     model, records = plan(model, modules, inplace)
+    replacements = {}
     for record in records:
         module = record.module
+        if third_party and record.frozen and not is_bndoctor_frozen(module) and record.supported:
+            replacements[id(module)] = (module, _trainable(record, dims))
+            continue
         if not is_bndoctor_frozen(module):
             continue
         state: FreezeState = module._bndoctor_freeze  # type: ignore[assignment]
@@ -112,7 +130,23 @@ def unfreeze_bn(
             if param is not None:
                 param.requires_grad_(flag)
         module.training = state.requested_training
-    return model
+    return replace_modules(model, replacements)
+
+
+def _trainable(record: BNInfo, dims: int) -> nn.Module:
+    """A trainable BN with a third-party frozen layer's statistics, affine, eps and activation."""
+    module = record.module
+    mean = module.get_buffer("running_mean")
+    cls = BatchNormAct if has_post_ops(module) else _DIMS_TO_CLASS[dims]
+    new = cls(int(record.num_features or 0), eps=record.eps, device=mean.device, dtype=mean.dtype)
+    with torch.no_grad():
+        for name in ("running_mean", "running_var", *_AFFINE):
+            getattr(new, name).copy_(module.get_buffer(name))
+    for name in POST_OPS:
+        if module._modules.get(name) is not None:
+            new.add_module(name, module._modules[name])
+    new.train(module.training)
+    return new
 
 
 def _fix(step: FixStep) -> nn.Module:
