@@ -41,10 +41,12 @@ def test_torchvision_detection_model_builds_without_a_backbone_download(capsys):
 
 
 def test_transformers_config_and_model_class(capsys):
-    code, out, _ = run(capsys, "inspect", "transformers:ResNetConfig", "--model-kwargs", "depths=[1,1,1,1]")
-    assert code == 0 and "17 BatchNorm layer(s)" in out  # depths=[1,1,1,1]: 1 + 4 x 4 layers
-    code, out, _ = run(capsys, "check", "transformers:DetrConfig", "--micro-batch", "2")
-    assert code == 0 and "no findings" in out  # DETR's backbone BN is frozen: fine at any batch
+    code, out, err = run(capsys, "inspect", "transformers:ResNetConfig", "--model-kwargs", "depths=[1,1,1,1]")
+    assert code == 0, err
+    assert "17 BatchNorm layer(s)" in out  # depths=[1,1,1,1]: 1 + 4 x 4 layers
+    code, out, err = run(capsys, "check", "transformers:DetrConfig", "--micro-batch", "2")
+    assert code == 0, err
+    assert "no findings" in out  # DETR's backbone BN is frozen: fine at any batch
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,52 @@ def test_untraceable_model_falls_back_to_sequential_pairs():
         torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+class _UntraceableBlocks(nn.Module):
+    """Like transformers' vision models: fx cannot trace it; convs and BN are attributes, not a Sequential."""
+
+    def __init__(self, data_dependent=True):
+        super().__init__()
+        self.data_dependent = data_dependent
+        self.conv1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = nn.Linear(4, 3), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        if not self.data_dependent or x.sum() > -1e9:  # data-dependent control flow defeats torch.fx
+            x = torch.relu(self.bn1(self.conv1(x)))
+        y = self.conv2(x)
+        x = self.bn2(y) + y  # conv2's output feeds the residual too: folding it would be wrong
+        return self.bn3(self.conv3(x.mean((2, 3))))
+
+
+def test_example_input_folds_models_fx_cannot_trace_as_completely_as_traceable_ones():
+    model = _eval_ready(_UntraceableBlocks())
+    with pytest.warns(bd.BNDoctorWarning) as caught:
+        bd.fold_bn(model)  # without an input: nothing is in a Sequential, so nothing folds
+    assert "could not trace" in str(caught[0].message) and "example_input" in str(caught[0].message)
+    x = torch.randn(3, 2, 5, 5)
+    with pytest.warns(bd.BNDoctorWarning, match=r"left 1 BN layer.*'bn2'.*feeds only this layer"):
+        folded = bd.fold_bn(model, example_input=(x, "labels are ignored"))
+    assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.bn3, nn.Identity)
+    assert isinstance(folded.bn2, nn.BatchNorm2d)
+    torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+    assert model.training is False and not any(m.training for m in model.modules())  # modes restored
+    # check's trace on meta tensors uses the same rule: a conv that feeds a residual too keeps its bias
+    report = bd.check(_UntraceableBlocks(data_dependent=False), input_shape=(2, 5, 5))
+    assert report.traced
+    assert {f.module for f in report.by_code("BN201")} == {"conv1", "conv3"}
+
+
+def test_fold_with_example_input_restores_training_modes_and_statistics():
+    model = _eval_ready(_UntraceableBlocks()).train()
+    model.bn1.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = bd.fold_bn(model, example_input=torch.randn(3, 2, 5, 5), modules="bn1")
+    assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.bn2, nn.BatchNorm2d)
+    assert model.training and model.bn2.training and not model.bn1.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_input_untouched_and_inplace():
     model = _eval_ready(tiny_resnet())
     before = copy.deepcopy(model.state_dict())

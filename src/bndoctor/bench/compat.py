@@ -200,17 +200,29 @@ def _groupnorm(model: nn.Module, x: Any) -> str:
 
 
 def _fold(model: nn.Module, x: Any) -> str:
+    from .._pairs import ForwardPairs, pairs_from_fx
     from .._walk import find_bn
 
     model = copy.deepcopy(model).eval()
-    before = len([r for r in find_bn(model) if normalises_then_post_ops(r.module)])
+    records = [r for r in find_bn(model) if normalises_then_post_ops(r.module)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BNDoctorWarning)
         folded = fold_bn(model, example_input=x)
     after = len([r for r in find_bn(folded) if normalises_then_post_ops(r.module)])
-    _expect(after < before, "nothing folded")
     _close(_run(folded, x), _run(model, x), "folded vs unfolded", tol=1e-3)
-    return f"{before - after} of {before} folded"
+    count = len(records) - after
+    if count == 0:
+        with ForwardPairs(model, {id(r.module): r for r in records}) as seen, torch.no_grad():
+            default_forward(model, x)
+        _expect(not list(seen.producers_of()), "nothing folded although a BN follows a conv/linear")
+        raise _NotApplicable("no BN directly after a conv/linear (e.g. conv -> activation -> BN)")
+    try:  # where torch.fx can trace the model, the forward pass must find the same pairs
+        traced = len(pairs_from_fx(model, {id(r.module): r for r in records}))
+    except Exception:
+        traced = None
+    if traced is not None:
+        _expect(traced == count, f"the forward pass folded {count} layers, the fx trace finds {traced}")
+    return f"{count} of {len(records)} folded" + ("" if traced is None else " (fx agrees)")
 
 
 def _sync(model: nn.Module, x: Any) -> str:

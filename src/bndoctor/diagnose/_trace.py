@@ -3,9 +3,9 @@
 The model's parameters and buffers are swapped for meta tensors of the same
 shape in each module's own slots (the original objects are put back
 afterwards, also when the forward raises), the input is a meta tensor, so a
-ResNet-50 costs no arithmetic and no memory. Hooks record
-each watched layer's input shape, and which conv/linear output feeds which
-BN directly (tensor identity). Watched layers keep the shape of their input,
+ResNet-50 costs no arithmetic and no memory. Each watched layer's input
+shape is recorded, and which conv/linear output feeds which BN and nothing
+else (:class:`bndoctor._pairs.ForwardPairs`, the same rule fold uses). Watched layers keep the shape of their input,
 so during the trace they are replaced by a view of it: no meta kernel of
 BatchNorm is needed (its first use costs about a second of imports).
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .._pairs import PRODUCERS
+from .._pairs import ForwardPairs
 from .._state import Patches
 
 __all__ = ["Trace", "trace"]
@@ -63,8 +63,6 @@ def trace(model: nn.Module, shape: tuple[int, ...], watched: dict[int, str], nam
     ``names`` maps ``id(module)`` to its qualified name (the caller has it already).
     """
     result = Trace()
-    outputs: dict[int, tuple[str, torch.Tensor]] = {}
-    handles = []
 
     def shape_keeping(module: nn.Module) -> object:
         name = watched[id(module)]
@@ -72,33 +70,24 @@ def trace(model: nn.Module, shape: tuple[int, ...], watched: dict[int, str], nam
         def forward(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
             if isinstance(x, torch.Tensor):
                 result.input_shapes.setdefault(name, tuple(x.shape))
-                source = outputs.get(id(x))
-                if source is not None and source[1] is x:
-                    result.pairs.append((source[0], name))
                 return x.view_as(x)
             return x
 
         return forward
-
-    def after(module: nn.Module, args: tuple, output: object) -> None:
-        if isinstance(output, torch.Tensor):
-            outputs[id(output)] = (names.get(id(module), ""), output)  # the reference keeps the id unique
 
     patches = Patches()
     try:
         for module in model.modules():
             if id(module) in watched:
                 patches.set(module, "forward", shape_keeping(module))
-            elif isinstance(module, PRODUCERS):
-                handles.append(module.register_forward_hook(after))
         swapped = _to_meta(model)
         try:
-            with torch.no_grad():
+            # the pairs fold would fold: a producer's output that feeds the BN and nothing else
+            with ForwardPairs(model, watched) as recorder, torch.no_grad():
                 model(torch.empty(shape, device="meta"))
         finally:
             _restore(swapped)
     finally:
-        for handle in handles:
-            handle.remove()
         patches.undo()
+    result.pairs = [(names.get(id(producer), ""), name) for producer, name in recorder.pairs()]
     return result
