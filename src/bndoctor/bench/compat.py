@@ -21,6 +21,9 @@ accumulate      an accumulation loop with ``to_accum_bn`` + ``accumulate_bn`` (2
                 ``from_accum_bn`` restores the classes
 recalibrate     ``recalibrate`` writes the float64 statistics of every layer's inputs, gathered
                 independently with hooks (relative error < 1e-3)
+monitor         ``BNMonitor`` samples every layer that learns statistics during training forwards
+                (with accumulation-aware BN: the window it normalises with), with finite values,
+                and removes every hook on close
 check+fix       ``check`` (setup: micro-batch 2 x 4 accumulation) then ``fix``: every layer a
                 finding names is converted or listed in ``skipped``, and the fixed model runs
 ==============  ==============================================================================
@@ -32,6 +35,7 @@ by the test suite (a representative subset). Models are never downloaded.
 from __future__ import annotations
 
 import copy
+import math
 import time
 import traceback
 import warnings
@@ -64,7 +68,17 @@ from ..stats import recalibrate
 
 __all__ = ["OPERATIONS", "OpResult", "run_operations"]
 
-OPERATIONS = ("inventory", "freeze", "groupnorm", "fold", "sync", "accumulate", "recalibrate", "check+fix")
+OPERATIONS = (
+    "inventory",
+    "freeze",
+    "groupnorm",
+    "fold",
+    "sync",
+    "accumulate",
+    "recalibrate",
+    "monitor",
+    "check+fix",
+)
 
 
 @dataclass
@@ -289,6 +303,35 @@ def _recalibrate(model: nn.Module, x: Any) -> str:
     return f"{len(names)} layers, max relative error {worst:.1e}"
 
 
+def _monitor(model: nn.Module, x: Any) -> str:
+    from ..monitor import BNMonitor
+
+    _learning_layers(model)
+    converted = to_accum_bn(model).train()
+    optimizer = torch.optim.SGD([p for p in converted.parameters() if p.requires_grad], lr=0.0)
+    handles = attach_all(converted, optimizer)
+    hooks_before = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in converted.modules())
+    with BNMonitor(converted, every=1, keep=True, warmup=0, log=False) as monitor:
+        for _ in range(2):
+            with torch.no_grad():
+                default_forward(converted, x)
+    optimizer.step()
+    for handle in handles:
+        handle.remove()
+    hooks_after = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in converted.modules())
+    _expect(hooks_after == hooks_before, "the monitor left hooks behind")
+    samples = [r for r in monitor.records if r["kind"] == "sample"]
+    _expect(len(samples) == 2, f"expected 2 samples, got {len(samples)}")
+    learning = set(monitor.layers) - {n for n, r in monitor.layers.items() if r.frozen}
+    seen = samples[-1]["layers"]
+    _expect(learning <= set(seen), f"layers not sampled: {sorted(learning - set(seen))[:3]}")
+    windows = sum("window" in v for v in seen.values())
+    _expect(windows == len(learning), f"{len(learning) - windows} layer(s) without their window statistics")
+    bad = [n for n in learning if not math.isfinite(seen[n]["shift"])]
+    _expect(not bad, f"non-finite values for {bad[:3]}")
+    return f"{len(learning)} layers sampled (windows of {int(seen[sorted(learning)[0]]['window'])} values)"
+
+
 def _check_fix(model: nn.Module, x: Any) -> str:
     setup = TrainingSetup(micro_batch=2, accum_steps=4)
     shape = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None
@@ -329,6 +372,7 @@ _OPS: dict[str, Callable[[nn.Module, Any], str]] = {
     "sync": _sync,
     "accumulate": _accumulate,
     "recalibrate": _recalibrate,
+    "monitor": _monitor,
     "check+fix": _check_fix,
 }
 
