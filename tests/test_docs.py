@@ -83,3 +83,9 @@ def test_noise_doc_snippet_runs():
     env = {}
     exec(compile(_blocks("noise.md")[0], "noise.md", "exec"), env)
     assert env["gns"].b_simple > 0 and len(env["gns"].samples) == 20
+
+
+def test_models_doc_snippet_runs():
+    pytest.importorskip("transformers")
+    (code,) = _blocks("models.md")
+    exec(compile(code, "models.md", "exec"), {})

@@ -289,6 +289,16 @@ def require_running_stats(record: BNInfo, operation: str) -> None:
         )
 
 
+def warn_left_alone(records: Iterable[BNInfo], operation: str, *, stacklevel: int = 3) -> None:
+    """Name the supported layers an operation leaves as they are, each with its family's reason."""
+    kept = list(records)
+    if kept:
+        reasons = "; ".join(f"'{r.name}' ({r.family.reason if r.family else 'unknown forward'})" for r in kept)
+        warnings.warn(
+            f"{operation} left {len(kept)} BN subclass(es) unchanged: {reasons}", BNDoctorWarning, stacklevel=stacklevel
+        )
+
+
 def warn_unsupported(records: Iterable[BNInfo], operation: str) -> None:
     skipped = [r for r in records if r.opaque]
     if skipped:

@@ -10,14 +10,21 @@ sharing and optimizer state carry over.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .._walk import BNInfo, ModuleSelection, plan, replace_modules, require_initialized, warn_unsupported
-from ..errors import BNDoctorError, BNDoctorWarning
+from .._walk import (
+    BNInfo,
+    ModuleSelection,
+    plan,
+    replace_modules,
+    require_initialized,
+    warn_left_alone,
+    warn_unsupported,
+)
+from ..errors import BNDoctorError
 from ..families import has_post_ops
 from ..layers import BatchNormAct, window_open
 
@@ -91,14 +98,7 @@ def swap_layers(
 
     model, records = plan(model, modules, inplace, validate)
     warn_unsupported(records, operation)
-    kept = [r for r in records if r.supported and not r.frozen and not r.swappable]
-    if kept:
-        warnings.warn(
-            f"{operation} left {len(kept)} BN subclass(es) unchanged: "
-            + "; ".join(f"'{r.name}' ({r.family.reason if r.family else 'not swappable'})" for r in kept),
-            BNDoctorWarning,
-            stacklevel=3,
-        )
+    warn_left_alone([r for r in records if r.supported and not r.frozen and not r.swappable], operation, stacklevel=4)
     replacements = {}
     for record in records:
         if not record.swappable:

@@ -8,15 +8,22 @@ registers the ``convert_bn`` fixer and its prescription.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn as nn
 
-from .._walk import BNInfo, ModuleSelection, plan, replace_modules, require_initialized, warn_unsupported
-from ..errors import BNDoctorError, BNDoctorWarning, GroupCountError
+from .._walk import (
+    BNInfo,
+    ModuleSelection,
+    plan,
+    replace_modules,
+    require_initialized,
+    warn_left_alone,
+    warn_unsupported,
+)
+from ..errors import BNDoctorError, GroupCountError
 from ..families import normalises_then_post_ops
 from ..findings import Action
 from ..layers import POST_OPS, GroupNormAct
@@ -169,14 +176,7 @@ def convert_bn(
     model, records = plan(model, modules, inplace, validate)
     warn_unsupported(records, "convert_bn")
     targets = [r for r in records if r.supported and normalises_then_post_ops(r.module)]
-    unknown = [r for r in records if r.supported and r not in targets]
-    if unknown:
-        warnings.warn(
-            f"convert_bn left {len(unknown)} BN subclass(es) unchanged: "
-            + "; ".join(f"'{r.name}' ({r.family.reason if r.family else 'unknown forward'})" for r in unknown),
-            BNDoctorWarning,
-            stacklevel=2,
-        )
+    warn_left_alone([r for r in records if r.supported and not normalises_then_post_ops(r.module)], "convert_bn")
     groups = {r.name: _group_count(r, to, num_groups) for r in targets}
     replacements = {id(r.module): (r.module, _to_group_norm(r, groups[r.name])) for r in targets}
     return replace_modules(model, replacements)
