@@ -19,13 +19,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, out_dir, fn, args):
+def _entry(rank, world_size, port, out_dir, fn, args, timeout=60):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
     try:
         result = fn(rank, world_size, *args)
     except BaseException as exc:  # report the failure to the parent
@@ -37,11 +37,15 @@ def _entry(rank, world_size, port, out_dir, fn, args):
     dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args):
-    """``fn(rank, world_size, *args)`` on each rank; returns the list of results (exceptions included)."""
+def run_ranks(fn, world_size: int, *args, timeout: int = 60):
+    """``fn(rank, world_size, *args)`` on each rank; returns the list of results (exceptions included).
+
+    ``timeout`` (seconds) bounds every collective: a hang fails the test instead of blocking CI.
+    """
     with tempfile.TemporaryDirectory() as out_dir:
         try:
-            mp.spawn(_entry, args=(world_size, _free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+            spawn_args = (world_size, _free_port(), out_dir, fn, args, timeout)
+            mp.spawn(_entry, args=spawn_args, nprocs=world_size, join=True)
         except mp.ProcessExitedException:
             # a rank that wrote its result and then died in process tear-down (seen with DDP + gloo:
             # "terminate called without an active exception") still counts; a missing result does not

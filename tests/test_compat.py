@@ -94,3 +94,32 @@ def test_every_operation_works_on_real_models(name):
     assert {r.operation for r in results if r.status == "n/a"} == (
         {"sync", "accumulate", "recalibrate", "monitor"} if frozen_only else set()
     )
+
+
+def test_operations_say_why_they_do_not_apply():
+    import torch.nn as nn
+
+    def convmixer_like():  # BN after the activation: no conv output reaches a BN directly
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.GELU())
+
+    results = {r.operation: r for r in run_operations(convmixer_like, X)}
+    assert results["fold"].status == "n/a" and "no BN directly after a conv" in results["fold"].detail
+    assert all(r.status == "pass" for name, r in results.items() if name != "fold")
+
+
+def test_a_failing_operation_is_reported_with_its_reason_not_raised():
+    import torch.nn as nn
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            if self.training:
+                raise RuntimeError("this model cannot train")
+            return self.bn(x)
+
+    results = {r.operation: r for r in run_operations(Broken, X)}
+    assert results["inventory"].status == "pass"
+    assert results["accumulate"].status == "fail" and "this model cannot train" in results["accumulate"].detail

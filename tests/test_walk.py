@@ -139,3 +139,12 @@ class TestReplaceModule:
     def test_new_must_be_module(self):
         with pytest.raises(bd.errors.NotAModuleError, match="`new`"):
             bd.replace_module(nn.Sequential(nn.ReLU()), "0", "relu")
+
+
+@pytest.mark.parametrize("bad", [123, 1.5, object()])
+def test_a_selection_of_the_wrong_type_is_a_clear_error(bad):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    for operation in (bd.freeze_bn, bd.convert_bn, bd.to_sync_bn, bd.fold_bn):
+        with pytest.raises(bd.errors.ModuleSelectionError, match="expected `modules` to be a name") as info:
+            operation(model, modules=bad)
+        assert "layer3.*.bn2" in info.value.hint

@@ -240,6 +240,11 @@ def select(records: list[BNInfo], modules: ModuleSelection, *, argument: str = "
     if callable(modules):
         predicate = modules
         return [r for r in records if predicate(r.name, r.module)]
+    if not isinstance(modules, (str, Iterable)):
+        raise ModuleSelectionError(
+            f"expected `{argument}` to be a name, a list of names or a callable (got {type(modules).__name__})",
+            hint="pass names such as 'layer1' or 'layer3.*.bn2', or a callable (name, module) -> bool",
+        )
     patterns = [modules] if isinstance(modules, str) else list(modules)
     for pattern in patterns:
         if not isinstance(pattern, str):

@@ -69,3 +69,26 @@ def test_convert_and_revert():
     assert isinstance(renorm[1], bd.BatchRenorm) and renorm[1].momentum == 0.01 and renorm[1].warmup_steps == 7
     back = bd.from_batch_renorm(renorm)
     assert type(back[1]) is nn.BatchNorm2d
+
+
+def test_a_layer_without_running_statistics_is_refused_up_front():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(bd.errors.MissingRunningStatsError, match="to_batch_renorm needs running statistics.*'1'"):
+        bd.to_batch_renorm(model)
+    assert type(model[1]) is nn.BatchNorm2d
+
+
+def test_switching_running_statistics_off_leaves_the_buffers_alone():
+    layer = bd.BatchRenorm(4, warmup_steps=0)
+    before = (layer.running_mean.clone(), layer.running_var.clone())
+    layer.track_running_stats = False
+    x = torch.randn(8, 4)
+    torch.testing.assert_close(layer(x), nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True))
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+
+
+def test_momentum_is_set_on_the_converted_layers_only():
+    model = nn.Sequential(bd.BatchRenorm(4, momentum=0.2), nn.BatchNorm2d(4))
+    with pytest.warns(bd.BNDoctorWarning, match="already a bndoctor remedy layer"):
+        converted = bd.to_batch_renorm(model, momentum=0.05)
+    assert converted[0].momentum == 0.2 and converted[1].momentum == 0.05

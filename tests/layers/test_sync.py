@@ -122,6 +122,23 @@ def test_two_collectives_per_training_step_none_in_eval():
         assert (train_calls, eval_calls) == (2, 0)
 
 
+def _only_rank_zero_evaluates(rank, world_size):
+    import torch.distributed as dist
+
+    layer = bd.SyncBatchNorm(C, track_running_stats=False).double().eval()
+    x = _local_batch(rank, [4, 4])[0]
+    if rank == 0:  # e.g. validation on the main process only: must not wait for the other rank
+        out = layer(x)
+        reference = torch.nn.functional.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+        torch.testing.assert_close(out, reference)  # the local batch's statistics, as torch's SyncBatchNorm
+    dist.barrier()
+    return True
+
+
+def test_eval_without_running_statistics_calls_no_collective():
+    assert run_ranks(_only_rank_zero_evaluates, 2, timeout=15) == [True, True]
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()

@@ -65,7 +65,8 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
 
     def _normalise(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        if not self.training:
+        if not self.training or not self.track_running_stats or self.running_mean is None:
+            # eval: the running statistics; no running statistics kept: plain BN, buffers untouched
             return _BatchNorm.forward(self, input)
         r_max, d_max = self.limits()
         with torch.no_grad():

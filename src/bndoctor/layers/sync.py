@@ -65,8 +65,9 @@ class SyncBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
 
     def _normalise(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        bn_training = self.training or not self.track_running_stats or self.running_mean is None
-        if not bn_training or world_size(self.process_group) == 1:
+        # only training synchronises: in eval mode the layer uses its running statistics, or (with
+        # track_running_stats=False) the local batch's, and calls no collective, as torch's SyncBatchNorm
+        if not self.training or world_size(self.process_group) == 1:
             return _BatchNorm.forward(self, input)
         return self._sync_forward(input)
 

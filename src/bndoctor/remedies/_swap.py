@@ -83,18 +83,22 @@ def swap_layers(
     modules: ModuleSelection,
     inplace: bool,
     operation: str,
+    require: Callable[[BNInfo], None] | None = None,
 ) -> nn.Module:
     """Replace the swappable BN layers by ``make(record)``, moving their state and remembering their class.
 
     Frozen layers are left alone (they do not use batch statistics), and so are
     layers of families that are not swappable, such as BN subclasses with
     their own forward or another remedy's layer (a warning names them and says
-    why). ``operation`` names the caller in messages.
+    why). ``operation`` names the caller in messages; ``require(record)``
+    validates each layer to convert before anything changes (raise to refuse).
     """
 
     def validate(record: BNInfo) -> None:
         if record.swappable or record.lazy:
             require_initialized(record)
+        if record.swappable and require is not None:
+            require(record)
 
     model, records = plan(model, modules, inplace, validate)
     warn_unsupported(records, operation)

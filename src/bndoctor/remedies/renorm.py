@@ -13,7 +13,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .._walk import ModuleSelection
+from .._walk import BNInfo, ModuleSelection, require_running_stats
 from ..layers import BatchRenorm
 from ._registry import FixStep, Remedy, register_remedy
 from ._swap import revert_layers, swap_layers
@@ -38,13 +38,18 @@ def to_batch_renorm(
     :func:`bndoctor.from_batch_renorm`.
     """
 
-    def make(record: Any) -> BatchRenorm:
-        return BatchRenorm(int(record.num_features or 0), r_max=r_max, d_max=d_max, warmup_steps=warmup_steps)
+    made: list[BatchRenorm] = []
 
-    converted = swap_layers(model, make, modules=modules, inplace=inplace, operation="to_batch_renorm")
-    for module in converted.modules():
-        if isinstance(module, BatchRenorm):
-            module.momentum = momentum
+    def make(record: Any) -> BatchRenorm:
+        made.append(BatchRenorm(int(record.num_features or 0), r_max=r_max, d_max=d_max, warmup_steps=warmup_steps))
+        return made[-1]
+
+    def require(record: BNInfo) -> None:  # r and d are measured against the running statistics
+        require_running_stats(record, "to_batch_renorm")
+
+    converted = swap_layers(model, make, modules=modules, inplace=inplace, operation="to_batch_renorm", require=require)
+    for layer in made:  # only the layers converted now: existing BatchRenorm layers keep theirs
+        layer.momentum = momentum
     return converted
 
 
