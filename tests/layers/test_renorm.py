@@ -73,7 +73,7 @@ def test_convert_and_revert():
 
 def test_a_layer_without_running_statistics_is_refused_up_front():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
-    with pytest.raises(bd.errors.MissingRunningStatsError, match="to_batch_renorm needs running statistics.*'1'"):
+    with pytest.raises(bd.errors.MissingRunningStatsError, match=r"to_batch_renorm needs running statistics.*'1'"):
         bd.to_batch_renorm(model)
     assert type(model[1]) is nn.BatchNorm2d
 
