@@ -95,3 +95,61 @@ def test_noise_records_are_reported(tmp_path):
     text = (tmp_path / "out" / "report.md").read_text()
     assert "last B_simple 44 for a logical batch of 8, tail index 1.60" in text
     assert (tmp_path / "out" / "monitor-noise.png").exists()
+
+
+def _write(path, *records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+START = {"kind": "start", "layers": ["bn"], "every": 1, "model": "Net"}
+
+
+def test_the_files_bndoctor_writes_with_non_finite_values_render(tmp_path, capsys):
+    from bndoctor.cli import main
+
+    run = _write(tmp_path / "r.jsonl", START, {"kind": "noise", "step": 1, "b_simple": "inf", "logical_batch": 64})
+    assert main(["report", str(run), "--no-plots"]) == 0
+    assert "last B_simple inf for a logical batch of 64" in (tmp_path / "r" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"kind": "sample", "layers": {}}, "a 'sample' record needs 'step'"),
+        ({"kind": "noise", "step": 1, "b_simple": None, "logical_batch": 8}, "needs 'b_simple'"),
+        ({"kind": "alert", "step": 3, "finding": {"code": "BN101"}}, "needs a string 'severity'"),
+    ],
+)
+def test_records_with_missing_or_null_fields_are_one_line_errors(tmp_path, capsys, record, message):
+    from bndoctor.cli import main
+
+    run = _write(tmp_path / "r.jsonl", START, record)
+    assert main(["report", str(run), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "line 2" in err and "Traceback" not in err
+
+
+def test_out_at_a_file_or_a_run_without_suffix(tmp_path, capsys):
+    from bndoctor.cli import main
+
+    run = _write(tmp_path / "RUN", START)
+    assert main(["report", str(run), "--no-plots"]) == 0 and (tmp_path / "RUN-report" / "report.md").is_file()
+    for out in (run, run / "sub"):
+        assert main(["report", str(run), "--out", str(out), "--no-plots"]) == 2
+        assert "is a file" in capsys.readouterr().err
+
+
+def test_a_reused_sink_path_reports_the_last_run_and_says_so(tmp_path):
+    sample = {"kind": "sample", "step": 1, "layers": {"bn": {"n_eff": 3.0}}}
+    run = load_run(_write(tmp_path / "r.jsonl", START, sample, sample, {**START, "model": "Second"}, sample))
+    assert run.runs_in_file == 2 and run.start["model"] == "Second" and len(run.samples) == 1
+    text = write_run_report(run, tmp_path / "out", plots=False).read_text()
+    assert "holds 2 runs" in text
+
+
+def test_layer_names_are_escaped_in_the_markdown_report(tmp_path):
+    start = {**START, "layers": ["<img src=x onerror=alert(1)>"]}
+    sample = {"kind": "sample", "step": 1, "layers": {"<img src=x onerror=alert(1)>": {"n_eff": 3.0}}}
+    text = write_run_report(load_run(_write(tmp_path / "r.jsonl", start, sample)), tmp_path / "o", plots=False)
+    assert "<img" not in text.read_text() and "&lt;img" in text.read_text()

@@ -31,17 +31,25 @@ class ReportResult:
         for alert in self.alerts:
             finding = alert["finding"]
             lines.append(
-                f"  step {alert['step']}: {finding['code']} {finding['module'] or '(model)'}: {finding['message']}"
+                f"  step {alert['step']}: {finding['code']} {finding.get('module') or '(model)'}: {finding['message']}"
             )
         lines.append(f"wrote {self.path} and {self.path.with_suffix('.html')}")
         return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> ReportResult:
+    from ..errors import BNDoctorError
     from ..monitor.report import load_run, write_run_report
 
     monitor_run = load_run(args.run)
-    out = args.out if args.out is not None else Path(args.run).with_suffix("")
+    source = Path(args.run)
+    out = args.out if args.out is not None else source.with_suffix("") if source.suffix else Path(f"{source}-report")
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise BNDoctorError(
+            f"cannot write the report into {str(out)!r}: {str(blocked)!r} is a file",
+            hint="pass --out with a folder path (it is created if missing)",
+        )
     path = write_run_report(monitor_run, out, plots=not args.no_plots)
     return ReportResult(path, len(monitor_run.samples), len(monitor_run.layers), monitor_run.alerts)
 

@@ -33,6 +33,7 @@ class MonitorRun:
     divergence: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
     noise: list[dict[str, Any]] = field(default_factory=list)
+    runs_in_file: int = 1
 
     @property
     def layers(self) -> list[str]:
@@ -51,15 +52,64 @@ class MonitorRun:
         return steps, values
 
 
+_NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+#: fields each kind of record must have, with the types they must be (numbers may be non-finite)
+_REQUIRED: dict[str, dict[str, tuple[type, ...]]] = {
+    "sample": {"step": (int, float), "layers": (dict,)},
+    "divergence": {"step": (int, float), "max": (int, float)},
+    "alert": {"step": (int, float), "finding": (dict,)},
+    "noise": {"step": (int, float), "b_simple": (int, float), "logical_batch": (int, float)},
+}
+
+
+def _decode(value: Any) -> Any:
+    """The JSONL sink writes NaN/Inf as strings (JSON has none): read them back as floats."""
+    if isinstance(value, str) and value in _NONFINITE:
+        return _NONFINITE[value]
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _check_fields(record: dict[str, Any], kind: str, where: str) -> None:
+    for name, types in _REQUIRED.get(kind, {}).items():
+        value = record.get(name)
+        if isinstance(value, bool) or not isinstance(value, types):
+            found = "missing" if name not in record else f"{type(value).__name__} {value!r}"[:60]
+            raise BNDoctorError(
+                f"{where}: a {kind!r} record needs {name!r} ({' or '.join(t.__name__ for t in types)}), found {found}",
+                hint="pass a file written by bndoctor.BNMonitor, unedited",
+            )
+    if kind == "alert":
+        finding = record["finding"]
+        for name in ("code", "severity", "message"):
+            if not isinstance(finding.get(name), str):
+                raise BNDoctorError(
+                    f"{where}: the alert's finding needs a string {name!r}",
+                    hint="pass a file written by bndoctor.BNMonitor, unedited",
+                )
+
+
 def load_run(path: str | Path) -> MonitorRun:
-    """Read a JSONL file written by :class:`bndoctor.BNMonitor`."""
+    """Read a JSONL file written by :class:`bndoctor.BNMonitor`.
+
+    A file that holds several runs (a sink path reused) yields the last one;
+    ``MonitorRun.runs_in_file`` says how many there were.
+    """
     path = Path(path)
     if not path.is_file():
         raise BNDoctorError(
             f"no monitor file at {str(path)!r}", hint="pass the JSONL path given to BNMonitor(sink=...)"
         )
     run = MonitorRun(str(path))
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BNDoctorError(f"{path.name} is not a text file", hint="pass the JSONL file BNMonitor wrote") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -70,7 +120,13 @@ def load_run(path: str | Path) -> MonitorRun:
                 hint="pass a file written by bndoctor.BNMonitor (one JSON object per line)",
             ) from None
         kind = record.get("kind") if isinstance(record, dict) else None
+        if not isinstance(kind, str):
+            continue
+        record = _decode(record)
+        _check_fields(record, kind, f"{path.name} line {number}")
         if kind == "start":
+            if run.start or run.samples:  # a second run appended to the same file: report the last one
+                run = MonitorRun(str(path), runs_in_file=run.runs_in_file + 1)
             run.start = record
         elif kind == "sample":
             run.samples.append(record)
@@ -86,6 +142,15 @@ def load_run(path: str | Path) -> MonitorRun:
             hint="the run may have stopped before its first sampled forward; check BNMonitor(every=...)",
         )
     return run
+
+
+def _num(value: Any, spec: str) -> str:
+    """A number formatted with ``spec``; ``-`` for anything else (a missing or null field)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    if not math.isfinite(value):
+        return str(value)
+    return format(value, spec)
 
 
 def _layer_rows(run: MonitorRun) -> list[list[Any]]:
@@ -172,7 +237,7 @@ def _plots(run: MonitorRun, out: Path) -> list[tuple[str, str]]:
 
 def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(html.escape(str(c)).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -192,8 +257,17 @@ def write_run_report(run: MonitorRun, out: str | Path, *, plots: bool = True) ->
         f"{run.start.get('model', 'model')}: {len(run.layers)} BN layer(s), {len(run.samples)} samples"
         + (f" from step {steps[0]} to {steps[-1]}" if steps else "")
         + f", one every {run.start.get('every', '?')} training forwards"
-        + (f", world size {run.start['world_size']}" if run.start.get("world_size", 1) > 1 else "")
+        + (
+            f", world size {run.start['world_size']}"
+            if _num(run.start.get("world_size"), "d") not in ("-", "1")
+            else ""
+        )
         + "."
+        + (
+            f" The file holds {run.runs_in_file} runs (its sink path was reused); this report shows the last."
+            if run.runs_in_file > 1
+            else ""
+        )
     )
     alert_headers = ["step", "code", "severity", "layer", "finding", "fix"]
     alert_rows = [
@@ -201,9 +275,9 @@ def write_run_report(run: MonitorRun, out: str | Path, *, plots: bool = True) ->
             a["step"],
             a["finding"]["code"],
             a["finding"]["severity"],
-            a["finding"]["module"] or "(model)",
+            a["finding"].get("module") or "(model)",
             a["finding"]["message"],
-            a["finding"]["fix"],
+            a["finding"].get("fix", ""),
         ]
         for a in run.alerts
     ]
@@ -223,15 +297,15 @@ def write_run_report(run: MonitorRun, out: str | Path, *, plots: bool = True) ->
         last = run.divergence[-1]
         md.append(
             f"\nCross-rank divergence: {len(run.divergence)} checks, last at step {last['step']}: "
-            f"max {last['max']:.3f}."
+            f"max {_num(last['max'], '.3f')}."
         )
     if run.noise:
         last = run.noise[-1]
         alpha = last.get("alpha")
         md.append(
-            f"\nGradient noise scale: {len(run.noise)} steps; last B_simple {last['b_simple']:.0f} for a logical batch "
-            f"of {last['logical_batch']}"
-            + ("" if not isinstance(alpha, (int, float)) else f", tail index {alpha:.2f}")
+            f"\nGradient noise scale: {len(run.noise)} steps; last B_simple {_num(last['b_simple'], '.0f')} for a "
+            f"logical batch of {_num(last['logical_batch'], 'g')}"
+            + ("" if _num(alpha, ".2f") == "-" else f", tail index {_num(alpha, '.2f')}")
             + "."
         )
     for name, title in images:
