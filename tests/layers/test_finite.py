@@ -60,3 +60,34 @@ def test_finite_wherever_batchnorm_is(name, case):
         layer.close_window()
     assert torch.isfinite(layer.running_mean).all() and torch.isfinite(layer.running_var).all()
     assert torch.isfinite(layer.eval()(x)).all()
+
+
+def _conv_accum():
+    torch.manual_seed(0)
+    return bd.to_accum_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+
+
+def test_a_nan_window_is_refused_by_the_block_and_never_committed():
+    model = _conv_accum()
+    before = (model[1].running_mean.clone(), model[1].running_var.clone())
+    bad = torch.randn(2, 3, 2, 2)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(bd.BNDoctorError, match="NaN or Inf at '1'"), bd.accumulation_window(model):
+        model(torch.randn(2, 3, 2, 2))
+        model(bad)
+    assert torch.equal(model[1].running_mean, before[0]) and torch.equal(model[1].running_var, before[1])
+    assert not model[1].window_open and int(model[1].num_batches_tracked) == 0
+    with bd.accumulation_window(model):  # the next window works as usual
+        model(torch.randn(2, 3, 2, 2))
+    assert torch.isfinite(model[1].running_var).all() and int(model[1].num_batches_tracked) == 1
+
+
+def test_the_optimizer_hook_skips_a_nan_window_on_the_device():
+    model = _conv_accum()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    bd.accumulate_bn(model, optimizer)
+    bad = torch.randn(2, 3, 2, 2)
+    bad[1, 2, 1, 1] = float("inf")
+    model(bad)
+    optimizer.step()
+    assert torch.isfinite(model[1].running_mean).all() and torch.isfinite(model[1].running_var).all()

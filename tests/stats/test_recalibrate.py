@@ -308,3 +308,27 @@ def test_layer_called_twice_per_forward_and_layer_reached_by_some_batches(exact)
     calls = {layer.name: layer.batches for layer in report.layers}
     assert calls == {"bn": 8, "sometimes": 2}
     assert "forward" not in model.bn.__dict__ and "forward" not in model.sometimes.__dict__
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_nan_batch_is_refused_by_default_and_skipped_on_request(exact):
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    batches = [torch.randn(8, 1, 8, 8) for _ in range(4)]
+    poisoned = [b.clone() for b in batches]
+    poisoned[2][3, 0, 1, 1] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(bd.BNDoctorError, match=r"batch 2 gives NaN or Inf statistics at 'stem\.1'") as info:
+        bd.recalibrate(model, poisoned, progress=False, exact=exact)
+    assert "nonfinite='skip'" in info.value.hint
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing written
+    with pytest.warns(bd.BNDoctorWarning, match="skipped 1 batch"):
+        bd.recalibrate(model, poisoned, progress=False, exact=exact, nonfinite="skip")
+    reference = tiny_resnet()
+    reference.load_state_dict(before)
+    bd.recalibrate(reference, [b for i, b in enumerate(batches) if i != 2], progress=False, exact=exact)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.testing.assert_close(module.running_var, reference.get_submodule(name).running_var)
+    with pytest.raises(bd.BNDoctorError, match="nonfinite='raise' or 'skip'"):
+        bd.recalibrate(model, batches, nonfinite="ignore")

@@ -87,3 +87,26 @@ def _empty_everywhere(rank, world_size):
 
 def test_no_data_on_any_rank_is_an_error_on_every_rank():
     assert all("on any rank" in r for r in run_ranks(_empty_everywhere, 2))
+
+
+def _nan_on_rank_zero(rank, world_size):
+    model = _model()
+    before = _stats(model)
+    batches = _batches(rank)
+    if rank == 0:
+        batches[1] = batches[1].clone()
+        batches[1][0, 0, 0, 0] = float("nan")
+    try:
+        bd.recalibrate(model, batches, progress=False)
+    except bd.BNDoctorError as exc:
+        after = _stats(model)
+        unchanged = all(torch.equal(a, b) for k in before for a, b in zip(before[k], after[k]))
+        return str(exc), unchanged
+    return "no error", False
+
+
+def test_a_nan_batch_on_one_rank_is_refused_on_every_rank_with_nothing_written():
+    (msg0, same0), (msg1, same1), (msg2, same2) = run_ranks(_nan_on_rank_zero, 3, timeout=30)
+    assert same0 and same1 and same2
+    assert "batch 1 gives NaN or Inf statistics at 'stem.1'" in msg0
+    assert "failed on rank(s) [0]" in msg1 and "failed on rank(s) [0]" in msg2

@@ -13,17 +13,17 @@ def ema_step(
     """``running = (1 - f) running + f stat`` with torch's rule for f (momentum, or 1/k when it is None).
 
     ``valid`` (a 0-d bool tensor) turns the step into a no-op on the device, without a host
-    synchronisation, when it is false (e.g. an all-empty global batch).
+    synchronisation, when it is false (an all-empty global batch, non-finite window statistics):
+    neither the statistics nor ``num_batches_tracked`` change, and a NaN in ``mean`` cannot leak in.
     """
-    module.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-    factor = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum  # type: ignore[arg-type]
+    module.num_batches_tracked.add_(1 if valid is None else valid.to(module.num_batches_tracked.dtype))  # type: ignore[union-attr]
+    factor = 1.0 / max(float(module.num_batches_tracked), 1.0) if module.momentum is None else module.momentum  # type: ignore[arg-type]
     for running, stat in ((module.running_mean, mean), (module.running_var, unbiased_var)):
         stat = stat.to(running.dtype)  # type: ignore[union-attr]
         if valid is None:
             running.mul_(1 - factor).add_(stat, alpha=factor)  # type: ignore[union-attr]
         else:
-            weight = torch.where(valid, factor, 0.0).to(running.dtype)  # type: ignore[union-attr]
-            running.add_((stat - running) * weight)  # type: ignore[operator]
+            running.copy_(torch.where(valid, running + (stat - running) * factor, running))  # type: ignore[operator]
 
 
 def renormalize(

@@ -236,14 +236,27 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
 
     @torch.no_grad()
     def close_window(self) -> None:
-        """Commit the window: one EMA update of the running statistics with its pooled statistics."""
+        """Commit the window: one EMA update of the running statistics with its pooled statistics.
+
+        A window whose statistics hold NaN or Inf is not committed (decided on
+        the device: no host synchronisation); :meth:`window_finite` tells.
+        """
         win = self._win
         if win.count > 0 and win.mean is not None and win.m2 is not None:
             count = win.count
             if self.track_running_stats and self.running_mean is not None:
-                ema_step(self, win.mean, win.m2 / max(count - 1.0, 1.0))
+                unbiased = win.m2 / max(count - 1.0, 1.0)
+                finite = torch.isfinite(win.mean).all() & torch.isfinite(unbiased).all()
+                ema_step(self, win.mean, unbiased, valid=finite)
             self.__dict__["_previous"] = (count, win.mean, win.m2)
         self.reset_window()
+
+    def window_finite(self) -> bool:
+        """Whether the open window's statistics are finite (reads one flag from the device)."""
+        win = self._win
+        if win.mean is None or win.m2 is None:
+            return True
+        return bool(torch.isfinite(win.mean).all() & torch.isfinite(win.m2).all())
 
     # ----------------------------------------------------------------- forward
 

@@ -151,8 +151,10 @@ def accumulate_bn(model: nn.Module, optimizer: torch.optim.Optimizer) -> Accumul
 def accumulation_window(model: nn.Module) -> Iterator[nn.Module]:
     """One accumulation window: micro-batches inside share statistics; leaving commits them.
 
-    On an exception the window is discarded (nothing is committed). Windows do
-    not nest.
+    On an exception the window is discarded (nothing is committed). A window
+    whose statistics hold NaN or Inf is discarded too, and leaving the block
+    raises :class:`~bndoctor.errors.BNDoctorError` naming the first such
+    layer. Windows do not nest.
     """
     layers = _layers(model)
     for layer in layers:
@@ -169,6 +171,15 @@ def accumulation_window(model: nn.Module) -> Iterator[nn.Module]:
             acquired.append(layer)
         yield model
         ok = True
+        bad = next((layer for layer in layers if not layer.window_finite()), None)
+        if bad is not None:
+            ok = False
+            name = next((n for n, m in model.named_modules() if m is bad), type(bad).__name__)
+            raise BNDoctorError(
+                f"the accumulation window's statistics hold NaN or Inf at '{name}'; the window was discarded and "
+                "the running statistics are unchanged",
+                hint="check the micro-batches and the weights (a learning rate too high, a bad sample)",
+            )
     finally:
         for layer in acquired:
             layer.release_control(block=True)

@@ -41,7 +41,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -163,7 +163,9 @@ class _Pass:
         self.calls = [0] * len(records)  # all batches
         self.batch_calls = [0] * len(records)
         self.last_n = [0] * len(records)
-        self.extra: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[] for _ in records]  # biased var
+        self.batch = 0  # index of the batch being fed
+        # per layer: (values per channel, mean, biased var, batch index)
+        self.extra: list[list[tuple[int, torch.Tensor, torch.Tensor, int]]] = [[] for _ in records]
         self.fast_counts: list[list[int]] = []
         self.fast_means: list[torch.Tensor] = []
         self.fast_vars: list[torch.Tensor] = []  # unbiased, as torch stores them
@@ -192,7 +194,7 @@ class _Pass:
         def exact_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             dims = [0, *range(2, x.dim())]
             var, mean = torch.var_mean(x.detach().double(), dim=dims, correction=0)
-            self.extra[index].append((_values_per_channel(x), mean, var))
+            self.extra[index].append((_values_per_channel(x), mean, var, self.batch))
             self.calls[index] += 1
             return original(x, *args, **kwargs)
 
@@ -202,9 +204,10 @@ class _Pass:
         module = self.records[index].module
         n = self.last_n[index]
         var = module.running_var.double() * ((n - 1) / n if n > 1 else 0.0)
-        self.extra[index].append((n, module.running_mean.double().clone(), var))
+        self.extra[index].append((n, module.running_mean.double().clone(), var, self.batch))
 
     def end_batch(self) -> None:
+        self.batch += 1
         if not self.fast_modules:
             return
         self.fast_means.append(torch.cat([m.running_mean for m in self.fast_modules]))
@@ -213,14 +216,41 @@ class _Pass:
         for i in self.fast_index:
             self.calls[i] += self.batch_calls[i]
             self.batch_calls[i] = 0
+        for module in self.fast_modules:  # momentum 1 keeps 0 x old: a NaN batch must not leak into the next
+            module.running_mean.nan_to_num_(0.0, 0.0, 0.0)
+            module.running_var.nan_to_num_(1.0, 1.0, 1.0)
 
-    def moments(self) -> list[Moments]:
-        out: list[Moments | None] = [None] * len(self.records)
+    def nonfinite_batches(self) -> dict[int, str]:
+        """Batch index -> the first layer whose statistics of that batch hold NaN or Inf (one host read per layer)."""
+        first: dict[int, int] = {}  # batch -> index of the first bad layer (module order)
+
+        def mark(batch: int, layer: int) -> None:
+            first[batch] = min(first.get(batch, layer), layer)
+
         if self.fast_means:
+            finite = torch.isfinite(torch.stack(self.fast_means)) & torch.isfinite(torch.stack(self.fast_vars))
+            owner = [i for i in self.fast_index for _ in range(int(self.records[i].num_features or 0))]
+            for batch, column in (~finite).nonzero().tolist():
+                mark(batch, owner[column])
+        for i, entries in enumerate(self.extra):
+            if entries:
+                means = torch.stack([e[1] for e in entries])
+                variances = torch.stack([e[2] for e in entries])
+                rows = (~(torch.isfinite(means) & torch.isfinite(variances))).any(1).tolist()
+                for entry, row_bad in zip(entries, rows):
+                    if row_bad:
+                        mark(entry[3], i)
+        return {batch: self.records[first[batch]].name for batch in sorted(first)}
+
+    def moments(self, skip: frozenset[int] = frozenset()) -> list[Moments]:
+        """Pooled moments per layer over every batch but those in ``skip``."""
+        out: list[Moments | None] = [None] * len(self.records)
+        keep = [b for b in range(len(self.fast_means)) if b not in skip]
+        if keep:
             channels = [int(self.records[i].num_features or 0) for i in self.fast_index]
-            means = torch.stack(self.fast_means).double()
-            variances = torch.stack(self.fast_vars).double()
-            counts = torch.tensor(self.fast_counts, dtype=torch.float64, device=means.device)
+            means = torch.stack([self.fast_means[b] for b in keep]).double()
+            variances = torch.stack([self.fast_vars[b] for b in keep]).double()
+            counts = torch.tensor([self.fast_counts[b] for b in keep], dtype=torch.float64, device=means.device)
             counts = counts.repeat_interleave(torch.tensor(channels, device=means.device), dim=1)
             variances = variances * torch.where(counts > 1, (counts - 1) / counts.clamp(min=1), 0.0)
             total, mean, m2 = pool_columns(counts, means, variances)
@@ -230,13 +260,14 @@ class _Pass:
                 start += c
         for i, record in enumerate(self.records):
             parts = [out[i]] if out[i] is not None else []
-            if self.extra[i]:
-                counts = torch.tensor([n for n, _, _ in self.extra[i]], dtype=torch.float64)
+            entries = [e for e in self.extra[i] if e[3] not in skip]
+            if entries:
+                counts = torch.tensor([e[0] for e in entries], dtype=torch.float64)
                 parts.append(
                     pool(
-                        counts.to(self.extra[i][0][1].device),
-                        torch.stack([m for _, m, _ in self.extra[i]]),
-                        torch.stack([v for _, _, v in self.extra[i]]),
+                        counts.to(entries[0][1].device),
+                        torch.stack([e[1] for e in entries]),
+                        torch.stack([e[2] for e in entries]),
                     )
                 )
             if not parts:
@@ -309,6 +340,7 @@ def recalibrate(
     process_group: Any = None,
     exact: bool = False,
     domain: str | None = None,
+    nonfinite: Literal["raise", "skip"] = "raise",
 ) -> RecalibrationReport:
     """Replace BN running statistics by the exact statistics of ``data`` under the current weights.
 
@@ -325,12 +357,19 @@ def recalibrate(
     the report. With ``domain="target"`` the new statistics are also stored as
     a named set, see :func:`bndoctor.use_stats`.
 
+    A batch whose statistics hold NaN or Inf in any layer is an error by
+    default (``nonfinite="raise"``: nothing is written, the error names the
+    first such batch and layer, on every rank); ``nonfinite="skip"`` pools
+    the finite batches only, with a warning.
+
     Works on the model in place (it only changes running statistics) and
     returns a :class:`RecalibrationReport`. Distributed: call it on every rank;
     ``process_group`` defaults to the global group when torch.distributed is
     initialised.
     """
     require_module(model)
+    if nonfinite not in ("raise", "skip"):
+        raise BNDoctorError(f"expected nonfinite='raise' or 'skip' (got {nonfinite!r})", hint="the default refuses")
     positive_int(num_samples, "num_samples", none_ok=True, hint="e.g. num_samples=2048, or None to use all the data")
     if isinstance(data, (torch.Tensor, Mapping)) or not isinstance(data, Iterable):
         raise BNDoctorError(
@@ -362,6 +401,7 @@ def recalibrate(
 
     with preserved(model, [r.module for r in targets]) as snapshot, torch.no_grad():
         error: BaseException | None = None
+        bad: dict[int, str] = {}
         try:
             for module in model.modules():
                 module.__dict__["training"] = False  # no __setattr__ round trip; frozen layers included
@@ -386,6 +426,16 @@ def recalibrate(
                     show(used, num_samples)
                 if num_samples is not None and used >= num_samples:
                     break
+            bad = recorder.nonfinite_batches()
+            if bad and nonfinite == "raise":
+                first, layer = next(iter(bad.items()))
+                raise BNDoctorError(
+                    f"batch {first} gives NaN or Inf statistics at '{layer}' ({len(bad)} of {batches} batches "
+                    "non-finite); running statistics left unchanged",
+                    hint="check the data and the model's weights; or pass nonfinite='skip' to pool the finite "
+                    "batches only",
+                )
+            local = recorder.moments(frozenset(bad))
         except BaseException as exc:  # re-raised below, after the ranks agreed
             error = exc
         if dist_on:
@@ -398,7 +448,13 @@ def recalibrate(
                 )
         if error is not None:
             raise error
-        local = recorder.moments()
+        if bad:
+            warnings.warn(
+                f"recalibrate skipped {len(bad)} batch(es) with NaN or Inf statistics (first: batch "
+                f"{next(iter(bad))} at '{next(iter(bad.values()))}')",
+                BNDoctorWarning,
+                stacklevel=2,
+            )
         if dist_on:
             pooled, global_samples = _gather_moments(local, used, process_group)
         else:
