@@ -267,3 +267,21 @@ def test_accumulation_aware_bn_is_measured_on_its_window():
             assert windows[:3] == [8, 16, 24]  # values per channel: 2 samples x 4 positions per micro-batch
         monitor.close()
     assert effective["plain"] < 4 < 8 < effective["pooled"], effective
+
+
+def test_a_sampled_forward_that_raises_records_nothing_later():
+    model = tiny_resnet()
+
+    def explode(module, args):
+        raise RuntimeError("data loader gave a bad batch")
+
+    with BNMonitor(model, every=1, keep=True, warmup=0, log=False) as monitor:
+        model.train()(torch.randn(2, 1, 8, 8))  # sample 1
+        handle = model.layers[1].register_forward_pre_hook(explode)
+        with pytest.raises(RuntimeError, match="bad batch"):
+            model(torch.randn(2, 1, 8, 8))  # sampled, raises half-way
+        handle.remove()
+        model.eval()(torch.randn(2, 1, 8, 8))  # an eval forward is never a training sample
+    samples = [r for r in monitor.records if r["kind"] == "sample"]
+    assert len(samples) == 1
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())

@@ -216,11 +216,12 @@ class BNMonitor:
     # ------------------------------------------------------------------ hooks
 
     def _count(self, module: nn.Module, args: Any) -> None:
+        if self._armed:  # the previous sampled forward raised before its end: drop it, in any mode
+            self._disarm()
+            self._current = {}
         if not module.training:
             return
         self.forwards += 1
-        if self._armed:  # the previous sampled forward raised before its end: drop it
-            self._disarm()
         if (self.forwards - 1) % self.every == 0:
             self._arm()
 
