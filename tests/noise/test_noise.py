@@ -165,3 +165,27 @@ def test_cli_noise(capsys):
     assert "B_simple" in out and "tail index alpha" in out
     assert main(["noise", "--micro-batch", "1"]) == 2
     assert "micro_batch >= 2" in capsys.readouterr().err
+
+
+def test_one_non_finite_window_does_not_stick_in_the_averages():
+    class Frozen(torch.optim.Optimizer):  # steps without changing the weights (an Inf gradient would, even at lr 0)
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            return None
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = Frozen(model.parameters())
+    gns = GradientNoiseScale(model, micro_batch=2, accum_steps=2).attach(optimizer)
+    for step in range(6):
+        for _ in range(2):
+            x = torch.randn(2, 4)
+            if step == 2:
+                x[0, 0] = float("inf")
+            (model(x).pow(2).mean() / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert gns.skipped_steps == 1 and not math.isfinite(gns.samples[2].g2_big)
+    assert math.isfinite(gns.b_simple) and math.isfinite(gns.samples[-1].b_simple)

@@ -105,6 +105,7 @@ class GradientNoiseScale:
         self.steps = 0
         self._ema_g2 = self._ema_trace = 0.0
         self._ema_weight = 0.0
+        self.skipped_steps = 0  # optimizer steps whose gradients were not finite (left out of the averages)
         self._micro_sq: list[torch.Tensor] = []  # kept on the device: no host sync per micro-batch
         self._pending: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
@@ -209,9 +210,12 @@ class GradientNoiseScale:
         grad_sq = (b_big * g2_big - b_small * g2_small) / (b_big - b_small)
         trace = (g2_small - g2_big) / (1.0 / b_small - 1.0 / b_big)
         self.steps += 1
-        self._ema_g2 = self.beta * self._ema_g2 + (1 - self.beta) * grad_sq
-        self._ema_trace = self.beta * self._ema_trace + (1 - self.beta) * trace
-        self._ema_weight = self.beta * self._ema_weight + (1 - self.beta)
+        if math.isfinite(grad_sq) and math.isfinite(trace):
+            self._ema_g2 = self.beta * self._ema_g2 + (1 - self.beta) * grad_sq
+            self._ema_trace = self.beta * self._ema_trace + (1 - self.beta) * trace
+            self._ema_weight = self.beta * self._ema_weight + (1 - self.beta)
+        else:  # a NaN/Inf gradient (an overflow, a bad batch) is reported in its sample, not kept in the averages
+            self.skipped_steps += 1
         alpha = None
         if tail:
             big = torch.cat(
