@@ -110,3 +110,50 @@ def test_a_nan_batch_on_one_rank_is_refused_on_every_rank_with_nothing_written()
     assert same0 and same1 and same2
     assert "batch 1 gives NaN or Inf statistics at 'stem.1'" in msg0
     assert "failed on rank(s) [0]" in msg1 and "failed on rank(s) [0]" in msg2
+
+
+def _recalibrate_synced(rank, world_size, fail_rank):
+    model = bd.to_sync_bn(_model())
+    batches = _batches(rank)  # uneven: 2, 1 and 0 batches
+
+    def forward(m, batch):
+        if rank == fail_rank:
+            raise RuntimeError("bad batch on this rank")
+        return m(batch)
+
+    try:
+        bd.recalibrate(model, batches, progress=False, forward=forward)
+    except (RuntimeError, bd.BNDoctorError) as exc:
+        return type(exc).__name__
+    return _stats(model)
+
+
+@pytest.mark.parametrize("fail_rank", [None, 0])
+def test_recalibrating_a_synced_model_with_uneven_data_or_a_failing_rank_does_not_hang(fail_rank):
+    # SyncBatchNorm normalises locally during the pass (statistics are pooled once, after it), so ranks with
+    # different numbers of batches, or one that raises, never leave another waiting in a collective
+    results = run_ranks(_recalibrate_synced, 3, fail_rank, timeout=20)
+    if fail_rank is None:
+        assert results[0].keys() == results[1].keys() == results[2].keys()
+        for name in results[0]:
+            for a, b in zip(results[0][name], results[2][name]):
+                torch.testing.assert_close(a, b)  # every rank ends with the same, union statistics
+    else:
+        assert results == ["RuntimeError", "BNDoctorError", "BNDoctorError"]
+
+
+def _different_models(rank, world_size):
+    model = _model() if rank == 0 else torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    before = _stats(model)
+    try:
+        bd.recalibrate(model, [torch.randn(4, 1, 8, 8)], progress=False)
+    except bd.BNDoctorError as exc:
+        after = _stats(model)
+        return str(exc), all(torch.equal(a, b) for k in before for a, b in zip(before[k], after[k]))
+    return "no error", False
+
+
+def test_ranks_with_different_models_all_raise_with_nothing_written():
+    results = run_ranks(_different_models, 2, timeout=20)
+    for message, unchanged in results:
+        assert "same BN layers on every rank" in message and "rank(s) [1]" in message and unchanged

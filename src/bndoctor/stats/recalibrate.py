@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -278,6 +279,27 @@ class _Pass:
         return [m for m in out if m is not None]
 
 
+def _require_same_layout(records: list[BNInfo], group: Any) -> None:
+    """Every rank must recalibrate the same layers with the same channels: checked with one all_gather first.
+
+    Otherwise the pooled tensors of the ranks would not line up (a gloo abort, or statistics of one layer
+    written into another); every rank raises the same error instead.
+    """
+    layout = ";".join(f"{r.name}:{r.num_features}" for r in records)
+    mine = torch.tensor([len(records), sum(int(r.num_features or 0) for r in records), zlib.crc32(layout.encode())])
+    rows = distributed.all_gather_stack(mine.double(), group).tolist()
+    differ = [rank for rank, row in enumerate(rows) if row != rows[0]]
+    if differ:
+        counts = ", ".join(
+            f"rank {rank}: {int(row[0])} layers / {int(row[1])} channels" for rank, row in enumerate(rows)
+        )
+        raise BNDoctorError(
+            f"recalibrate needs the same BN layers on every rank, but rank(s) {differ} differ from rank 0 ({counts}); "
+            "statistics left unchanged on every rank",
+            hint="build the same model on every rank (and pass the same modules=) before recalibrating",
+        )
+
+
 def _gather_moments(local: list[Moments], used: int, group: Any) -> tuple[list[Moments], int]:
     """Pool every layer's moments across ranks with one all_gather; also sum the samples used."""
     parts = [torch.tensor([float(used)], dtype=torch.float64)]
@@ -395,6 +417,8 @@ def recalibrate(
     device = torch.device(device) if device is not None else model_device(model)
     dist_on = distributed.active(process_group)
     world = distributed.world_size(process_group) if dist_on else 1
+    if dist_on:
+        _require_same_layout(targets, process_group)
     recorder = _Pass(targets, exact)
     show = _progress_callback(progress, num_samples)
     used = batches = 0
