@@ -84,3 +84,27 @@ def test_modules_selection_limits_the_set():
     bd.store_stats(model, "stem_only", modules="stem")
     assert bd.load_stats(model, "stem_only") == ["stem.1"]
     assert not any(name.startswith("_bndoctor_stats__") for name in model.layers[0][0].bn1._buffers)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda e: e["b"].update({"stem.1": {"running_mean": torch.zeros(3)}}), "needs tensors running_mean"),
+        (lambda e: e["b"].__setitem__("stem.1", "not a dict"), "needs tensors"),
+        (lambda e: e.__setitem__("b", [1, 2]), "is not a dict of layers"),
+        (lambda e: e["b"]["stem.1"]["running_mean"].fill_(float("nan")), "holds NaN or Inf"),
+        (lambda e: e["b"]["stem.1"]["running_var"].fill_(-1.0), "holds negative variances"),
+    ],
+)
+def test_import_is_all_or_nothing_and_checks_every_value(mutate, message):
+    model = tiny_resnet()
+    bd.recalibrate(model, [torch.randn(8, 1, 8, 8)], progress=False, domain="a")
+    bd.recalibrate(model, [torch.randn(8, 1, 8, 8) + 1], progress=False, domain="b")
+    exported = bd.export_stats(model)
+    mutate(exported)
+    fresh = tiny_resnet()
+    with pytest.raises(bd.BNDoctorError, match=message):
+        bd.import_stats(fresh, exported)
+    assert bd.stats_sets(fresh) == []  # set "a" came first and is valid, but nothing was registered
+    with pytest.raises(bd.BNDoctorError, match="expected a dict of statistics sets"):
+        bd.import_stats(fresh, [("a", {})])

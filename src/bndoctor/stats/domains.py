@@ -13,14 +13,15 @@ use :func:`export_stats` / :func:`import_stats` to save and load them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .._walk import ModuleSelection, with_running_stats
-from ..errors import BNDoctorError
+from ..errors import BNDoctorError, require_module
 
 __all__ = ["export_stats", "import_stats", "load_stats", "stats_sets", "store_stats", "use_stats"]
 
@@ -111,17 +112,33 @@ def export_stats(model: nn.Module) -> dict[str, dict[str, dict[str, torch.Tensor
     return out
 
 
-def import_stats(model: nn.Module, exported: dict[str, dict[str, dict[str, torch.Tensor]]]) -> None:
-    """Store sets produced by :func:`export_stats`; unknown layers or wrong shapes are errors."""
+def import_stats(model: nn.Module, exported: Any) -> None:
+    """Store sets produced by :func:`export_stats`; all or nothing.
+
+    Every set, layer and tensor is checked first — the structure, the layer
+    names, the shapes, finite means and non-negative finite variances — and
+    only then registered, so a bad entry leaves the model as it was.
+    """
+    require_module(model)
     layers = {r.name: r for r in with_running_stats(model)}
+    hint = "import a dict made by bndoctor.export_stats from the same architecture"
+    if not isinstance(exported, Mapping):
+        raise BNDoctorError(f"expected a dict of statistics sets (got {type(exported).__name__})", hint=hint)
+    staged: list[tuple[nn.Module, str, torch.Tensor]] = []
     for name, per_layer in exported.items():
         _check_name(name)
+        if not isinstance(per_layer, Mapping):
+            raise BNDoctorError(f"statistics set {name!r} is not a dict of layers", hint=hint)
         for layer, tensors in per_layer.items():
             record = layers.get(layer)
             if record is None:
                 raise BNDoctorError(
                     f"statistics set {name!r} names layer {layer!r}, which is not a BN layer of this model",
                     hint="import sets exported from the same architecture",
+                )
+            if not isinstance(tensors, Mapping) or any(not isinstance(tensors.get(k), torch.Tensor) for k in _KEYS):
+                raise BNDoctorError(
+                    f"statistics set {name!r}: layer {layer!r} needs tensors {', '.join(_KEYS)}", hint=hint
                 )
             for key in _KEYS:
                 current = record.module.get_buffer(key)
@@ -132,6 +149,12 @@ def import_stats(model: nn.Module, exported: dict[str, dict[str, dict[str, torch
                         f"expected {tuple(current.shape)}",
                         hint="import sets exported from the same architecture",
                     )
-                record.module.register_buffer(
-                    _buffer(name, key), value.to(current.device, current.dtype).clone(), persistent=False
-                )
+                if not bool(torch.isfinite(value).all()) or (key == "running_var" and bool((value < 0).any())):
+                    raise BNDoctorError(
+                        f"statistics set {name!r}: {layer}.{key} holds "
+                        + ("negative variances" if key == "running_var" and bool((value < 0).any()) else "NaN or Inf"),
+                        hint="recompute the set (bndoctor.recalibrate(model, data, domain=...)) and export it again",
+                    )
+                staged.append((record.module, _buffer(name, key), value.to(current.device, current.dtype).clone()))
+    for module, buffer_name, value in staged:  # nothing failed: register everything
+        module.register_buffer(buffer_name, value, persistent=False)
