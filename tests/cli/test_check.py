@@ -68,3 +68,9 @@ def test_the_installed_command_is_a_ci_gate():
         [sys.executable, "-m", "bndoctor", "check", "tiny-resnet", "--micro-batch", "2"], capture_output=True, text=True
     )
     assert done.returncode == 1 and "BN101" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_an_input_shape_that_does_not_fit_exits_2_with_the_layer(capsys):
+    code, out, err = run(capsys, "check", "resnet18", "--micro-batch", "2", "--input-shape", "1,64,64")
+    assert code == 2 and not out
+    assert "does not fit ResNet: 'stem.0'" in err and "channels first" in err and "Traceback" not in err

@@ -407,3 +407,13 @@ def test_trace_restores_shared_and_tied_tensors_as_the_same_objects():
     after = model.state_dict(keep_vars=True)
     assert all(after[k] is tensors[k] and after[k].device.type == "cpu" for k in tensors)
     assert model.head.weight is model.fc.weight
+
+
+def test_an_input_shape_that_does_not_fit_is_an_error_naming_the_layer():
+    model = resnet18()
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    with pytest.raises(bd.BNDoctorError, match=r"input_shape \(1, 32, 32\) does not fit ResNet: 'stem.0' raised"):
+        bd.check(model, S(micro_batch=2), input_shape=(1, 32, 32))
+    after = model.state_dict(keep_vars=True)
+    assert all(after[k] is tensors[k] and after[k].device.type == "cpu" for k in tensors)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())

@@ -82,15 +82,22 @@ def check(
     ctx = Context(model, setup, records, names)
     trace_error = ""
     if shape is not None:
-        from ._trace import trace
+        from ._trace import TraceError, trace
 
         watched = {id(r.module): r.name for r in records}
         batch = setup.micro_batch if setup is not None else 2
         try:
             traced = trace(model, (batch, *shape), watched, names)
             ctx.input_shapes, ctx.pairs = traced.input_shapes, traced.pairs
-        except Exception as exc:  # data-dependent models, custom ops without meta kernels
-            trace_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        except TraceError as exc:
+            where = f"'{exc.module}'" if exc.module else "the model's own forward"
+            if exc.shape_mismatch:  # e.g. channels or sizes that do not match: the user's input is wrong
+                raise BNDoctorError(
+                    f"input_shape {shape} does not fit {type(model).__name__}: {where} raised {exc}",
+                    hint="pass the shape of one sample without the batch dimension, e.g. input_shape=(3, 224, 224) "
+                    "(channels first)",
+                ) from exc.cause
+            trace_error = f"{exc} (in {where})"  # e.g. data-dependent models cannot run on meta tensors
     if ctx.pairs is None:
         ctx.pairs = _pairs_without_trace(model, records, names)
     findings: list[Finding] = []

@@ -20,7 +20,26 @@ import torch.nn as nn
 from .._pairs import ForwardPairs
 from .._state import Patches
 
-__all__ = ["Trace", "trace"]
+__all__ = ["Trace", "TraceError", "trace"]
+
+
+class TraceError(Exception):
+    """The forward on meta tensors failed; ``module`` is the innermost module running (``""``: the root)."""
+
+    def __init__(self, module: str, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}".splitlines()[0][:200])
+        self.module = module
+        self.cause = cause
+
+    @property
+    def shape_mismatch(self) -> bool:
+        """The input's shape does not fit a layer (channels, sizes), as opposed to a model that cannot run on
+        meta tensors at all (it reads tensor values: control flow, ``.item()``)."""
+        text = str(self.cause).lower()
+        if "meta" in text or "data-dependent" in text or "data dependent" in text:
+            return False
+        words = ("size", "shape", "channel", "dimension", "expected", "mismatch", "mat1", "must match", "kernel")
+        return isinstance(self.cause, (RuntimeError, ValueError, IndexError)) and any(w in text for w in words)
 
 
 @dataclass
@@ -76,8 +95,17 @@ def trace(model: nn.Module, shape: tuple[int, ...], watched: dict[int, str], nam
         return forward
 
     patches = Patches()
+    running: list[str] = []  # the modules whose forward is running, outermost first
+    handles = []
+
+    def leave(module: nn.Module, args: object, output: object) -> None:  # returns None: the output stays
+        running.pop()
+
     try:
         for module in model.modules():
+            name = names.get(id(module), "")
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: running.append(name)))
+            handles.append(module.register_forward_hook(leave))
             if id(module) in watched:
                 patches.set(module, "forward", shape_keeping(module))
         swapped = _to_meta(model)
@@ -85,9 +113,13 @@ def trace(model: nn.Module, shape: tuple[int, ...], watched: dict[int, str], nam
             # the pairs fold would fold: a producer's output that feeds the BN and nothing else
             with ForwardPairs(model, watched) as recorder, torch.no_grad():
                 model(torch.empty(shape, device="meta"))
+        except Exception as exc:
+            raise TraceError(running[-1] if running else "", exc) from exc
         finally:
             _restore(swapped)
     finally:
+        for handle in handles:
+            handle.remove()
         patches.undo()
     result.pairs = [(names.get(id(producer), ""), name) for producer, name in recorder.pairs()]
     return result
