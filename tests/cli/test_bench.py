@@ -52,3 +52,23 @@ def test_render_rewrites_report_from_results(capsys, tmp_path):
     capsys.readouterr()
     assert main(["bench", "--render", str(tmp_path / "nowhere")]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_an_earlier_run_is_not_overwritten_silently(capsys, tmp_path):
+    assert _quick_bench(tmp_path) == 0
+    before = (tmp_path / "results.json").read_text()
+    assert _quick_bench(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "already holds the results of a run" in err and "--overwrite" in err
+    assert (tmp_path / "results.json").read_text() == before
+    assert _quick_bench(tmp_path, "--overwrite") == 0
+
+
+def test_a_corrupt_results_file_is_a_one_line_error(capsys, tmp_path):
+    (tmp_path / "results.json").write_text("{not json")
+    assert main(["bench", "--render", str(tmp_path), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert "is not JSON" in err and "internal error" not in err
+    (tmp_path / "results.json").write_text('{"scenarios": [{"nam": 1}]}')
+    assert main(["bench", "--render", str(tmp_path), "--no-plots"]) == 2
+    assert "is not a results.json written by bndoctor bench" in capsys.readouterr().err

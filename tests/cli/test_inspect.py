@@ -120,3 +120,18 @@ def test_model_without_bn(capsys):
 
 def no_bn():
     return nn.Sequential(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("spec", [":", "pkg:", ":attr"])
+def test_an_empty_module_or_attribute_in_model_is_a_one_line_error(capsys, spec):
+    assert main(["inspect", spec]) == 2
+    err = capsys.readouterr().err
+    assert "expected MODEL as package.module:callable" in err and "internal error" not in err
+
+
+def test_a_model_with_an_uninitialised_lazy_layer_is_inspected(capsys, tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.LazyBatchNorm2d())
+    torch.save(model, tmp_path / "lazy.pt")
+    assert main(["inspect", str(tmp_path / "lazy.pt"), "--trust-pickle", "--format", "json"]) == 0
+    (layer,) = json.loads(capsys.readouterr().out)["layers"]
+    assert layer["kind"] == "lazy" and not layer["supported"]

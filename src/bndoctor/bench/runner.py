@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..errors import BNDoctorError
 from ..models import tiny_resnet
 from .data import Digits, load_digits
 from .samplers import schedule
@@ -389,10 +390,23 @@ def load_suite(path: str | Path) -> SuiteResult:
     """Read a ``results.json`` written by :func:`bndoctor.bench.report.write_report`."""
     from .scenarios import get_scenario
 
-    data = json.loads(Path(path).read_text())
-    scenarios = [get_scenario(s["name"]) for s in data["scenarios"]]
-    runs = [RunResult.from_json(r) for r in data["runs"]]
-    return SuiteResult(scenarios, list(data["seeds"]), runs, float(data["wall_s"]), data.get("command", ""))
+    path = Path(path)
+    hint = "rerun the suite (bndoctor bench --out DIR) to write a fresh results.json"
+    try:
+        data = json.loads(path.read_text())
+        scenarios = [get_scenario(s["name"]) for s in data["scenarios"]]
+        runs = [RunResult.from_json(r) for r in data["runs"]]
+        return SuiteResult(scenarios, list(data["seeds"]), runs, float(data["wall_s"]), data.get("command", ""))
+    except FileNotFoundError:
+        raise BNDoctorError(f"no results.json at {str(path)!r}", hint=hint) from None
+    except json.JSONDecodeError as exc:
+        raise BNDoctorError(f"{str(path)!r} is not JSON ({exc.msg}, line {exc.lineno})", hint=hint) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, BNDoctorError):
+            raise
+        raise BNDoctorError(
+            f"{str(path)!r} is not a results.json written by bndoctor bench ({type(exc).__name__}: {exc})", hint=hint
+        ) from None
 
 
 def _scenario_json(scenario: Scenario) -> dict[str, Any]:

@@ -36,6 +36,8 @@ def _forms() -> str:
 
 def _from_callable(spec: str) -> nn.Module:
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelSpecError(f"expected MODEL as package.module:callable (got {spec!r})", hint=f"MODEL is {_forms()}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -52,6 +52,9 @@ def _common(parser: argparse.ArgumentParser, default_out: str, default_seeds: in
     parser.add_argument("--epochs", type=positive_int, help="override every scenario's epoch count (quick runs)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the results of an earlier run in --out (default: refuse)"
+    )
 
 
 def _run(args: argparse.Namespace, names: list[str] | None, intro: str) -> BenchResult:
@@ -63,6 +66,11 @@ def _run(args: argparse.Namespace, names: list[str] | None, intro: str) -> Bench
     scenarios = resolve(names)
     if not scenarios:
         raise BNDoctorError("no scenarios selected", hint="see `bndoctor bench --list`")
+    if (args.out / "results.json").exists() and not args.overwrite:  # checked before hours of training
+        raise BNDoctorError(
+            f"{str(args.out)!r} already holds the results of a run",
+            hint="pass --overwrite to replace them, or --out with another folder",
+        )
     progress = None if args.quiet else ProgressBar()
     suite = run_suite(scenarios, list(range(args.seeds)), jobs=args.jobs, epochs=args.epochs, progress=progress)
     suite.command = "bndoctor " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
@@ -154,6 +162,7 @@ def run_demo(args: argparse.Namespace) -> BenchResult:
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser, "bndoctor-out/demo", 2)
+    parser.set_defaults(overwrite=True)  # the demo is rerun as it is: it replaces its own earlier output
 
 
 BENCH = Command(

@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> InspectResult:
         load_weights(loaded, args.weights)
     if args.eval:
         loaded.eval()
-    parameters = sum(p.numel() for p in loaded.parameters())
+    # a lazy layer that has not run yet has no size: its parameters are not counted (find_bn reports it)
+    parameters = sum(p.numel() for p in loaded.parameters() if not isinstance(p, nn.parameter.UninitializedParameter))
     return InspectResult(args.model, "module", parameters, [r.as_dict() for r in find_bn(loaded)])
 
 
