@@ -208,3 +208,38 @@ def test_conversions_that_refuse_a_layer_change_nothing_even_in_place():
     with pytest.raises(bd.errors.GroupCountError):
         bd.convert_bn(model, num_groups=7, inplace=True)
     _assert_same(before, _state(model))
+
+
+@pytest.mark.parametrize("exc", [Boom, KeyboardInterrupt])
+def test_use_stats_switches_back_when_the_block_raises(exc):
+    model = _model()
+    bd.recalibrate(model, _batches(), progress=False, domain="target")
+    before = _state(model)
+    with pytest.raises(exc), bd.use_stats(model, "target"):
+        model.eval()(_batches()[0])
+        raise exc("injected")
+    after = _state(model)
+    after["modes"] = before["modes"]  # the block's own model.eval() is the user's doing
+    _assert_same(before, after)
+
+
+def test_noise_scale_attach_and_detach_leave_no_hooks_even_after_a_failed_step():
+    model = _model()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    before = _state(model, optimizer)
+    gns = bd.GradientNoiseScale(model, micro_batch=4, accum_steps=2).attach(optimizer)
+    with pytest.raises(Boom):
+        model(_batches()[0]).sum().backward()
+        raise Boom("the loop broke before the step")
+    gns.detach()
+    optimizer.step()  # the step hook is gone: no estimate
+    after = _state(model, optimizer)
+    after["tensors"] = before["tensors"]  # gradients were computed; no parameter or buffer is a gradient
+    _assert_same(before, after)
+    assert not gns._handles  # every tensor hook removed
+    seen = []
+    for p in model.parameters():  # a later backward reaches no bndoctor hook
+        if p.requires_grad:
+            p.register_hook(lambda g: seen.append(1))
+    model(_batches()[0]).sum().backward()
+    assert gns.steps == 0 and len(gns.samples) == 0 and seen

@@ -30,7 +30,7 @@ def _recalibrate_rank(rank, world_size):
     return _stats(model), report.samples, report.global_samples
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_every_rank_ends_with_the_union_statistics(world_size):
     results = run_ranks(_recalibrate_rank, world_size)
     for result in results:
