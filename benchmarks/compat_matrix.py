@@ -32,7 +32,8 @@ from tests import _thirdparty  # noqa: E402  (the test-only torchvision shim; ne
 from bndoctor import find_bn  # noqa: E402
 from bndoctor.bench.compat import OPERATIONS, run_operations  # noqa: E402
 
-SIZES = (64, 128, 224)
+SIZES = (64, 128, 224, 299)
+MAX_PARAMETERS = 150e6  # larger variants repeat a smaller one's architecture at hours of CPU time
 
 
 def _example(size: int, channels: int = 3) -> torch.Tensor:
@@ -40,10 +41,12 @@ def _example(size: int, channels: int = 3) -> torch.Tensor:
 
 
 def _runs(build, size: int) -> bool:
+    """Whether the model runs at this size in eval and in training mode (auxiliary heads run in training only)."""
     try:
-        model = build().eval()
+        model = build()
         with torch.no_grad():
-            model(_example(size))
+            model.eval()(_example(size))
+            model.train()(_example(size))
         return True
     except Exception:
         return False
@@ -157,6 +160,10 @@ def main() -> None:
             if isinstance(build, str):
                 unbuildable.append((name, build))
                 continue
+            parameters = sum(p.numel() for p in build().parameters())
+            if parameters > MAX_PARAMETERS:
+                unbuildable.append((name, f"{parameters / 1e6:.0f}M parameters: a larger variant of a model run here"))
+                continue
             size = _pick_size(build)
             if size is None:
                 unbuildable.append((name, f"no forward at {', '.join(map(str, SIZES))} px"))
@@ -223,7 +230,7 @@ def render(rows, without_bn, unbuildable, seconds, args) -> str:
     ]
     lines += [f"- `{n}`: {d}" for n, d in partial] or ["None."]
     if unbuildable:
-        lines += ["", "## Not run (the model does not build or run here)", ""]
+        lines += ["", "## Not run (too large for a 2-core run, or does not build or run here)", ""]
         lines += [f"- `{n}`: {why}" for n, why in unbuildable]
     lines += ["", "## Architectures without BatchNorm (nothing to do)", ""]
     for library, names in sorted(without_bn.items()):
