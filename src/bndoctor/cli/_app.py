@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bndoctor",
         description="Diagnose and repair BatchNorm when the physical batch is tiny.",
     )
-    parser.add_argument("--version", action="version", version=f"bndoctor {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"bndoctor {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--format",
@@ -80,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_on_closed_pipe() -> int:
+    """`bndoctor inspect resnet50 | head -3`: the reader left; exit quietly, as a Unix tool does."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit must not fail again
+    except (OSError, ValueError):
+        pass
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -92,7 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(result.to_json(), indent=2))
         else:
             print(result.to_text())
+        sys.stdout.flush()
         return int(getattr(result, "exit_code", EXIT_OK))
+    except BrokenPipeError:
+        return _quiet_on_closed_pipe()
     except (Exception, KeyboardInterrupt) as exc:
         failure = describe(exc)
         if args.debug and failure.code != EXIT_USAGE:

@@ -13,6 +13,18 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+#: optional dependency -> (package, what to do): the extra to install, and the way around it where there is one
+_EXTRAS = {
+    "matplotlib": ("matplotlib", "pip install 'bndoctor[demo]' for the plots, or pass --no-plots"),
+    "sklearn": ("scikit-learn", "pip install 'bndoctor[demo]' (the digits data set comes with scikit-learn)"),
+    "tensorboard": ("tensorboard", "pip install 'bndoctor[tensorboard]', or write JSONL with sink='run.jsonl'"),
+    "lightning": ("lightning", "pip install 'bndoctor[lightning]'"),
+    "transformers": ("transformers", "pip install 'bndoctor[hf]'"),
+    "timm": ("timm", "pip install timm (bndoctor imports it only for timm: MODELs)"),
+    "torchvision": ("torchvision", "pip install torchvision (bndoctor imports it only for torchvision: MODELs)"),
+}
+
+
 @dataclass(frozen=True)
 class Failure:
     message: str
@@ -31,6 +43,10 @@ def describe(exc: BaseException) -> Failure:
     if isinstance(exc, PermissionError):
         return Failure(f"permission denied: {exc.filename or exc}", "check file permissions", EXIT_USAGE)
     if isinstance(exc, ModuleNotFoundError):
+        extra = _EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is not None:
+            package, how = extra
+            return Failure(f"this command needs {package} ({exc.name}), which is not installed", how, EXIT_USAGE)
         return Failure(str(exc), "install the missing package (see the message)", EXIT_USAGE)
     if isinstance(exc, KeyboardInterrupt):
         return Failure("interrupted", "", EXIT_INTERRUPTED)

@@ -73,7 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=positive_int, default=1, help="data-parallel processes (default 1)")
     parser.add_argument("--sync-bn", action="store_true", help="BN statistics are synchronised across processes")
     parser.add_argument("--finetune", action="store_true", help="training starts from pretrained weights")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="training precision: fp16/bf16 mean autocast or a model cast to that type (default fp32)",
+    )
     parser.add_argument(
         "--input-shape",
         type=_shape,

@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=positive_int, default=4, help="training epochs (default 4)")
     parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default 0.05)")
     parser.add_argument("--norm", choices=("batch", "group"), default="batch", help="norm layers of the model")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and the sampler")
     parser.add_argument("--finetune", action="store_true", help="advise for fine-tuning (logical batch 32-128)")
 
 
