@@ -136,7 +136,7 @@ def _only_rank_zero_evaluates(rank, world_size):
 
 
 def test_eval_without_running_statistics_calls_no_collective():
-    assert run_ranks(_only_rank_zero_evaluates, 2, timeout=15) == [True, True]
+    assert run_ranks(_only_rank_zero_evaluates, 2, timeout=30) == [True, True]
 
 
 class Net(nn.Module):

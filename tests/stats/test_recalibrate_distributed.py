@@ -132,7 +132,7 @@ def _recalibrate_synced(rank, world_size, fail_rank):
 def test_recalibrating_a_synced_model_with_uneven_data_or_a_failing_rank_does_not_hang(fail_rank):
     # SyncBatchNorm normalises locally during the pass (statistics are pooled once, after it), so ranks with
     # different numbers of batches, or one that raises, never leave another waiting in a collective
-    results = run_ranks(_recalibrate_synced, 3, fail_rank, timeout=20)
+    results = run_ranks(_recalibrate_synced, 3, fail_rank, timeout=30)
     if fail_rank is None:
         assert results[0].keys() == results[1].keys() == results[2].keys()
         for name in results[0]:
@@ -154,6 +154,6 @@ def _different_models(rank, world_size):
 
 
 def test_ranks_with_different_models_all_raise_with_nothing_written():
-    results = run_ranks(_different_models, 2, timeout=20)
+    results = run_ranks(_different_models, 2, timeout=30)
     for message, unchanged in results:
         assert "same BN layers on every rank" in message and "rank(s) [1]" in message and unchanged
