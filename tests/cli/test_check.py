@@ -74,3 +74,22 @@ def test_an_input_shape_that_does_not_fit_exits_2_with_the_layer(capsys):
     code, out, err = run(capsys, "check", "resnet18", "--micro-batch", "2", "--input-shape", "1,64,64")
     assert code == 2 and not out
     assert "does not fit ResNet: 'stem.0'" in err and "channels first" in err and "Traceback" not in err
+
+
+def test_select_and_ignore_codes_or_prefixes_as_a_linter(capsys):
+    argv = ["check", "resnet18", "--micro-batch", "2", "--accum", "4", "--format", "json"]
+    code, out, _ = run(capsys, *argv, "--select", "bn103")
+    data = json.loads(out)
+    assert code == 0 and [f["code"] for f in data["findings"]] == ["BN103"] and data["left_out"] == 1
+    assert data["schema_version"] == 1
+    code, out, _ = run(capsys, *argv[:-2], "--ignore", "BN1")
+    assert code == 0 and "no findings left after --select/--ignore (2 left out)" in out
+
+
+def test_github_annotations_for_ci(capsys):
+    code, out, _ = run(capsys, "check", "resnet18", "--micro-batch", "2", "--accum", "4", "--format", "github")
+    lines = out.strip().splitlines()
+    assert code == 1 and lines[0].startswith("::error title=bndoctor BN101::(model): 20 BN layer(s)")
+    assert lines[1].startswith("::warning title=bndoctor BN103::")
+    code, _, err = run(capsys, "inspect", "resnet18", "--format", "github")
+    assert code == 2 and "applies to bndoctor check" in err

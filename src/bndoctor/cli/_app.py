@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .._version import __version__
+from ..errors import BNDoctorError
 from ._errors import EXIT_OK, EXIT_USAGE, describe
 
 
@@ -67,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--format",
-        choices=("text", "json"),
+        choices=("text", "json", "github"),
         default="text",
-        help="output for people (text, default) or for programs (json)",
+        help="output for people (text, default), for programs (json), or GitHub Actions annotations (github; check)",
     )
     common.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -99,9 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
+        if args.format == "github" and args.command != "check":
+            raise BNDoctorError(
+                f"--format github applies to bndoctor check (got it for {args.command})", hint="use text or json"
+            )
         result = args._run(args)
         if args.format == "json":
             print(json.dumps(result.to_json(), indent=2))
+        elif args.format == "github":
+            print(result.to_github())  # type: ignore[attr-defined]
         else:
             print(result.to_text())
         sys.stdout.flush()

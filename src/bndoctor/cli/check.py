@@ -31,6 +31,13 @@ class CheckResult:
     def to_text(self) -> str:
         return self.report.to_text()
 
+    def to_github(self) -> str:
+        return self.report.to_github()
+
+
+def _codes(text: str) -> list[str]:
+    return [part.strip().upper() for part in text.split(",") if part.strip()]
+
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
@@ -61,7 +68,8 @@ def run(args: argparse.Namespace) -> CheckResult:
             finetune=args.finetune,
             precision=args.precision,
         )
-    return CheckResult(check(loaded, setup, input_shape=args.input_shape, name=args.model))
+    report = check(loaded, setup, input_shape=args.input_shape, name=args.model)
+    return CheckResult(report.filtered(args.select, args.ignore))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         help="training precision: fp16/bf16 mean autocast or a model cast to that type (default fp32)",
     )
+    parser.add_argument(
+        "--select", type=_codes, metavar="CODES", help="report only these codes or prefixes, e.g. BN1,BN201"
+    )
+    parser.add_argument("--ignore", type=_codes, metavar="CODES", help="leave out these codes or prefixes, e.g. BN106")
     parser.add_argument(
         "--input-shape",
         type=_shape,

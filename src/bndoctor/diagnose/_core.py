@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -16,6 +17,10 @@ from ..findings import SEVERITIES, Finding
 from ..training import TrainingSetup
 
 __all__ = ["CHECKS", "Check", "CheckFailedError", "Context", "Report", "checks_for", "register_check"]
+
+
+#: version of :meth:`Report.as_dict`'s layout; raised when a field changes meaning or disappears
+SCHEMA_VERSION = 1
 
 
 class CheckFailedError(BNDoctorError):
@@ -34,6 +39,7 @@ class Report:
     traced: bool = False
     trace_error: str = ""
     layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # traced input of each layer
+    left_out: int = 0  # findings removed by filtered() (--select / --ignore)
 
     @property
     def errors(self) -> list[Finding]:
@@ -54,6 +60,35 @@ class Report:
     def codes(self) -> list[str]:
         return sorted({f.code for f in self.findings})
 
+    def filtered(self, select: Iterable[str] | None = None, ignore: Iterable[str] | None = None) -> Report:
+        """A copy keeping findings whose code starts with one of ``select`` (all when None) and none of ``ignore``.
+
+        Codes or prefixes, as linters take them: ``select=["BN1"]`` keeps BN101-BN106.
+        """
+        chosen = tuple(select) if select is not None else None
+        dropped = tuple(ignore or ())
+        for code in (*(chosen or ()), *dropped):
+            if not isinstance(code, str) or not code:
+                raise BNDoctorError(
+                    f"expected finding codes or prefixes such as 'BN1' (got {code!r})", hint="e.g. BN101"
+                )
+        kept = [
+            f
+            for f in self.findings
+            if (chosen is None or f.code.startswith(chosen)) and not (dropped and f.code.startswith(dropped))
+        ]
+        return dataclasses.replace(self, findings=kept, left_out=self.left_out + len(self.findings) - len(kept))
+
+    def to_github(self) -> str:
+        """GitHub Actions workflow commands: one annotation per finding (``::error title=BN101::...``)."""
+        level = {"error": "error", "warning": "warning", "info": "notice"}
+        lines = []
+        for f in self.findings:
+            text = f"{f.where}: {f.message}" + (f" Fix: {f.fix}" if f.fix else "")
+            text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+            lines.append(f"::{level[f.severity]} title=bndoctor {f.code}::{text}")
+        return "\n".join(lines)
+
     def by_code(self, code: str) -> list[Finding]:
         return [f for f in self.findings if f.code == code]
 
@@ -69,6 +104,7 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "schema_version": SCHEMA_VERSION,
             "model": self.model,
             "setup": None if self.setup is None else self.setup.as_dict(),
             "bn_layers": self.bn_layers,
@@ -77,6 +113,7 @@ class Report:
             "trace_error": self.trace_error,
             "layer_shapes": {k: list(v) for k, v in self.layer_shapes.items()},
             "summary": {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES},
+            "left_out": self.left_out,
             "findings": [f.as_dict() for f in self.findings],
         }
 
@@ -95,6 +132,8 @@ class Report:
             )
         if self.trace_error:
             head += f"\n(shapes not traced: {self.trace_error})"
+        if not self.findings and self.left_out:
+            return head + f"\nno findings left after --select/--ignore ({self.left_out} left out)"
         if not self.findings:
             return head + "\nno findings: BatchNorm looks healthy for this setup"
         parts = [head]
