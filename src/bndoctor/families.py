@@ -53,7 +53,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .errors import BNDoctorError
-from .layers import BatchNormAct, BNDoctorLayer, SyncBatchNorm, is_bndoctor_frozen
+from .layers import POST_OPS, BatchNormAct, BNDoctorLayer, SyncBatchNorm, is_bndoctor_frozen
 
 __all__ = [
     "FAMILIES",
@@ -144,6 +144,7 @@ def _frozen_by_behaviour(module: nn.Module) -> bool:
         and buffers.get("weight") is not None
         and buffers.get("bias") is not None
         and not own_params
+        and set(module._modules) <= set(POST_OPS)  # nothing else runs inside it but a dropout and an activation
     )
 
 
