@@ -44,7 +44,9 @@ def test_transformers_config_and_model_class(capsys):
     code, out, err = run(capsys, "inspect", "transformers:ResNetConfig", "--model-kwargs", "depths=[1,1,1,1]")
     assert code == 0, err
     assert "17 BatchNorm layer(s)" in out  # depths=[1,1,1,1]: 1 + 4 x 4 layers
-    code, out, err = run(capsys, "check", "transformers:DetrConfig", "--micro-batch", "2")
+    code, out, err = run(
+        capsys, "check", "transformers:DetrConfig", "--micro-batch", "2", "--model-kwargs", "use_timm_backbone=False"
+    )
     assert code == 0, err
     assert "no findings" in out  # DETR's backbone BN is frozen: fine at any batch
 
@@ -87,3 +89,14 @@ def test_weights_from_a_local_file_load_into_a_library_model(capsys, tmp_path):
         capsys, "inspect", "timm:resnet18", "--model-kwargs", "num_classes=3", "--weights", str(tmp_path / "w.pt")
     )
     assert code == 0 and "bn1" in out
+
+
+def test_a_model_that_needs_a_missing_package_is_a_one_line_error(capsys, monkeypatch):
+    from bndoctor.cli import _libraries
+
+    def needs_timm(name, kwargs):
+        raise ImportError("TimmBackbone requires the timm library but it was not found in your environment")
+
+    monkeypatch.setitem(_libraries.LIBRARIES, "transformers", needs_timm)
+    code, _, err = run(capsys, "inspect", "transformers:DetrConfig")
+    assert code == 2 and "needs a package that is not installed" in err and "use_timm_backbone=False" in err

@@ -166,6 +166,11 @@ def build(library: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
             f"{library}:{name} does not accept these --model-kwargs ({exc})",
             hint="check the argument names of the model (or config) class",
         ) from exc
+    except ImportError as exc:  # e.g. a transformers config whose backbone comes from timm
+        raise ModelSpecError(
+            f"{library}:{name} needs a package that is not installed here ({' '.join(str(exc).split())[:160]})",
+            hint="install it, or pick a configuration that does without (e.g. --model-kwargs use_timm_backbone=False)",
+        ) from exc
     except OSError as exc:  # the hub was asked for something: offline, nothing is downloaded
         raise ModelSpecError(
             f"{library}:{name} would need a download ({' '.join(str(exc).split())[:160]})", hint=_DOWNLOAD_HINT
