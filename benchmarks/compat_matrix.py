@@ -112,9 +112,9 @@ HF_CONFIGS = [
     ("EfficientFormerConfig", {}),
     ("VanConfig", {}),
     ("ConvNextConfig", {}),
-    ("DetrConfig", {"use_timm_backbone": False, "use_pretrained_backbone": False}),
-    ("ConditionalDetrConfig", {"use_timm_backbone": False, "use_pretrained_backbone": False}),
-    ("TableTransformerConfig", {"use_timm_backbone": False, "use_pretrained_backbone": False}),
+    ("DetrConfig", {"use_pretrained_backbone": False, "backbone_config": "resnet"}),
+    ("ConditionalDetrConfig", {"use_pretrained_backbone": False, "backbone_config": "resnet"}),
+    ("TableTransformerConfig", {"use_pretrained_backbone": False, "backbone_config": "resnet"}),
 ]
 
 
@@ -127,6 +127,8 @@ def transformers_models(limit: int | None) -> list[tuple[str, object]]:
             continue
 
         def build(config_cls=config_cls, kwargs=kwargs):
+            if kwargs.get("backbone_config") == "resnet":  # transformers' own ResNet, not a timm backbone
+                kwargs = {**kwargs, "backbone_config": tr.ResNetConfig(out_features=["stage4"])}
             model = tr.AutoModel.from_config(config_cls(**kwargs))
             backbone = getattr(model, "backbone", None)  # DETR-style models: the conv backbone holds the BN
             inner = getattr(backbone, "model", None) or getattr(backbone, "conv_encoder", None)

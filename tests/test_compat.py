@@ -55,7 +55,8 @@ def _hf(config, model="AutoModel", **kwargs):
 
 def _detr_backbone():
     tr = _thirdparty.transformers()
-    config = tr.DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False)
+    # an explicit transformers ResNet backbone: the default depends on whether transformers finds timm
+    config = tr.DetrConfig(backbone_config=tr.ResNetConfig(out_features=["stage4"]), use_pretrained_backbone=False)
     return tr.DetrModel(config).backbone.model  # transformers' ResNet backbone with DETR's own frozen BN
 
 

@@ -45,10 +45,10 @@ def test_transformers_config_and_model_class(capsys):
     assert code == 0, err
     assert "17 BatchNorm layer(s)" in out  # depths=[1,1,1,1]: 1 + 4 x 4 layers
     code, out, err = run(
-        capsys, "check", "transformers:DetrConfig", "--micro-batch", "2", "--model-kwargs", "use_timm_backbone=False"
+        capsys, "inspect", "transformers:MobileNetV2ForImageClassification", "--model-kwargs", "num_labels=3"
     )
     assert code == 0, err
-    assert "no findings" in out  # DETR's backbone BN is frozen: fine at any batch
+    assert "52 BatchNorm layer(s)" in out
 
 
 @pytest.mark.parametrize(

@@ -132,8 +132,9 @@ def _transformers(name: str, kwargs: dict[str, Any]) -> nn.Module:
             f"transformers:{name} is neither a config class nor a model class",
             hint="e.g. transformers:ResNetConfig or transformers:ResNetForImageClassification",
         )
-    known = set(config_cls().to_dict())
-    unknown = sorted(set(kwargs) - known)
+    default = config_cls()
+    known = set(default.to_dict()) | set(inspect.signature(config_cls.__init__).parameters)
+    unknown = sorted(k for k in kwargs if k not in known and not hasattr(default, k))  # num_labels is a property
     if unknown:  # a config stores unknown keys silently; a typo would otherwise change nothing
         raise ModelSpecError(
             f"{config_cls.__name__} has no field {unknown[0]!r}", hint=_suggest(unknown[0], sorted(known))
