@@ -16,6 +16,8 @@ torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 import warnings
@@ -30,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from tests import _thirdparty  # noqa: E402  (the test-only torchvision shim; never in the library)
 
 from bndoctor import find_bn  # noqa: E402
-from bndoctor.bench.compat import OPERATIONS, run_operations  # noqa: E402
+from bndoctor.bench.compat import OPERATIONS, OpResult, run_operations  # noqa: E402
 
 SIZES = (64, 128, 224, 299)
 MAX_PARAMETERS = 150e6  # larger variants repeat a smaller one's architecture at hours of CPU time
@@ -56,12 +58,13 @@ def _pick_size(build) -> int | None:
     return next((s for s in SIZES if _runs(build, s)), None)
 
 
-_SMALL = ("pico", "nano", "tiny", "small", "mini", "lite", "xs", "b0", "050", "m0", "_t", "_s", "18")
+_SMALL = {"pico", "nano", "tiny", "small", "mini", "lite", "xs", "xxs", "b0", "050", "035", "m0", "t", "s", "18", "a0"}
 
 
 def _smallest_first(name: str) -> tuple[bool, int, str]:
     """Try a small variant of an architecture first (cheaper to run, same layers)."""
-    return (not any(tag in name for tag in _SMALL), len(name), name)
+    tokens = set(name.replace(".", "_").split("_"))
+    return (not tokens & _SMALL, len(name), name)
 
 
 def timm_models(limit: int | None) -> list[tuple[str, object]]:
@@ -146,6 +149,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="models per library (default: all)")
     parser.add_argument("--libraries", default="timm,torchvision,transformers")
     parser.add_argument("--out", default=str(ROOT / "docs" / "compatibility.md"))
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the results of libraries not in --libraries from the JSON written next to --out by an earlier run",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
@@ -175,14 +183,41 @@ def main() -> None:
             bad = [r.operation for r in results if r.status == "fail"]
             print(f"{name:55s} {size:4d}px  {'FAIL ' + ','.join(bad) if bad else 'ok'}", flush=True)
     seconds = time.perf_counter() - start
+    sidecar = Path(args.out).with_suffix(".json")
+    if args.reuse and sidecar.exists():  # results of the other libraries from the earlier run
+        earlier = json.loads(sidecar.read_text())
+        ran = set(args.libraries.split(","))
+        rows += [
+            (r["library"], r["name"], r["size"], [OpResult(**x) for x in r["results"]])
+            for r in earlier["rows"]
+            if r["library"] not in ran
+        ]
+        for library, names in earlier["without_bn"].items():
+            if library not in ran:
+                without_bn[library] = names
+        unbuildable += [tuple(u) for u in earlier["unbuildable"] if u[0].split(":")[0] not in ran]
+        seconds += earlier["seconds"]
+    rows.sort(key=lambda r: (r[0], r[1]))
+    sidecar.write_text(
+        json.dumps(
+            {
+                "rows": [
+                    {"library": lib, "name": n, "size": size, "results": [dataclasses.asdict(x) for x in res]}
+                    for lib, n, size, res in rows
+                ],
+                "without_bn": without_bn,
+                "unbuildable": unbuildable,
+                "seconds": seconds,
+            },
+            indent=1,
+        )
+    )
     Path(args.out).write_text(render(rows, without_bn, unbuildable, seconds, args))
     print(f"wrote {args.out} ({len(rows)} models, {seconds / 60:.1f} min)")
 
 
 def render(rows, without_bn, unbuildable, seconds, args) -> str:
-    import timm  # imported by the listers through the shim
-    import torchvision
-    import transformers
+    timm, torchvision, transformers = _thirdparty.timm(), _thirdparty.torchvision(), _thirdparty.transformers()
 
     libraries = sorted({r[0] for r in rows})
     lines = [
@@ -191,9 +226,9 @@ def render(rows, without_bn, unbuildable, seconds, args) -> str:
         "Every bndoctor operation on every BatchNorm architecture that timm, torchvision and transformers build,",
         "with random weights (nothing downloaded), on a batch of 2 images at 64x64 (larger where an architecture",
         "needs it). What each operation checks is in `src/bndoctor/bench/compat.py`; each is compared with an",
-        "independent answer (outputs before/after, the float64 statistics of the layer inputs, the original",
-        "state_dict). `n/a`: the model's BN layers are all frozen, so nothing learns statistics to sync,",
-        "accumulate or recalibrate.",
+        "independent answer (outputs before/after, for fold in float64; the float64 statistics of the layer",
+        "inputs; the original state_dict). `n/a`: the model's BN layers are all frozen, so nothing learns",
+        "statistics to sync, accumulate, recalibrate or monitor; or (fold) no BN follows a conv/linear directly.",
         "",
         f"Generated by `python benchmarks/compat_matrix.py` in {seconds / 60:.0f} min on 2 CPU cores, with torch",
         f"{torch.__version__}, timm {timm.__version__}, torchvision {torchvision.__version__}, transformers",
