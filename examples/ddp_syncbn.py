@@ -1,5 +1,7 @@
 """Train the tiny ResNet on digits with DDP, gradient accumulation and bndoctor SyncBatchNorm.
 
+Needs the demo extra for the digits data: pip install 'bndoctor[demo]' (scikit-learn).
+
 Runs on CPU (gloo) or GPU (nccl), one process per device:
 
     torchrun --standalone --nproc-per-node=2 examples/ddp_syncbn.py --accum 8 --micro-batch 2

@@ -1,5 +1,7 @@
 """The whole bndoctor workflow for training at a tiny physical batch, on the digits data.
 
+Needs the demo extra for the digits data: pip install 'bndoctor[demo]' (scikit-learn).
+
 1. ``bndoctor.check`` diagnoses the model for the setup (micro-batch 2, 32 accumulation steps).
 2. ``bndoctor.fix`` applies the prescription (here: accumulation-aware BN).
 3. Training runs an unchanged accumulation loop with ``BNMonitor`` and ``GradientNoiseScale`` attached.
