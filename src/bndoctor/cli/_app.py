@@ -35,9 +35,17 @@ class Command:
 
 
 def _commands() -> list[Command]:
-    from . import bench, check, inspect, noise, report
+    from . import bench, check, explain, inspect, noise, report
 
-    return [bench.DEMO_COMMAND, bench.BENCH, check.COMMAND, inspect.COMMAND, noise.COMMAND, report.COMMAND]
+    return [
+        bench.DEMO_COMMAND,
+        bench.BENCH,
+        check.COMMAND,
+        explain.COMMAND,
+        inspect.COMMAND,
+        noise.COMMAND,
+        report.COMMAND,
+    ]
 
 
 def positive_int(text: str) -> int:

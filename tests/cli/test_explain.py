@@ -1,0 +1,33 @@
+"""`bndoctor explain CODE`: every code a user can meet is explained."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bndoctor.cli import main
+from bndoctor.cli.explain import RUNTIME_CODES
+from bndoctor.diagnose import CHECKS
+
+BUILT_IN = [code for code, check in CHECKS.items() if check.fn.__module__ == "bndoctor.diagnose.builtin"]
+
+
+@pytest.mark.parametrize("code", BUILT_IN + list(RUNTIME_CODES))
+def test_every_code_is_explained(capsys, code):
+    assert main(["explain", code.lower(), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["code"] == code and len(data["text"]) > 40 and data["title"]
+
+
+def test_every_built_in_check_says_why_or_what_to_do():
+    assert len(BUILT_IN) == 19
+    for code in BUILT_IN:
+        doc = CHECKS[code].fn.__doc__ or ""
+        assert len(doc.split()) >= 8, code
+
+
+def test_an_unknown_code_lists_the_known_ones(capsys):
+    assert main(["explain", "BN999"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown finding code 'BN999'" in err and "BN101" in err
