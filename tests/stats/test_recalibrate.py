@@ -332,3 +332,16 @@ def test_a_nan_batch_is_refused_by_default_and_skipped_on_request(exact):
             torch.testing.assert_close(module.running_var, reference.get_submodule(name).running_var)
     with pytest.raises(bd.BNDoctorError, match="nonfinite='raise' or 'skip'"):
         bd.recalibrate(model, batches, nonfinite="ignore")
+
+
+def test_progress_is_a_tqdm_bar_with_the_real_total_or_a_callable(capsys):
+    model = tiny_resnet()
+    batches = [torch.randn(4, 1, 8, 8) for _ in range(3)]
+    bd.recalibrate(model, batches)  # a bar on stderr (tqdm.auto), counting batches against len(data)
+    err = capsys.readouterr().err
+    assert "recalibrating" in err and "3/3" in err and "batch" in err
+    seen = []
+    bd.recalibrate(model, iter(batches), num_samples=8, progress=lambda done, limit: seen.append((done, limit)))
+    assert seen == [(4, 8), (8, 8)]
+    bd.recalibrate(model, batches, progress=False)
+    assert capsys.readouterr().err == ""

@@ -50,7 +50,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import distributed
 from .._batches import Forward, batch_size, default_forward, model_device, to_device
-from .._progress import ProgressBar
 from .._state import preserved
 from .._table import render
 from .._validate import positive_int
@@ -332,19 +331,34 @@ def _relative_changes(new: list[torch.Tensor], old: list[torch.Tensor]) -> list[
     return torch.where(scale > 0, diff / scale.clamp(min=1e-300), diff).tolist()
 
 
-def _progress_callback(progress: bool | Callable[[int, int | None], None], total: int | None):
-    if callable(progress):
-        return progress
-    if not progress:
-        return None
-    bar = ProgressBar()
-    if not bar.tty:
-        return None
+class _Progress:
+    """A ``tqdm.auto`` bar (terminal, notebook or log file), on rank zero, with the loader's real total.
 
-    def show(done: int, limit: int | None) -> None:
-        bar(done, limit or max(done, 1), f"recalibrating: {done} samples")
+    Counts samples against ``num_samples`` when one is given, else batches against ``len(data)`` when the
+    loader has a length, else batches with no total. A user callable ``progress(done, limit)`` is called
+    with the samples done instead.
+    """
 
-    return show
+    def __init__(self, progress: bool | Callable[[int, int | None], None], data: Any, num_samples: int | None):
+        self.callback = progress if callable(progress) else None
+        self.bar: Any = None
+        if self.callback is not None or not progress or distributed.rank() != 0:
+            return
+        from tqdm.auto import tqdm
+
+        total = num_samples if num_samples is not None else (len(data) if hasattr(data, "__len__") else None)
+        self.per_sample = num_samples is not None
+        self.bar = tqdm(total=total, unit="sample" if self.per_sample else "batch", desc="recalibrating")
+
+    def update(self, samples: int, used: int, limit: int | None) -> None:
+        if self.callback is not None:
+            self.callback(used, limit)
+        elif self.bar is not None:
+            self.bar.update(samples if self.per_sample else 1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # --------------------------------------------------------------------------- public
@@ -378,6 +392,14 @@ def recalibrate(
     Layers the forward never reaches keep their statistics and are listed in
     the report. With ``domain="target"`` the new statistics are also stored as
     a named set, see :func:`bndoctor.use_stats`.
+
+    ``progress``: a ``tqdm`` bar on rank zero (terminal, notebook or log
+    file) counting samples against ``num_samples``, or batches against
+    ``len(data)``; ``False`` for none; a callable ``progress(samples_done,
+    num_samples)`` to report elsewhere. ``exact=True`` computes every layer's
+    batch moments in float64 from its input instead of reading them from
+    torch's BN kernel (slower; automatic where the kernel's cannot be used).
+    ``device``: where batches are moved (default: the model's device).
 
     A batch whose statistics hold NaN or Inf in any layer is an error by
     default (``nonfinite="raise"``: nothing is written, the error names the
@@ -420,7 +442,7 @@ def recalibrate(
     if dist_on:
         _require_same_layout(targets, process_group)
     recorder = _Pass(targets, exact)
-    show = _progress_callback(progress, num_samples)
+    show = _Progress(progress, data, num_samples)
     used = batches = 0
 
     with preserved(model, [r.module for r in targets]) as snapshot, torch.no_grad():
@@ -444,10 +466,10 @@ def recalibrate(
                 batch = to_device(batch, device)
                 forward(model, batch)
                 recorder.end_batch()
-                used += batch_size(batch)
+                size = batch_size(batch)
+                used += size
                 batches += 1
-                if show is not None:
-                    show(used, num_samples)
+                show.update(size, used, num_samples)
                 if num_samples is not None and used >= num_samples:
                     break
             bad = recorder.nonfinite_batches()
@@ -462,6 +484,8 @@ def recalibrate(
             local = recorder.moments(frozenset(bad))
         except BaseException as exc:  # re-raised below, after the ranks agreed
             error = exc
+        finally:
+            show.close()
         if dist_on:
             flags = distributed.all_ok(error is None, process_group)
             if error is None and not all(flags):
