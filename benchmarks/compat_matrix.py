@@ -34,7 +34,7 @@ from tests import _thirdparty  # noqa: E402  (the test-only torchvision shim; ne
 from bndoctor import find_bn  # noqa: E402
 from bndoctor.bench.compat import OPERATIONS, OpResult, run_operations  # noqa: E402
 
-SIZES = (64, 128, 224, 299)
+SIZES = (64, 128, 224, 256, 299)
 MAX_PARAMETERS = 150e6  # larger variants repeat a smaller one's architecture at hours of CPU time
 
 
@@ -71,18 +71,25 @@ def timm_models(limit: int | None) -> list[tuple[str, object]]:
     timm = _thirdparty.timm()
     out = []
     for module in sorted(timm.list_modules()):
-        for name in sorted(timm.list_models(module=module), key=_smallest_first):
+        names = sorted(timm.list_models(module=module), key=_smallest_first)
+        # the smallest variant, and variants whose name says BatchNorm (timm's vgg11 has none, vgg11_bn has)
+        candidates = names[:1] + [n for n in names[1:] if "bn" in n.split("_")]
+        chosen, built = None, False
+        for name in candidates:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     model = timm.create_model(name, pretrained=False)
             except Exception:
                 continue
+            built = True
             if find_bn(model):
-                out.append((f"timm:{name}", lambda name=name: timm.create_model(name, pretrained=False)))
-            else:
-                out.append((f"timm:{name}", None))  # no BatchNorm in this architecture
-            break
+                chosen = name
+                break
+        if chosen is not None:
+            out.append((f"timm:{chosen}", lambda name=chosen: timm.create_model(name, pretrained=False)))
+        elif built:
+            out.append((f"timm:{candidates[0]}", None))  # no BatchNorm in this architecture
         if limit and len(out) >= limit:
             break
     return out
@@ -260,9 +267,13 @@ def render(rows, without_bn, unbuildable, seconds, args) -> str:
         "",
         "## Layers fold leaves in place",
         "",
-        "`fold_bn` folds a BN only into a conv/linear whose output feeds nothing else. Pre-activation BN",
-        "(DenseNet, ResNetV2, DPN: BN after a concatenation or a residual sum) has no such producer and stays,",
-        "exact as before.",
+        "`fold_bn` folds a BN only into a conv/linear whose output feeds nothing else and reaches the BN",
+        "unchanged. The layers left in place have no such producer, and stay exact as before: pre-activation BN",
+        "after a concatenation or a residual sum (DenseNet, ResNetV2, DPN, NASNet), BN after a reshape of a",
+        "linear layer's output (LeViT's and XCiT's attention), after mixed or split convolutions whose outputs",
+        "are concatenated (MixNet), after an activation, or in auxiliary heads that an eval-mode forward does",
+        'not run (GoogLeNet, Inception v3). "fx agrees": where torch.fx can trace the model, it finds the same',
+        "pairs as the forward pass.",
         "",
     ]
     lines += [f"- `{n}`: {d}" for n, d in partial] or ["None."]
