@@ -9,6 +9,7 @@ from ._base import (
     normalisation_statistics,
     pools_ranks,
     pools_window,
+    post_ops,
     window_open,
 )
 from .accum import AccumBatchNorm, AccumMode
@@ -45,5 +46,6 @@ __all__ = [
     "normalisation_statistics",
     "pools_ranks",
     "pools_window",
+    "post_ops",
     "window_open",
 ]

@@ -27,12 +27,19 @@ __all__ = [
     "normalisation_statistics",
     "pools_ranks",
     "pools_window",
+    "post_ops",
     "window_open",
 ]
 
 
 #: Children that a norm+activation layer applies after normalising, in this order (timm's convention).
 POST_OPS = ("drop", "act")
+
+
+def post_ops(module: nn.Module) -> dict[str, nn.Module]:
+    """The ``drop`` and ``act`` children ``module`` has, by name (empty for plain BatchNorm)."""
+    children = module._modules
+    return {name: children[name] for name in POST_OPS if children.get(name) is not None}
 
 
 def apply_post_ops(module: nn.Module, out: torch.Tensor) -> torch.Tensor:

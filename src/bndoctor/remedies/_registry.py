@@ -83,6 +83,18 @@ class FixStep:
         wanted = set(self.layers)
         return {n: type(m) for n, m in self.model.named_modules() if n in wanted}
 
+    def apply(self, name: str, convert: Callable[[nn.Module], nn.Module], *, suffix: str = "") -> nn.Module:
+        """Run a class-swapping ``convert(model)`` on the model and :meth:`note` the layers it changed.
+
+        Returns the new root (also stored in :attr:`model`)::
+
+            return step.apply("to_my_bn", lambda m: to_my_bn(m, modules=step.selection, inplace=True))
+        """
+        before = self.classes()
+        self.model = convert(self.model)
+        self.note(name, before=before, suffix=suffix)
+        return self.model
+
     def note(self, name: str, *, before: dict[str, type] | None = None, suffix: str = "") -> None:
         """Record ``"name: N layer(s)"``; with ``before``, count only the layers whose class changed."""
         if not self.layers:

@@ -28,7 +28,7 @@ from ..errors import BNDoctorError
 from ..families import has_post_ops
 from ..layers import BatchNormAct, window_open
 
-__all__ = ["revert_layers", "swap_layers", "transfer_bn_state"]
+__all__ = ["bn_class", "revert_layers", "swap_layers", "transfer_bn_state"]
 
 _AFFINE = ("weight", "bias")
 _DIMS_TO_CLASS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -56,6 +56,13 @@ def transfer_bn_state(source: nn.Module, target: nn.Module) -> nn.Module:
     for attr in ("momentum", "eps", "affine", "track_running_stats", "training"):
         setattr(target, attr, getattr(source, attr))
     return target
+
+
+def bn_class(dims: int) -> type[_BatchNorm]:
+    """``nn.BatchNorm1d/2d/3d`` for ``dims`` 1, 2 or 3; anything else is a clear error."""
+    if dims not in _DIMS_TO_CLASS:
+        raise BNDoctorError(f"expected dims=1, 2 or 3 (got {dims!r})", hint="2 for images (N, C, H, W)")
+    return _DIMS_TO_CLASS[dims]
 
 
 def _own_attributes(module: nn.Module) -> dict[str, object]:
@@ -123,8 +130,8 @@ def revert_layers(model: nn.Module, classes: tuple[type, ...], *, dims: int | No
     A layer whose window is still open (see :func:`bndoctor.layers.window_open`) is an
     error: its last statistics have not been committed yet.
     """
-    if dims is not None and dims not in _DIMS_TO_CLASS:
-        raise BNDoctorError(f"expected dims=1, 2 or 3 (got {dims!r})", hint="2 for images (N, C, H, W)")
+    if dims is not None:
+        bn_class(dims)  # a bad dims is an error before anything changes
     model, records = plan(model, None, inplace, validate=_require_closed_window)
     replacements = {}
     for record in records:
@@ -141,7 +148,7 @@ def revert_layers(model: nn.Module, classes: tuple[type, ...], *, dims: int | No
                     f"'{record.name}' is a {type(module).__name__} with no remembered BatchNorm class",
                     hint="pass dims=1, 2 or 3 (e.g. dims=2 for BatchNorm2d)",
                 )
-            new = _DIMS_TO_CLASS[dims](int(record.num_features or 0))
+            new = bn_class(dims)(int(record.num_features or 0))
         elif attributes is None:  # converted by an older bndoctor: torch's classes rebuild from num_features
             new = cls(int(record.num_features or 0))
         else:

@@ -32,7 +32,7 @@ from .._state import preserved
 from .._walk import BNInfo, ModuleSelection, plan, replace_modules
 from ..errors import BNDoctorWarning
 from ..families import normalises_then_post_ops
-from ..layers import POST_OPS, PostOps
+from ..layers import PostOps, post_ops
 
 __all__ = ["fold_bn"]
 
@@ -54,7 +54,7 @@ def _why_not(record: BNInfo) -> str:
 
 def _what_remains(module: nn.Module) -> nn.Module:
     """What replaces a folded BN: nothing, or the dropout and activation of a norm+activation layer."""
-    children = {name: module._modules[name] for name in POST_OPS if module._modules.get(name) is not None}
+    children = post_ops(module)
     return PostOps(**children) if children else nn.Identity()
 
 

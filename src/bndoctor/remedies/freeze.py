@@ -13,18 +13,17 @@ import torch
 import torch.nn as nn
 
 from .._walk import BNInfo, ModuleSelection, plan, replace_modules, require_running_stats, warn_unsupported
-from ..errors import BNDoctorError
 from ..families import has_post_ops
 from ..findings import Action
-from ..layers import POST_OPS, BatchNormAct
+from ..layers import BatchNormAct, post_ops
 from ..layers.frozen import FreezeState, frozen_class_for, is_bndoctor_frozen
 from ..training import TrainingSetup
 from ._registry import FixStep, Prescription, Remedy, register_remedy
+from ._swap import bn_class
 
 __all__ = ["freeze_bn", "unfreeze_bn"]
 
 _AFFINE = ("weight", "bias")
-_DIMS_TO_CLASS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 def freeze_bn(
@@ -111,8 +110,8 @@ def unfreeze_bn(
     its affine as trainable parameters, and eps kept — for fine-tuning a
     detection backbone with BN that learns again. Build the optimizer after.
     """
-    if third_party and dims not in _DIMS_TO_CLASS:
-        raise BNDoctorError(f"expected dims=1, 2 or 3 (got {dims!r})", hint="2 for images (N, C, H, W)")
+    if third_party:
+        bn_class(dims)  # a bad dims is an error before anything changes
     model, records = plan(model, modules, inplace)
     replacements = {}
     for record in records:
@@ -137,24 +136,19 @@ def _trainable(record: BNInfo, dims: int) -> nn.Module:
     """A trainable BN with a third-party frozen layer's statistics, affine, eps and activation."""
     module = record.module
     mean = module.get_buffer("running_mean")
-    cls = BatchNormAct if has_post_ops(module) else _DIMS_TO_CLASS[dims]
+    cls = BatchNormAct if has_post_ops(module) else bn_class(dims)
     new = cls(int(record.num_features or 0), eps=record.eps, device=mean.device, dtype=mean.dtype)
     with torch.no_grad():
         for name in ("running_mean", "running_var", *_AFFINE):
             getattr(new, name).copy_(module.get_buffer(name))
-    for name in POST_OPS:
-        if module._modules.get(name) is not None:
-            new.add_module(name, module._modules[name])
+    for name, child in post_ops(module).items():
+        new.add_module(name, child)
     new.train(module.training)
     return new
 
 
 def _fix(step: FixStep) -> nn.Module:
-    before = step.classes()
-    model = freeze_bn(step.model, modules=step.selection, inplace=True)
-    step.model = model
-    step.note("freeze_bn", before=before)
-    return model
+    return step.apply("freeze_bn", lambda m: freeze_bn(m, modules=step.selection, inplace=True))
 
 
 def _prescribe(setup: TrainingSetup) -> Prescription | None:

@@ -26,7 +26,7 @@ from .._walk import (
 from ..errors import BNDoctorError, GroupCountError
 from ..families import normalises_then_post_ops
 from ..findings import Action
-from ..layers import POST_OPS, GroupNormAct
+from ..layers import GroupNormAct, post_ops
 from ..training import TrainingSetup
 from ._registry import FixStep, Prescription, Remedy, register_remedy
 
@@ -94,7 +94,7 @@ def _to_group_norm(record: BNInfo, groups: int) -> nn.GroupNorm:
     module = record.module
     weight, bias = _affine_tensors(module)
     reference = weight if weight is not None else module.get_buffer("running_mean")
-    tail = {name: module._modules[name] for name in POST_OPS if module._modules.get(name) is not None}
+    tail = post_ops(module)
     norm = (GroupNormAct if tail else nn.GroupNorm)(
         groups,
         int(record.num_features or 0),
@@ -183,10 +183,7 @@ def convert_bn(
 
 
 def _fix(step: FixStep) -> nn.Module:
-    before = step.classes()
-    step.model = convert_bn(step.model, "group", modules=step.selection, inplace=True)
-    step.note("convert_bn", before=before)
-    return step.model
+    return step.apply("convert_bn", lambda m: convert_bn(m, "group", modules=step.selection, inplace=True))
 
 
 def _prescribe(setup: TrainingSetup) -> Prescription | None:

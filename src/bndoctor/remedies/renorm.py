@@ -59,10 +59,7 @@ def from_batch_renorm(model: nn.Module, *, dims: int | None = None, inplace: boo
 
 
 def _fix(step: FixStep) -> nn.Module:
-    before = step.classes()
-    step.model = to_batch_renorm(step.model, modules=step.selection, inplace=True)
-    step.note("to_batch_renorm", before=before)
-    return step.model
+    return step.apply("to_batch_renorm", lambda m: to_batch_renorm(m, modules=step.selection, inplace=True))
 
 
 register_remedy(Remedy("to_batch_renorm", fix=_fix, order=75, layer=BatchRenorm, revert=from_batch_renorm))

@@ -74,19 +74,13 @@ def from_sync_bn(model: nn.Module, *, dims: int | None = None, inplace: bool = F
 
 
 def _fix_to_sync(step: FixStep) -> nn.Module:
-    before = step.classes()
-    step.model = to_sync_bn(step.model, modules=step.selection, inplace=True)
-    step.note("to_sync_bn", before=before)
-    return step.model
+    return step.apply("to_sync_bn", lambda m: to_sync_bn(m, modules=step.selection, inplace=True))
 
 
 def _fix_from_sync(step: FixStep) -> nn.Module:
-    before = step.classes()
     dims = [len(step.layer_shapes[m]) - 2 for m in step.layers if m in step.layer_shapes]
     common = Counter(dims).most_common(1)[0][0] if dims else 2  # traced input rank, else images
-    step.model = from_sync_bn(step.model, dims=common, inplace=True)
-    step.note("from_sync_bn", before=before)
-    return step.model
+    return step.apply("from_sync_bn", lambda m: from_sync_bn(m, dims=common, inplace=True))
 
 
 def _prescribe(setup: TrainingSetup) -> Prescription | None:
