@@ -66,3 +66,25 @@ def require_module(obj: object, argument: str = "model") -> None:
             f"expected `{argument}` to be a torch.nn.Module (got {found})",
             hint="pass the model object itself, e.g. bndoctor.find_bn(model), not its state_dict or a list of modules",
         )
+
+
+def caller_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called from here that names the user's line, not torch's or ours.
+
+    A warning raised inside a layer's forward otherwise points into
+    ``torch/nn/modules/module.py``; this walks out of torch and bndoctor to
+    the first frame of the caller (the training loop, or the framework that
+    runs it).
+    """
+    import os
+    import sys
+
+    import torch
+
+    inside = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame = frame.f_back
+        level += 1
+    return level

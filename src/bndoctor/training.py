@@ -12,7 +12,7 @@ from typing import Any
 from ._validate import positive_int
 from .errors import BNDoctorError
 
-__all__ = ["PRECISIONS", "TrainingSetup"]
+__all__ = ["PRECISIONS", "TrainingSetup", "torch_optimizer"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -63,3 +63,29 @@ class TrainingSetup:
             "precision": self.precision,
             "logical_batch": self.logical_batch,
         }
+
+
+def torch_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim.Optimizer`` inside a framework's wrapper (Accelerate's, Lightning's), else ``optimizer``.
+
+    Hooks belong on the inner optimizer: its ``step()`` runs once per real
+    update (Accelerate skips it on accumulation micro-steps), and wrappers
+    that do not call ``Optimizer.__init__`` have no hook tables of their own.
+    Raises :class:`~bndoctor.errors.BNDoctorError` for anything else.
+    """
+    import torch
+
+    seen = optimizer
+    while not isinstance(optimizer, torch.optim.Optimizer) or type(optimizer).__module__.startswith(
+        ("accelerate", "lightning", "pytorch_lightning")
+    ):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise BNDoctorError(
+            f"expected a torch.optim.Optimizer (got {type(seen).__name__})",
+            hint="pass the optimizer whose step() ends each accumulation window",
+        )
+    return optimizer

@@ -65,6 +65,7 @@ def test_lightning_callback_monitors_recalibrates_and_checkpoints(tmp_path):
     resumed = BNMonitorCallback(every=2)
     resumed.load_state_dict(state)
     resumed.setup(trainer, module, "fit")
+    resumed.on_train_start(trainer, module)
     assert resumed.monitor.forwards == 16
     resumed.teardown(trainer, module, "fit")
 
@@ -122,6 +123,51 @@ def test_huggingface_trainer_callback(tmp_path):
     restored.on_train_begin(args, trainer.state, trainer.control, model=trainer.model)
     assert restored.monitor.forwards == 16
     restored.on_train_end(args, trainer.state, trainer.control)
+
+
+def test_huggingface_trainer_attaches_windows_and_reports_metrics_to_tensorboard(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import Trainer, TrainingArguments
+
+    from bndoctor.integrations.huggingface import BNMonitorTrainerCallback
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = bd.to_accum_bn(tiny_resnet())
+
+        def forward(self, pixel_values, labels=None):
+            logits = self.net(pixel_values)
+            return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+    x, y = _data()
+    dataset = [{"pixel_values": a, "labels": b} for a, b in zip(x, y)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=1,
+        logging_steps=1,
+        report_to=["tensorboard"],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    callback = BNMonitorTrainerCallback(every=2, warmup=0, window=2, sink=None)
+    model = Model()
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])
+    # no accumulate_bn call: the callback attaches the window control (an unattached layer would warn: an error here)
+    trainer.train()
+    assert len(callback.attached) == 1 and callback.attached[0].steps == 4  # 8 micro-batches, 4 optimizer steps
+    assert not any(m.controlled for m in model.modules() if hasattr(m, "controlled"))  # detached at the end
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train/bn/effective_batch_min" in tags and "train/bn/alerts" in tags, tags
+    assert len(events.Scalars("train/bn/effective_batch_min")) >= 2
 
 
 def test_noise_records_are_written_once_per_measured_step(tmp_path):

@@ -58,6 +58,14 @@ class MonitorCallbackCore:
     * ``merge_ranks``: merge running statistics across ranks at each epoch end.
     * ``noise_scale``: track the gradient noise scale on the trainer's
       optimizer; ``noise_micro_batch`` when the loader does not say its batch size.
+    * ``attach``: attach what the model's bndoctor layers need from the
+      training loop to the trainer's optimizer (default ``True``): the window
+      control of accumulation-aware BN (:func:`bndoctor.accumulate_bn`), so
+      ``to_accum_bn`` models need no extra call. Skipped where the user
+      attached it already.
+    * ``log_metrics``: send summary scalars (``bn/effective_batch_min``, ...,
+      see :meth:`bndoctor.BNMonitor.pop_metrics`) to the trainer's loggers
+      (default ``True``).
     * anything else goes to :class:`bndoctor.BNMonitor` (``every``, ``modules``, ``warmup``, ...).
 
     Cooperative: it calls ``super().__init__()``, so the framework's callback
@@ -74,6 +82,8 @@ class MonitorCallbackCore:
         merge_ranks: bool = False,
         noise_scale: bool = False,
         noise_micro_batch: int | None = None,
+        attach: bool = True,
+        log_metrics: bool = True,
         **monitor_options: Any,
     ) -> None:
         super().__init__()
@@ -98,12 +108,17 @@ class MonitorCallbackCore:
         self.merge_ranks = bool(merge_ranks)
         self.noise_scale = bool(noise_scale)
         self.noise_micro_batch = noise_micro_batch
+        self.attach = bool(attach)
+        self.log_metrics = bool(log_metrics)
         self.monitor_options = monitor_options
+        self.attached: list[Any] = []  # handles of what attach=True attached
         self.noise: Any = None  # the GradientNoiseScale once training starts
         self.monitor: BNMonitor | None = None
         self.epochs: list[dict[str, Any]] = []
 
     def _start(self, model: nn.Module, default_dir: str, state: dict[str, Any] | None) -> None:
+        if self.monitor is not None and not self.monitor.closed:
+            return
         self.monitor = make_monitor(model, self.sink, default_dir, self.monitor_options)
         if state is not None:
             self.monitor.load_state_dict(state)
@@ -156,7 +171,23 @@ class MonitorCallbackCore:
         assert noise.optimizer is not None
         self._noise_hook = noise.optimizer.register_step_post_hook(record)
 
+    def _attach(self, model: nn.Module, optimizer: Any) -> None:
+        """Attach the remedies' training-loop parts (accumulation windows) to the trainer's optimizer."""
+        if not self.attach or optimizer is None:
+            return
+        from ..remedies import attach_all
+
+        self.attached = attach_all(model, optimizer)  # skips layers that are attached already
+
+    def _metrics(self) -> dict[str, float]:
+        """New summary scalars for the trainer's logger ({} when off or nothing new)."""
+        if not self.log_metrics or self.monitor is None:
+            return {}
+        return self.monitor.pop_metrics()
+
     def _stop(self) -> None:
+        for handle in self.attached:
+            handle.remove()  # kept in the list: what was attached (and, for windows, how many steps it closed)
         if self.noise is not None:
             self.noise.detach()
             self._noise_hook.remove()

@@ -4,7 +4,12 @@
     trainer = Trainer(model, args, train_dataset=..., callbacks=[BNMonitorTrainerCallback(every=100)])
 
 Records go to ``<output_dir>/bn_monitor.jsonl`` by default (main process);
-render them with ``bndoctor report``. At each epoch end the callback can
+render them with ``bndoctor report``. Summary scalars (``bn/effective_batch_min``,
+``bn/rank_divergence``, ``noise/b_simple``, ...) are added to the Trainer's
+logs, so they reach whatever ``report_to`` names (TensorBoard, W&B, MLflow)
+and ``state.log_history``' printouts. Models with accumulation-aware BN get
+their window control attached to the Trainer's optimizer
+(``gradient_accumulation_steps`` needs nothing else). At each epoch end the callback can
 recalibrate BN statistics on the training dataloader (batches are dicts,
 passed to the model as keyword arguments) and merge running statistics
 across ranks.
@@ -12,6 +17,7 @@ across ranks.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 try:
@@ -40,9 +46,11 @@ class BNMonitorTrainerCallback(MonitorCallbackCore, TrainerCallback, ExportableS
         self.monitor_state: dict[str, Any] | None = None  # set by the Trainer when it resumes a checkpoint
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if self.monitor is None and model is not None:
+        self._log_first(sys._getframe(1))
+        if model is not None:
             self._start(model, args.output_dir, self.monitor_state)
             self.monitor_state = None
+            self._attach(model, kwargs.get("optimizer"))
             if self.noise_scale and kwargs.get("optimizer") is not None:
                 self._start_noise(
                     model,
@@ -55,6 +63,27 @@ class BNMonitorTrainerCallback(MonitorCallbackCore, TrainerCallback, ExportableS
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None:
             self.monitor.set_step(state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if isinstance(logs, dict):
+            logs.update(self._metrics())
+
+    def _log_first(self, caller: Any) -> None:
+        """Run before the reporting callbacks in ``on_log``, so that they send the metrics added to ``logs``.
+
+        The Trainer puts the ``report_to`` callbacks ahead of the user's;
+        ``on_log`` hands every callback the same ``logs`` dict. This moves
+        this callback to the front of the handler that calls it (found as
+        the caller of ``on_train_begin``). Moving it during that call is
+        safe: the callbacks after it keep their positions. Without a handler
+        (a future Trainer) the metrics stay in the run file only.
+        """
+        handler = caller.f_locals.get("self") if caller is not None else None
+        callbacks = getattr(handler, "callbacks", None)
+        if not self.log_metrics or not isinstance(callbacks, list) or self not in callbacks or callbacks[0] is self:
+            return
+        callbacks.remove(self)
+        callbacks.insert(0, self)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if model is not None:
@@ -73,6 +102,8 @@ class BNMonitorTrainerCallback(MonitorCallbackCore, TrainerCallback, ExportableS
                 "merge_ranks": self.merge_ranks,
                 "noise_scale": self.noise_scale,
                 "noise_micro_batch": self.noise_micro_batch,
+                "attach": self.attach,
+                "log_metrics": self.log_metrics,
                 **{k: v for k, v in self.monitor_options.items() if isinstance(v, (int, float, str, bool))},
             },
             "attributes": {"monitor_state": None if self.monitor is None else self.monitor.state_dict()},

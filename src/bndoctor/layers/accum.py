@@ -52,7 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import distributed
 from ..distributed import HasProcessGroup
-from ..errors import BNDoctorError, BNDoctorWarning
+from ..errors import BNDoctorError, BNDoctorWarning, caller_stacklevel
 from ..moments import pool_two
 from ._base import BNDoctorLayer
 from ._ema import batch_moments, ema_step, renormalize
@@ -269,9 +269,10 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
                 self._warned = True
                 warnings.warn(
                     "AccumBatchNorm is training without window control, so it behaves as plain BatchNorm; "
-                    "call bndoctor.accumulate_bn(model, optimizer) or use bndoctor.accumulation_window(model)",
+                    "call bndoctor.accumulate_bn(model, optimizer) or use bndoctor.accumulation_window(model) "
+                    "(bndoctor's Lightning and Hugging Face callbacks attach it for you)",
                     BNDoctorWarning,
-                    stacklevel=2,
+                    stacklevel=caller_stacklevel(),
                 )
             return _BatchNorm.forward(self, input)
         return self._window_forward(input)

@@ -28,9 +28,14 @@ plus BN5xx for what only a running model shows; each is raised once per
 layer, kept in ``monitor.alerts``, written to the sinks and logged on rank
 zero.
 
-Between samples the only cost is one forward pre-hook on the root module
-that counts training forwards; the per-layer hooks exist only during a
-sampled forward.
+Between samples the only cost is a forward pre-hook and a forward hook on
+the root module that count training forwards; the per-layer hooks exist only
+during a sampled forward. A call of the root inside its own forward (Lightning
+runs ``training_step`` through the module's ``__call__`` under DDP, and
+``training_step`` calls ``self(x)``) is part of the outer forward, not a
+forward of its own. Alerts raised by one sample are logged as one line per
+code (``BN101 on 53 layers: layer1.0.bn1, ... (+50)``); the run file keeps
+one record per layer.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -70,6 +76,75 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
+
+
+def _layer_list(names: list[str], shown: int = 3) -> str:
+    listed = ", ".join(names[:shown])
+    return listed + (f", ... (+{len(names) - shown})" if len(names) > shown else "")
+
+
+def group_alerts(findings: Iterable[Finding], shown: int = 3) -> list[str]:
+    """One line per finding code: ``BN101 error on 53 layers: layer1.0.bn1, ... (+50): <first layer's message>``.
+
+    A code raised on one layer keeps its ``str(finding)``. The full list is in
+    the run file (one ``alert`` record per layer); ``bndoctor explain CODE``
+    says what a code means and how to fix it.
+    """
+    by_code: dict[str, list[Finding]] = {}
+    for finding in findings:
+        by_code.setdefault(finding.code, []).append(finding)
+    lines = []
+    for code, group in by_code.items():
+        if len(group) == 1:
+            lines.append(str(group[0]))
+            continue
+        first = group[0]
+        names = _layer_list([f.where for f in group], shown)
+        summary = first.message.split(": ")[0]
+        lines.append(f"{code} {first.severity} on {len(group)} layers: {names}: {summary} (at {first.where})")
+    return lines
+
+
+def metrics_of(record: dict[str, Any]) -> dict[str, float]:
+    """A record's summary for a trainer's logger: a few scalars, not one per layer.
+
+    Samples give ``bn/effective_batch_min`` and ``_median`` (over layers),
+    ``bn/var_ratio_mean``, ``bn/drift_mean_max``, ``bn/collapsed_max``; a
+    cross-rank check ``bn/rank_divergence``; a noise record
+    ``noise/b_simple`` (and ``noise/alpha`` when the tail index is known).
+    """
+    kind = record.get("kind")
+    out: dict[str, float] = {}
+    if kind == "sample":
+        layers = record.get("layers") or {}
+
+        def finite(key: str) -> list[float]:
+            values = (v.get(key) for v in layers.values())
+            return [float(x) for x in values if isinstance(x, (int, float)) and math.isfinite(x)]
+
+        n_eff, var_ratio, drift, collapsed = (
+            finite("n_eff"),
+            finite("var_ratio"),
+            finite("drift_mean"),
+            finite("collapsed"),
+        )
+        if n_eff:
+            out["bn/effective_batch_min"] = min(n_eff)
+            out["bn/effective_batch_median"] = statistics.median(n_eff)
+        if var_ratio:
+            out["bn/var_ratio_mean"] = statistics.fmean(var_ratio)
+        if drift:
+            out["bn/drift_mean_max"] = max(drift)
+        if collapsed:
+            out["bn/collapsed_max"] = max(collapsed)
+    elif kind == "divergence" and isinstance(record.get("max"), (int, float)):
+        out["bn/rank_divergence"] = float(record["max"])
+    elif kind == "noise":
+        for key in ("b_simple", "alpha"):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out[f"noise/{key}"] = float(value)
+    return out
 
 
 def _sinks(sink: Any) -> list[Sink]:
@@ -154,8 +229,12 @@ class BNMonitor:
         self._previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._current: dict[str, dict[str, Any]] = {}
         self._armed: list[Any] = []
+        self._depth = 0  # calls of the root in progress (1 in a forward; more when the root calls itself)
+        self._pending: list[Finding] = []  # alerts of the current sample, logged together
+        self._fresh: dict[str, float] = {}  # summaries since the last pop_metrics()
         self._closed = False
         self._counter = self.root.register_forward_pre_hook(self._count)
+        self._leaver = self.root.register_forward_hook(self._leave, always_call=True)
         self._emit(
             {
                 "kind": "start",
@@ -172,13 +251,32 @@ class BNMonitor:
     # ------------------------------------------------------------------ public
 
     def set_step(self, step: int) -> None:
-        """Label the next records with this step (frameworks pass their global step)."""
+        """Label the next records with this step (frameworks pass their global step).
+
+        Called between forwards: a sampled forward that never finished (an
+        interrupt inside the model) is dropped here.
+        """
         self.step = int(step)
+        if self._depth:
+            self._depth = 0
+            self._disarm()
+            self._current = {}
 
     def write(self, kind: str, **values: Any) -> None:
         """Add a record of your own (e.g. ``kind="noise"``) to the sinks, labelled with the current step."""
         step = self.step if self.step is not None else self.forwards
         self._emit({"kind": kind, "step": step, "time": time.time(), **values})
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The summary scalars recorded since the last call (see :func:`metrics_of`), for a trainer's logger.
+
+        Includes ``bn/alerts``, the number of alerts raised so far, whenever
+        anything new was recorded.
+        """
+        fresh, self._fresh = self._fresh, {}
+        if fresh:
+            fresh["bn/alerts"] = float(len(self.alerts))
+        return fresh
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: counters, alerts already raised, the recent history."""
@@ -197,6 +295,10 @@ class BNMonitor:
             if name in self._history:
                 self._history[name] = [float(v) for v in values]
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Remove every hook and close the sinks (idempotent)."""
         if self._closed:
@@ -204,6 +306,7 @@ class BNMonitor:
         self._closed = True
         self._disarm()
         self._counter.remove()
+        self._leaver.remove()
         for sink in self.sinks:
             sink.close()
 
@@ -216,7 +319,10 @@ class BNMonitor:
     # ------------------------------------------------------------------ hooks
 
     def _count(self, module: nn.Module, args: Any) -> None:
-        if self._armed:  # the previous sampled forward raised before its end: drop it, in any mode
+        self._depth += 1
+        if self._depth > 1:  # the root called inside its own forward: part of the outer call
+            return
+        if self._armed:  # left over from an interrupted forward: drop it, in any mode
             self._disarm()
             self._current = {}
         if not module.training:
@@ -225,11 +331,20 @@ class BNMonitor:
         if (self.forwards - 1) % self.every == 0:
             self._arm()
 
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._depth = max(self._depth - 1, 0)
+        if self._depth or not self._armed:
+            return
+        if output is None and sys.exc_info()[1] is not None:  # the forward raised: drop the sample
+            self._disarm()
+            self._current = {}
+            return
+        self._finish()
+
     def _arm(self) -> None:
         self._current = {}
         for name, record in self.layers.items():
             self._armed.append(record.module.register_forward_pre_hook(self._layer_hook(name)))
-        self._armed.append(self.root.register_forward_hook(self._finish))
 
     def _disarm(self) -> None:
         for handle in self._armed:
@@ -291,7 +406,7 @@ class BNMonitor:
         self._previous[name] = (running_mean.clone(), running_var.clone())
         return out
 
-    def _finish(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _finish(self) -> None:
         self._disarm()
         self.samples += 1
         step = self.step if self.step is not None else self.forwards
@@ -310,6 +425,7 @@ class BNMonitor:
         self._alerts_from_sample(step, layers)
         if self.divergence_every and self.world_size > 1 and self.samples % self.divergence_every == 0:
             self._divergence(step)
+        self._log_pending(step)
 
     # ------------------------------------------------------------------ alerts
 
@@ -320,8 +436,15 @@ class BNMonitor:
         self._raised.add(key)
         self.alerts.append(finding)
         self._emit({"kind": "alert", "step": step, "finding": finding.as_dict()})
-        if self.writes and self.log:
-            log.warning("step %s: %s", step, finding)
+        self._pending.append(finding)
+
+    def _log_pending(self, step: int) -> None:
+        """One log line per code for the alerts of this sample (all layers of BN101 together)."""
+        pending, self._pending = self._pending, []
+        if not (pending and self.writes and self.log):
+            return
+        for line in group_alerts(pending):
+            log.warning("step %s: %s", step, line)
 
     def _alerts_from_sample(self, step: int, layers: dict[str, dict[str, Any]]) -> None:
         for name, values in layers.items():
@@ -398,6 +521,7 @@ class BNMonitor:
                 )
 
     def _emit(self, record: dict[str, Any]) -> None:
+        self._fresh.update(metrics_of(record))
         if self.keep:
             self.records.append(record)
         for sink in self.sinks:

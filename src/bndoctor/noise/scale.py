@@ -29,6 +29,7 @@ import torch.nn as nn
 from .. import distributed
 from .._validate import positive_int
 from ..errors import BNDoctorError
+from ..training import torch_optimizer
 from .tail import tail_index
 
 __all__ = ["GradientNoiseScale", "NoiseSample"]
@@ -132,18 +133,7 @@ class GradientNoiseScale:
 
         Wrapped optimizers (Accelerate's, Lightning's) are unwrapped to the torch optimizer inside.
         """
-        while not isinstance(optimizer, torch.optim.Optimizer) or type(optimizer).__module__.startswith(
-            ("accelerate", "lightning")
-        ):
-            inner = getattr(optimizer, "optimizer", None)
-            if inner is None or inner is optimizer:
-                break
-            optimizer = inner
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise BNDoctorError(
-                f"expected a torch.optim.Optimizer (got {type(optimizer).__name__})",
-                hint="pass the optimizer whose step() ends each accumulation window",
-            )
+        optimizer = torch_optimizer(optimizer)
         if self._handles:
             raise BNDoctorError("this GradientNoiseScale is attached already", hint="call detach() first")
         self.optimizer = optimizer  # the torch optimizer the hooks sit on (wrappers removed)

@@ -204,14 +204,16 @@ def attach_all(model: nn.Module, optimizer: Any) -> list[Any]:
 
     E.g. for accumulation-aware BN, the optimizer step hook that closes each
     window (:func:`bndoctor.accumulate_bn`). Models without such layers get
-    nothing attached.
+    nothing attached, and a remedy whose layers all report ``controlled``
+    already (the user attached it) is not attached twice. Framework
+    optimizers (Accelerate's, Lightning's) are unwrapped by the remedies.
     """
     require_module(model)
-    classes = {type(m) for m in model.modules()}
     handles = []
     for remedy in REMEDIES.values():
         if remedy.attach is None or remedy.layer is None:
             continue
-        if any(issubclass(c, remedy.layer) for c in classes):
+        layers = [m for m in model.modules() if isinstance(m, remedy.layer)]
+        if layers and not all(getattr(m, "controlled", False) for m in layers):
             handles.append(remedy.attach(model, optimizer))
     return handles

@@ -124,15 +124,24 @@ def swap_layers(
     return replace_modules(model, replacements)
 
 
-def revert_layers(model: nn.Module, classes: tuple[type, ...], *, dims: int | None, inplace: bool) -> nn.Module:
+def revert_layers(
+    model: nn.Module,
+    classes: tuple[type, ...],
+    *,
+    dims: int | None,
+    inplace: bool,
+    modules: ModuleSelection = None,
+) -> nn.Module:
     """Replace layers of ``classes`` by the BatchNorm class they were converted from (or ``dims``).
+
+    ``modules`` limits the reversal to those layers (default: every layer of ``classes``).
 
     A layer whose window is still open (see :func:`bndoctor.layers.window_open`) is an
     error: its last statistics have not been committed yet.
     """
     if dims is not None:
         bn_class(dims)  # a bad dims is an error before anything changes
-    model, records = plan(model, None, inplace, validate=_require_closed_window)
+    model, records = plan(model, modules, inplace, validate=_require_closed_window)
     replacements = {}
     for record in records:
         module = record.module

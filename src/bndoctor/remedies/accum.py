@@ -30,7 +30,7 @@ from .._walk import ModuleSelection
 from ..errors import BNDoctorError, require_module
 from ..findings import Action
 from ..layers import AccumBatchNorm, AccumMode, pools_ranks
-from ..training import TrainingSetup
+from ..training import TrainingSetup, torch_optimizer
 from ._registry import FixStep, Prescription, Remedy, register_remedy
 from ._swap import revert_layers, swap_layers
 
@@ -127,13 +127,14 @@ class AccumulationHandle:
 
 
 def accumulate_bn(model: nn.Module, optimizer: torch.optim.Optimizer) -> AccumulationHandle:
-    """Close the accumulation window of every AccumBatchNorm of ``model`` after each ``optimizer.step()``."""
+    """Close the accumulation window of every AccumBatchNorm of ``model`` after each ``optimizer.step()``.
+
+    Framework wrappers (Accelerate's ``AcceleratedOptimizer``, Lightning's) are
+    unwrapped: the hook sits on the torch optimizer inside, whose ``step()``
+    runs once per real update.
+    """
     layers = _layers(model)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise BNDoctorError(
-            f"expected a torch.optim.Optimizer (got {type(optimizer).__name__})",
-            hint="pass the optimizer whose step() ends each accumulation window",
-        )
+    optimizer = torch_optimizer(optimizer)
     handle = AccumulationHandle(model, layers, None)
 
     def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -63,14 +63,17 @@ def to_sync_bn(
     )
 
 
-def from_sync_bn(model: nn.Module, *, dims: int | None = None, inplace: bool = False) -> nn.Module:
+def from_sync_bn(
+    model: nn.Module, *, dims: int | None = None, modules: ModuleSelection = None, inplace: bool = False
+) -> nn.Module:
     """Turn bndoctor's and torch's SyncBatchNorm layers back into BatchNorm1d/2d/3d.
 
     A layer made by :func:`to_sync_bn` becomes its original class again, with
     every field (lossless round trip). Other SyncBatchNorm layers (built
     directly, or torch's) need ``dims=1, 2 or 3`` to pick the class.
+    ``modules`` limits it to part of the model.
     """
-    return revert_layers(model, (SyncBatchNorm, nn.SyncBatchNorm), dims=dims, inplace=inplace)
+    return revert_layers(model, (SyncBatchNorm, nn.SyncBatchNorm), dims=dims, modules=modules, inplace=inplace)
 
 
 def _fix_to_sync(step: FixStep) -> nn.Module:
