@@ -9,3 +9,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# training scripts that the tests run under bndoctor watch, not modules to import
+collect_ignore_glob = ["cli/watch_scripts/*"]

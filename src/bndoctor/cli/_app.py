@@ -35,7 +35,7 @@ class Command:
 
 
 def _commands() -> list[Command]:
-    from . import bench, check, explain, inspect, noise, report
+    from . import bench, check, explain, inspect, noise, report, watch
 
     return [
         bench.DEMO_COMMAND,
@@ -45,6 +45,7 @@ def _commands() -> list[Command]:
         inspect.COMMAND,
         noise.COMMAND,
         report.COMMAND,
+        watch.COMMAND,
     ]
 
 
