@@ -199,3 +199,43 @@ def test_callback_options_are_validated_when_the_callback_is_built():
         MonitorCallbackCore(recalibrate_samples=0)
     with pytest.raises(bd.BNDoctorError, match="recalibrate_forward to be callable"):
         MonitorCallbackCore(recalibrate_forward="model")
+
+
+def test_accelerate_loop_with_accumulate_bn_equals_the_plain_loop():
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.manual_seed(0)
+    x, y = _data(32)
+    reference = bd.to_accum_bn(tiny_resnet())
+    model = bd.to_accum_bn(tiny_resnet())
+    model.load_state_dict(reference.state_dict())
+
+    # the plain loop: 2 micro-batches of 4 per optimizer step
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+    handle = bd.accumulate_bn(reference, optimizer)
+    for i in range(0, 32, 4):
+        (F.cross_entropy(reference(x[i : i + 4]), y[i : i + 4]) / 2).backward()
+        if i % 8 == 4:
+            optimizer.step()
+            optimizer.zero_grad()
+    handle.remove()
+
+    # Accelerate's loop: its optimizer wrapper skips the inner step on accumulation micro-steps
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=2, cpu=True)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05), loader)
+    handle = bd.accumulate_bn(model, optimizer)  # the AcceleratedOptimizer, unwrapped
+    for xb, yb in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(F.cross_entropy(model(xb), yb))
+            optimizer.step()
+            optimizer.zero_grad()
+    assert handle.steps == 4
+    handle.remove()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    for (name, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name, rtol=1e-5, atol=1e-6)
