@@ -153,3 +153,38 @@ def test_layer_names_are_escaped_in_the_markdown_report(tmp_path):
     sample = {"kind": "sample", "step": 1, "layers": {"<img src=x onerror=alert(1)>": {"n_eff": 3.0}}}
     text = write_run_report(load_run(_write(tmp_path / "r.jsonl", start, sample)), tmp_path / "o", plots=False)
     assert "<img" not in text.read_text() and "&lt;img" in text.read_text()
+
+
+def test_html_report_embeds_valid_images_and_stands_alone(tmp_path):
+    import base64
+    import io
+    import re
+
+    import matplotlib.image
+
+    write_run_report(load_run(_run(tmp_path / "run.jsonl")), tmp_path / "out")
+    page = (tmp_path / "out" / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert len(sources) == 2 and all(s.startswith("data:image/png;base64,") for s in sources)
+    for source in sources:  # each decodes to a real PNG (a broken image would not)
+        pixels = matplotlib.image.imread(io.BytesIO(base64.b64decode(source.split(",", 1)[1])), format="png")
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+    # moved alone, the page still shows its images: nothing refers to a file beside it
+    moved = tmp_path / "elsewhere" / "report.html"
+    moved.parent.mkdir()
+    moved.write_text(page)
+    assert '.png"' not in page and 'src="monitor-' not in page
+
+
+def test_many_layers_are_plotted_as_at_most_eight_stages():
+    from bndoctor.models import resnet50
+    from bndoctor.monitor.report import MAX_LINES, rolling_median, stages
+
+    names = [r.name for r in bd.find_bn(resnet50())]
+    groups = stages(names)
+    assert len(names) == 53 and 2 <= len(groups) <= MAX_LINES
+    assert sorted(n for members in groups.values() for n in members) == sorted(names)  # every layer in one stage
+    assert {len(m) for k, m in groups.items() if k.startswith("layers.")} == {10, 13, 19}
+    assert stages(["a.bn", "b.bn"]) == {"a.bn": ["a.bn"], "b.bn": ["b.bn"]}  # few layers: one line each
+    # the plotted statistic is the alert's: the median of the last `window` samples
+    assert rolling_median([1.0, 9.0, 2.0, 8.0, 3.0], 3) == [1.0, 5.0, 2.0, 8.0, 3.0]

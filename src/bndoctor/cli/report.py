@@ -27,13 +27,16 @@ class ReportResult:
         }
 
     def to_text(self) -> str:
+        from ..findings import Finding
+        from ..monitor import group_alerts
+
         lines = [f"{self.samples} samples of {self.layers} BN layer(s); {len(self.alerts)} alert(s)"]
-        for alert in self.alerts:
-            finding = alert["finding"]
-            lines.append(
-                f"  step {alert['step']}: {finding['code']} {finding.get('module') or '(model)'}: {finding['message']}"
-            )
-        lines.append(f"wrote {self.path} and {self.path.with_suffix('.html')}")
+        findings = [
+            Finding(a["finding"]["code"], a["finding"]["severity"], a["finding"].get("module"), a["finding"]["message"])
+            for a in self.alerts
+        ]
+        lines += [f"  {line}" for line in group_alerts(findings)]  # one line per code; every layer in the report
+        lines.append(f"wrote {self.path} and {self.path.with_suffix('.html')} (images embedded)")
         return "\n".join(lines)
 
 

@@ -241,6 +241,7 @@ class BNMonitor:
                 "bndoctor": __version__,
                 "model": type(self.root).__name__,
                 "every": every,
+                "window": window,
                 "layers": list(self.layers),
                 "rank": self.rank,
                 "world_size": self.world_size,

@@ -9,6 +9,7 @@ and, for multi-rank runs, the cross-rank divergence.
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -172,40 +173,122 @@ def _layer_rows(run: MonitorRun) -> list[list[Any]]:
     return rows
 
 
+#: at most this many lines per plot; more layers are drawn as one line (median) and band (range) per stage
+MAX_LINES = 8
+
+
+def stages(layers: list[str], most: int = MAX_LINES) -> dict[str, list[str]]:
+    """Group layer names into at most ``most`` stages by a common name prefix (``layer1.0.bn1`` -> ``layer1``).
+
+    Few layers stay one per group. Otherwise the deepest prefix length that
+    gives at most ``most`` groups is used (``layer1``...``layer4`` for a
+    ResNet; ``net.layers.0``... for a wrapped one).
+    """
+    if len(layers) <= most:
+        return {name: [name] for name in layers}
+    parts = [name.split(".") for name in layers]
+    best: dict[str, list[str]] = {"all layers": list(layers)}
+    for depth in range(1, max(len(p) for p in parts)):
+        groups: dict[str, list[str]] = {}
+        for name, part in zip(layers, parts):
+            groups.setdefault(".".join(part[:depth]), []).append(name)
+        if len(groups) > most:
+            break
+        if len(groups) > 1 or len(best) == 1:
+            best = groups
+    return best
+
+
+def rolling_median(values: list[float], window: int) -> list[float]:
+    """The statistic the effective-batch alert uses: the median of the last ``window`` samples."""
+    return [statistics.median(values[max(0, i + 1 - window) : i + 1]) for i in range(len(values))]
+
+
+def _grouped_series(
+    run: MonitorRun, metric: str, groups: dict[str, list[str]], smooth: int
+) -> list[tuple[str, list[int], list[float], list[float], list[float]]]:
+    """Per group: steps, median over its layers, and the band (min, max) at each sampled step."""
+    out = []
+    for label, names in groups.items():
+        by_step: dict[int, list[float]] = {}
+        for name in names:
+            steps, values = run.series(name, metric)
+            if smooth > 1:
+                values = rolling_median(values, smooth)
+            for step, value in zip(steps, values):
+                by_step.setdefault(step, []).append(value)
+        if not by_step:
+            continue
+        steps = sorted(by_step)
+        out.append(
+            (
+                label if len(names) == 1 else f"{label} ({len(names)} layers)",
+                steps,
+                [statistics.median(by_step[k]) for k in steps],
+                [min(by_step[k]) for k in steps],
+                [max(by_step[k]) for k in steps],
+            )
+        )
+    return out
+
+
 def _plots(run: MonitorRun, out: Path) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    def tick(value: float, _: Any) -> str:
+        """Log-axis labels as plain numbers (2, 5, 10 rather than 2x10^0), only at 1, 2 and 5 of each decade."""
+        if value <= 0:
+            return ""
+        lead = value / 10 ** math.floor(math.log10(value))
+        return f"{value:g}" if any(abs(lead - k) < 1e-6 for k in (1, 2, 5)) else ""
+
+    plain = FuncFormatter(tick)
 
     made = []
-    layers = run.layers
-    colors = plt.cm.viridis([i / max(len(layers) - 1, 1) for i in range(len(layers))])
-    for metric, title, name, log_scale in (
-        ("n_eff", "effective normalisation batch (independent samples)", "monitor-neff.png", True),
-        ("drift_mean", "drift of running mean between samples (std units)", "monitor-drift.png", True),
+    groups = stages(run.layers)
+    window = int(run.start.get("window", 5)) if _num(run.start.get("window"), "d") != "-" else 5
+    colors = plt.cm.viridis([i / max(len(groups) - 1, 1) for i in range(len(groups))])
+    for metric, title, ylabel, name, smooth in (
+        (
+            "n_eff",
+            f"effective normalisation batch (median of the last {window} samples, as the alert)",
+            "independent samples (log)",
+            "monitor-neff.png",
+            window,
+        ),
+        (
+            "drift_mean",
+            "drift of the running mean between samples",
+            "standard deviations (log)",
+            "monitor-drift.png",
+            1,
+        ),
     ):
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        drawn = False
-        for layer, color in zip(layers, colors):
-            steps, values = run.series(layer, metric)
-            values = [max(v, 1e-6) for v in values] if log_scale else values
-            if steps:
-                ax.plot(steps, values, color=color, linewidth=1, label=layer)
-                drawn = True
-        if not drawn:
-            plt.close(fig)
+        series = _grouped_series(run, metric, groups, smooth)
+        if not series:
             continue
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for (label, steps, middle, low, high), color in zip(series, colors):
+            floor = [max(v, 1e-6) for v in middle]
+            ax.plot(steps, floor, color=color, linewidth=1.4, label=label)
+            if low != high:
+                ax.fill_between(steps, [max(v, 1e-6) for v in low], [max(v, 1e-6) for v in high], color=color,
+                                alpha=0.15, linewidth=0)  # fmt: skip
         if metric == "n_eff":
             ax.axhline(MIN_EFFECTIVE_BATCH, color="red", linestyle="--", linewidth=1, label="alert threshold (8)")
-        if log_scale:
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        if len(layers) <= 12:
-            ax.legend(fontsize=7, ncol=2)
-        else:
-            ax.text(0.01, 0.01, f"{len(layers)} layers, dark = first, light = last", transform=ax.transAxes, fontsize=8)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        grouped = any(len(v) > 1 for v in groups.values())
+        ax.legend(fontsize=7, ncol=2, title="median and range per stage" if grouped else None, title_fontsize=7)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
@@ -213,8 +296,12 @@ def _plots(run: MonitorRun, out: Path) -> list[tuple[str, str]]:
     if run.divergence:
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.plot([r["step"] for r in run.divergence], [r["max"] for r in run.divergence], marker="o")
-        ax.set_xlabel("step")
-        ax.set_title("largest cross-rank divergence of running statistics")
+        ax.axhline(0.25, color="red", linestyle="--", linewidth=1, label="alert threshold (BN503)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("largest difference across ranks")
+        ax.set_title("cross-rank divergence of running statistics (mean in std, variance relative)", fontsize=10)
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "monitor-divergence.png", dpi=110)
         plt.close(fig)
@@ -224,9 +311,11 @@ def _plots(run: MonitorRun, out: Path) -> list[tuple[str, str]]:
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.plot([r["step"] for r in noise], [r["b_simple"] for r in noise], label="B_simple")
         ax.axhline(noise[-1]["logical_batch"], color="gray", linestyle="--", linewidth=1, label="logical batch")
-        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("samples (log)")
         ax.set_yscale("log")
-        ax.set_title("gradient noise scale B_simple")
+        ax.set_title("gradient noise scale B_simple", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "monitor-noise.png", dpi=110)
@@ -248,7 +337,11 @@ def _html_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def write_run_report(run: MonitorRun, out: str | Path, *, plots: bool = True) -> Path:
-    """Write ``report.md``, ``report.html`` and the plots into ``out``; returns the Markdown path."""
+    """Write ``report.md``, ``report.html`` and the plots into ``out``; returns the Markdown path.
+
+    The HTML file embeds its images (one file to share); the Markdown file
+    links the PNG files next to it.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     images = _plots(run, out) if plots and run.samples else []
@@ -320,7 +413,11 @@ def write_run_report(run: MonitorRun, out: str | Path, *, plots: bool = True) ->
         "<h2>Layers</h2>",
         _html_table(layer_headers, layer_rows),
     ]
-    body += [f'<h3>{html.escape(title)}</h3><img src="{name}" alt="{html.escape(title)}">' for name, title in images]
+    body += [
+        f'<h3>{html.escape(title)}</h3><img src="data:image/png;base64,'
+        f'{base64.b64encode((out / name).read_bytes()).decode("ascii")}" alt="{html.escape(title)}">'
+        for name, title in images
+    ]  # embedded: the HTML file is complete on its own (mail it, attach it to an issue)
     style = "body{font-family:sans-serif;max-width:1000px;margin:auto}td,th{border:1px solid #ccc;padding:3px 6px}"
     (out / "report.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>bndoctor monitor</title><style>{style}</style>"
