@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 # into $(VENV)/thirdparty (off sys.path; tests/_thirdparty.py adds it and shims torchvision's CUDA-only ops).
 VISION_PINS ?= torchvision==0.28.0 timm==1.0.31
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint docs bench clean
 
 $(VENV)/.torch: Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
+
+# The API reference, from the docstrings (pdoc): build/api/index.html. Warnings (a module that fails to
+# import, a broken reference) fail the build, so CI keeps it from rotting.
+API_MODULES := bndoctor bndoctor.layers bndoctor.remedies bndoctor.stats bndoctor.diagnose bndoctor.monitor \
+	bndoctor.noise bndoctor.families bndoctor.distributed bndoctor.errors bndoctor.findings bndoctor.training \
+	bndoctor.models bndoctor.ranks bndoctor.integrations
+docs: $(VENV)/.installed
+	rm -rf build/api
+	$(PY) -W error -m pdoc --docformat restructuredtext -o build/api $(API_MODULES)
+	@echo "API reference: build/api/index.html"
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_fold.py

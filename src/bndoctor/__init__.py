@@ -16,6 +16,22 @@ grouped in namespaced submodules:
 
 The root package imports torch and numpy only; optional integrations live in
 ``bndoctor.integrations`` and are never imported from here.
+
+Parameters that mean the same everywhere (documented here once):
+
+* ``model``: the module tree to read or change (any ``nn.Module``; DDP and
+  DataParallel wrappers are looked through where it matters); ``module``:
+  one layer.
+* ``modules``: which BN layers to act on: ``None`` (all), a path prefix such
+  as ``"backbone"`` or ``"layer3.1.bn2"``, a list of them, a predicate
+  ``(name, module) -> bool``, or a module class; an unknown name is an error.
+* ``inplace``: ``False`` (default) works on a deep copy and leaves the
+  caller's model untouched; ``True`` changes it and returns it.
+* ``num_features``, ``eps``, ``momentum``, ``affine``,
+  ``track_running_stats``, ``device``, ``dtype`` (and ``bias`` of the
+  norm+activation layers): as in ``torch.nn.BatchNorm2d``.
+* ``process_group`` / ``group``: a ``torch.distributed`` process group
+  (``None``: all ranks).
 """
 
 from ._version import __version__

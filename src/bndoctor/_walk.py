@@ -56,6 +56,11 @@ _DIMS.update({nn.LazyBatchNorm2d: 2, nn.LazyBatchNorm3d: 3})
 class BNInfo:
     """One BatchNorm (or BN-like) layer found in a model.
 
+    ``name`` is its path in the model (``layer3.1.bn2``) and ``aliases`` its
+    other paths when the module is shared; ``module`` the layer itself;
+    ``kind`` its class name; ``dims`` the input rank it expects (1, 2, 3 for
+    BatchNorm1d/2d/3d; ``None`` when any); ``num_features``, ``affine``,
+    ``track_running_stats``, ``momentum`` and ``eps`` as the layer holds them.
     ``frozen`` means the layer normalises with its running statistics even in
     training mode (bndoctor's frozen layers and third-party FrozenBatchNorm).
     ``supported`` is ``False`` for layers bndoctor finds but cannot convert;

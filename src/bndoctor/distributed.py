@@ -63,12 +63,14 @@ def active(group: Any = None) -> bool:
 
 
 def world_size(group: Any = None) -> int:
+    """Processes in ``group`` (default the world); 1 when torch.distributed is not initialised."""
     import torch.distributed as dist
 
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank(group: Any = None) -> int:
+    """This process's rank in ``group`` (default the world); 0 when torch.distributed is not initialised."""
     import torch.distributed as dist
 
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
@@ -82,7 +84,7 @@ def _collective_device(group: Any, like: torch.device) -> torch.device:
 
 
 def all_ok(ok: bool, group: Any = None) -> list[bool]:
-    """Every rank's flag (one all_gather); lets ranks agree to stop together after a failure."""
+    """Every rank's ``ok`` flag (one all_gather); lets ranks agree to stop together after a failure."""
     import torch.distributed as dist
 
     flag = torch.tensor([1.0 if ok else 0.0], device=_collective_device(group, torch.device("cpu")))
@@ -161,5 +163,5 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def differentiable_all_reduce(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
-    """``all_reduce(SUM)`` that autograd differentiates: one collective forward, one backward."""
+    """``all_reduce(SUM)`` of ``tensor`` that autograd differentiates: one collective forward, one backward."""
     return _AllReduceSum.apply(tensor, group)

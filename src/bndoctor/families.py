@@ -73,7 +73,9 @@ BNKind = Literal["batchnorm", "sync", "frozen", "lazy", "bn-like"]
 class Family:
     """A family of BN-like layers.
 
-    ``kind`` is what :func:`bndoctor.find_bn` reports. ``swappable``: a remedy
+    ``name`` identifies it in the registry; ``matches(module) -> bool`` says
+    whether a module belongs; ``lazy``: members have uninitialised
+    parameters until their first forward. ``kind`` is what :func:`bndoctor.find_bn` reports. ``swappable``: a remedy
     that replaces the class (SyncBN, accumulation-aware BN, Batch Renorm) may
     convert members without losing behaviour. ``frozen``: members normalise
     with running statistics in every mode. ``supported=False`` members are

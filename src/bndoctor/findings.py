@@ -56,7 +56,15 @@ class Action:
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem: stable code, severity, where, the numbers, why it matters and the fix."""
+    """One problem: stable code, severity, where, the numbers, why it matters and the fix.
+
+    ``code`` is stable across releases (``BN101``; ``bndoctor explain CODE``);
+    ``severity`` ``"error"``, ``"warning"`` or ``"info"``; ``module`` the
+    layer's path (``None``: the whole model); ``message`` what is wrong and
+    why it matters; ``evidence`` the numbers behind it; ``fix`` what to do,
+    in words; ``action`` the mechanical fix :func:`bndoctor.fix` can apply
+    (``None`` when there is none).
+    """
 
     code: str
     severity: Severity

@@ -50,7 +50,11 @@ def make_norm(norm: NormSpec, channels: int) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with a residual connection (He et al. 2016)."""
+    """Two 3x3 convolutions with a residual connection (He et al. 2016).
+
+    ``in_channels`` in, ``channels`` out, the first conv with ``stride``;
+    ``norm`` names the normalisation layer (see :func:`make_norm`).
+    """
 
     def __init__(self, in_channels: int, channels: int, stride: int, norm: NormSpec) -> None:
         super().__init__()
@@ -75,7 +79,11 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand (x4) with a residual connection (He et al. 2016, ResNet-50 and up)."""
+    """1x1 reduce, 3x3, 1x1 expand (x4) with a residual connection (He et al. 2016, ResNet-50 and up).
+
+    ``in_channels`` in, ``channels`` inside, ``4 * channels`` out; the 3x3
+    conv has ``stride``; ``norm`` as :class:`BasicBlock`.
+    """
 
     expansion = 4
 
@@ -104,7 +112,12 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A ResNet of BasicBlocks: stem, stages of ``blocks[i]`` blocks of ``widths[i]`` channels, head."""
+    """A ResNet of BasicBlocks: stem, stages of ``blocks[i]`` blocks of ``widths[i]`` channels, head.
+
+    ``in_channels`` of the input, ``num_classes`` outputs, ``norm`` for every
+    normalisation layer (see :func:`make_norm`), ``stem_stride`` of the first
+    conv, ``bottleneck=True`` for :class:`Bottleneck` blocks (ResNet-50).
+    """
 
     def __init__(
         self,
@@ -152,12 +165,19 @@ class ResNet(nn.Module):
 
 
 def tiny_resnet(num_classes: int = 10, *, norm: NormSpec = "batch", in_channels: int = 1) -> ResNet:
-    """About 77k parameters; input ``(N, 1, 8, 8)`` (scikit-learn digits)."""
+    """About 77k parameters; input ``(N, 1, 8, 8)`` (scikit-learn digits).
+
+    ``num_classes`` outputs, ``in_channels`` of the input, ``norm`` for every
+    normalisation layer (see :func:`make_norm`).
+    """
     return ResNet([1, 1, 1], [16, 32, 64], in_channels=in_channels, num_classes=num_classes, norm=norm)
 
 
 def resnet18(num_classes: int = 1000, *, norm: NormSpec = "batch", in_channels: int = 3) -> ResNet:
-    """ResNet-18's layout (11.7M parameters with 1000 classes); input ``(N, 3, H, W)``."""
+    """ResNet-18's layout (11.7M parameters with 1000 classes); input ``(N, 3, H, W)``.
+
+    ``num_classes``, ``in_channels`` and ``norm`` as :func:`tiny_resnet`.
+    """
     return ResNet(
         [2, 2, 2, 2],
         [64, 128, 256, 512],
@@ -169,7 +189,10 @@ def resnet18(num_classes: int = 1000, *, norm: NormSpec = "batch", in_channels: 
 
 
 def resnet50(num_classes: int = 1000, *, norm: NormSpec = "batch", in_channels: int = 3) -> ResNet:
-    """ResNet-50's layout (25.6M parameters with 1000 classes, bottleneck blocks); input ``(N, 3, H, W)``."""
+    """ResNet-50's layout (25.6M parameters with 1000 classes, bottleneck blocks); input ``(N, 3, H, W)``.
+
+    ``num_classes``, ``in_channels`` and ``norm`` as :func:`tiny_resnet`.
+    """
     return ResNet(
         [3, 4, 6, 3],
         [64, 128, 256, 512],

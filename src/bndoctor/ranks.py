@@ -36,6 +36,9 @@ __all__ = ["DivergenceReport", "LayerDivergence", "merge_running_stats", "rank_d
 class LayerDivergence:
     """Spread of one layer's running statistics across ranks, per channel, summarised.
 
+    ``name``: the layer's path; ``mean_max`` / ``mean_avg`` and ``var_max`` /
+    ``var_avg``: the largest and the average over channels of:
+
     ``mean_*``: (max - min over ranks of running_mean) / sqrt(mean over ranks of running_var), i.e. in
     units of the channel's standard deviation. ``var_*``: (max - min of running_var) / mean of running_var.
     """

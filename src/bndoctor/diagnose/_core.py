@@ -29,7 +29,15 @@ class CheckFailedError(BNDoctorError):
 
 @dataclass
 class Report:
-    """What :func:`bndoctor.check` found; ``ok`` means no error-level finding."""
+    """What :func:`bndoctor.check` found; ``ok`` means no error-level finding.
+
+    ``findings``: the :class:`~bndoctor.Finding` list; ``setup``: the
+    training setup checked (``None``: configuration checks only); ``model``:
+    its name; ``bn_layers``: how many; ``input_shape``, ``traced`` and
+    ``trace_error``: the meta trace asked for and how it went;
+    ``layer_shapes``: each layer's traced input shape; ``left_out``: findings
+    removed by :meth:`filtered` (``--select`` / ``--ignore``).
+    """
 
     findings: list[Finding]
     setup: TrainingSetup | None
@@ -166,7 +174,13 @@ class Report:
 
 @dataclass
 class Context:
-    """What a check may look at: the model, the setup, its BN layers and (with an input shape) the trace."""
+    """What a check may look at: the model, the setup, its BN layers and (with an input shape) the trace.
+
+    ``records``: the :class:`~bndoctor.BNInfo` of every BN layer; ``names``:
+    ``id(module) -> path`` for every module; ``input_shapes``: each layer's
+    traced input shape (``None`` without a trace); ``pairs``: the
+    ``(producer, bn)`` paths where a conv/linear output feeds a BN directly.
+    """
 
     model: nn.Module
     setup: TrainingSetup | None
@@ -186,7 +200,11 @@ ModelCheck = Callable[[Context], Iterable[Finding] | Finding | None]
 
 @dataclass(frozen=True)
 class Check:
-    """A registered check: ``applies_to`` types (looked up along each module's MRO) or the whole model."""
+    """A registered check: ``code``, ``title``, the function ``fn``, and the ``applies_to`` types.
+
+    With ``applies_to`` (looked up along each module's MRO) ``fn(ctx, name,
+    module)`` runs per matching module; without it ``fn(ctx)`` runs once.
+    """
 
     code: str
     title: str
@@ -201,7 +219,9 @@ CHECKS: dict[str, Check] = {}
 def register_check(
     code: str, title: str, *, applies_to: type | tuple[type, ...] | None = None, replace: bool = False
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a check; use as a decorator.
+    """Register a check under ``code`` (stable, e.g. ``"MY001"``) with a one-line ``title``; a decorator.
+
+    Registering a code that exists is an error unless ``replace=True``.
 
     With ``applies_to`` the function is called as ``fn(ctx, name, module)`` for
     every module whose class (or a base class) is listed; without it, once as

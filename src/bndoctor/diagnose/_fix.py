@@ -18,7 +18,11 @@ __all__ = ["FixResult", "fix"]
 
 @dataclass
 class FixResult:
-    """The repaired model and one line per change; unpacks as ``model, changes = bndoctor.fix(...)``."""
+    """The repaired model and one line per change; unpacks as ``model, changes = bndoctor.fix(...)``.
+
+    ``skipped`` lists what was left alone and why (an action without a fixer,
+    a layer a conversion cannot handle).
+    """
 
     model: nn.Module
     changes: list[str] = field(default_factory=list)

@@ -69,6 +69,7 @@ def check(
     each layer's values per channel, layers never reached, and which conv
     feeds which BN; the model is left exactly as it was. ``strict=True``
     raises one :class:`CheckFailedError` listing every error-level finding.
+    ``name`` labels the model in the report (default: its class name).
     """
     require_module(model)
     if setup is not None and not isinstance(setup, TrainingSetup):

@@ -151,6 +151,10 @@ def window_open(module: nn.Module) -> bool:
 def normalisation_statistics(
     module: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int
 ) -> tuple[float, torch.Tensor, torch.Tensor] | None:
-    """The ``(count, mean, biased var)`` ``module`` normalises with, or ``None`` for the input's own."""
+    """The ``(count, mean, biased var)`` ``module`` normalises with, or ``None`` for the input's own.
+
+    ``mean``, ``var`` (biased) and ``n`` (values per channel) describe the
+    current input; accumulation-aware BN answers with its window so far.
+    """
     answer: Any = getattr(module, "normalisation_statistics", None)
     return answer(mean, var, n) if callable(answer) else None

@@ -108,7 +108,10 @@ class _PooledNorm(torch.autograd.Function):
 class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
     """BatchNorm whose training statistics span the whole gradient-accumulation window.
 
-    Same arguments as ``torch.nn.BatchNorm2d`` plus ``mode``; accepts inputs
+    Same arguments as ``torch.nn.BatchNorm2d`` plus ``mode`` (``"renorm"``,
+    ``"progressive"`` or ``"blend"``; see :mod:`bndoctor.layers.accum`),
+    ``sync`` (pool each window across the ranks of ``process_group`` too;
+    default the world) and ``process_group``; accepts inputs
     ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` and ``(N, C, D, H, W)``. Build
     it with :func:`bndoctor.to_accum_bn` and attach the window control with
     :func:`bndoctor.accumulate_bn`.

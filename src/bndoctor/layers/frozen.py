@@ -92,6 +92,7 @@ _STATIC: dict[type, type] = {
 
 
 def is_bndoctor_frozen(module: nn.Module) -> bool:
+    """Whether ``module`` is one of bndoctor's frozen layers (made by :func:`bndoctor.freeze_bn`)."""
     return isinstance(module, FrozenBatchNormMixin)
 
 

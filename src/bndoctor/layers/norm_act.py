@@ -23,7 +23,11 @@ __all__ = ["BatchNormAct", "GroupNormAct"]
 
 
 class GroupNormAct(nn.GroupNorm):
-    """``act(drop(GroupNorm(x)))``; ``drop`` and ``act`` are child modules (either may be absent)."""
+    """``act(drop(GroupNorm(x)))``; ``drop`` and ``act`` are child modules (either may be absent).
+
+    Arguments as ``torch.nn.GroupNorm``: ``num_groups`` groups over
+    ``num_channels`` channels.
+    """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return apply_post_ops(self, super().forward(input))

@@ -86,6 +86,8 @@ def _layer_list(names: list[str], shown: int = 3) -> str:
 def group_alerts(findings: Iterable[Finding], shown: int = 3) -> list[str]:
     """One line per finding code: ``BN101 error on 53 layers: layer1.0.bn1, ... (+50): <first layer's message>``.
 
+    ``findings`` in the order raised; ``shown`` layer names listed per line.
+
     A code raised on one layer keeps its ``str(finding)``. The full list is in
     the run file (one ``alert`` record per layer); ``bndoctor explain CODE``
     says what a code means and how to fix it.
@@ -171,7 +173,8 @@ class BNMonitor:
     everywhere in bndoctor. ``warmup``: training forwards before the
     effective-batch alert may fire (early in training the running statistics
     lag behind the fast-changing weights, which looks like a small batch);
-    ``window``: samples whose median decides the effective-batch alert.
+    ``window``: samples whose median decides the effective-batch alert, which
+    fires below ``min_effective_batch`` (default 8).
     ``divergence_every``: samples between cross-rank checks (0: never).
     ``all_ranks``: write and log on every rank (default: rank 0 only);
     ``log=False`` keeps alerts off the ``bndoctor.monitor`` logger. ``keep``

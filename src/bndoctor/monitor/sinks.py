@@ -29,7 +29,7 @@ def _clean(value: Any) -> Any:
 
 
 class JsonlSink:
-    """One JSON object per line, appended and flushed per record (a crash loses nothing written)."""
+    """One JSON object per line to the file at ``path``, appended and flushed per record (a crash loses nothing)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -59,7 +59,10 @@ class ListSink:
 
 
 class LoggingSink:
-    """One line per sample (the smallest effective batch and the largest drift) and each alert."""
+    """One line per sample (the smallest effective batch and the largest drift) and each alert.
+
+    Written to ``logger`` (a ``logging.Logger`` or its name) at ``level``.
+    """
 
     def __init__(self, logger: logging.Logger | str = "bndoctor.monitor", level: int = logging.INFO) -> None:
         self.logger = logging.getLogger(logger) if isinstance(logger, str) else logger
@@ -91,7 +94,7 @@ class LoggingSink:
 
 
 class TensorBoardSink:
-    """Scalars per layer under ``bn/<layer>/<metric>`` (needs the ``tensorboard`` package)."""
+    """Scalars per layer under ``bn/<layer>/<metric>`` in ``log_dir`` (needs the ``tensorboard`` package)."""
 
     METRICS = ("n_eff", "var_ratio", "drift_mean", "drift_var", "collapsed")
 

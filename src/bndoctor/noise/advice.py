@@ -19,7 +19,12 @@ LARGE_BATCH = 8192
 
 
 def advise(logical_batch: int, b_simple: float, *, alpha: float | None = None, finetune: bool = False) -> list[Finding]:
-    """Findings (codes BS1xx) for training at ``logical_batch`` given the measured B_simple and alpha."""
+    """Findings (codes BS1xx) for training at ``logical_batch`` given the measured noise scale.
+
+    ``b_simple`` is the gradient noise scale (:class:`bndoctor.GradientNoiseScale`),
+    ``alpha`` the tail index of the gradient noise when measured, and
+    ``finetune=True`` adds the fine-tuning range check (BS103).
+    """
     out: list[Finding] = []
     evidence = {"logical_batch": logical_batch, "b_simple": b_simple}
     if math.isinf(b_simple) and b_simple > 0:

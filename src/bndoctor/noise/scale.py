@@ -37,7 +37,13 @@ __all__ = ["GradientNoiseScale", "NoiseSample"]
 
 @dataclass(frozen=True)
 class NoiseSample:
-    """One optimizer step's estimates; ``b_simple`` uses the smoothed terms."""
+    """One optimizer step's estimates.
+
+    ``step``; ``g2_small`` / ``g2_big``: the squared gradient norms at the
+    micro-batch and at the logical batch; ``grad_sq`` (|G|^2) and ``trace``
+    (tr Sigma): this step's unbiased estimates; ``b_simple``: the ratio of
+    their smoothed values; ``alpha``: the tail index (``None`` when off).
+    """
 
     step: int
     g2_small: float
@@ -65,7 +71,7 @@ class GradientNoiseScale:
     gradient at the step is the all-reduced one, so the large batch is
     ``micro_batch * accum_steps * world_size``. ``beta`` is the EMA factor;
     ``tail_coordinates`` random gradient coordinates per micro-batch (0: no
-    tail index) feed :func:`bndoctor.tail_index` each step.
+    tail index) feed :func:`bndoctor.tail_index` each step; ``seed`` picks them.
     """
 
     def __init__(

@@ -118,7 +118,10 @@ Fixer = Callable[[FixStep], nn.Module]
 
 @dataclass(frozen=True)
 class Prescription:
-    """A remedy for a too-small normalisation batch: the sentence ``check`` shows and the action ``fix`` applies."""
+    """A remedy for a too-small normalisation batch: the sentence ``check`` shows and the action ``fix`` applies.
+
+    ``text`` is the sentence (with the code to write), ``action`` the :class:`~bndoctor.findings.Action`.
+    """
 
     text: str
     action: Action
@@ -126,7 +129,15 @@ class Prescription:
 
 @dataclass(frozen=True)
 class Remedy:
-    """A registered remedy; see the module docstring for each field."""
+    """A registered remedy (the module docstring says how they are used).
+
+    ``name``: the action name findings carry; ``fix``: its fixer
+    (``FixStep -> model``), run in ascending ``order``; ``layer``: the class
+    it installs, and ``revert``: the function that turns it back into
+    BatchNorm; ``prescribe``: ``TrainingSetup -> Prescription | None`` for
+    BN101, listed in ascending ``rank``; ``attach``: ``(model, optimizer) ->
+    handle`` for what a training loop needs (see :func:`attach_all`).
+    """
 
     name: str
     fix: Fixer | None = None
@@ -162,6 +173,10 @@ def register_remedy(remedy: Remedy, *, replace: bool = False) -> Remedy:
 
 def register_fix(name: str, *, order: int = 100, replace: bool = False) -> Callable[[Fixer], Fixer]:
     """Register ``fn(step: FixStep) -> model`` as the fixer for actions named ``name``; a decorator.
+
+    ``order`` places it among the fixers of one :func:`bndoctor.fix` call
+    (lower runs first; the built-in ones use 10-90); registering a name that
+    exists is an error unless ``replace=True``.
 
     The sibling of :func:`bndoctor.register_check`: a check of your own returns
     findings with ``Action(name, modules)`` and :func:`bndoctor.fix` applies

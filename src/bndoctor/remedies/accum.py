@@ -56,6 +56,14 @@ def to_accum_bn(
 ) -> nn.Module:
     """Replace trainable BN layers by :class:`bndoctor.AccumBatchNorm` (state and class remembered).
 
+    ``mode`` picks the gradient through the window statistics: ``"renorm"``
+    (default; Batch Renormalization's, Ioffe 2017: the micro-batch is
+    normalised with its own statistics and corrected to the window's with
+    constants r and d), ``"progressive"`` (the exact gradient of normalising
+    with the window so far), or ``"blend"`` (progressive, and while the
+    window fills, the previous window's statistics stand in for the samples
+    still missing).
+
     ``sync=True`` pools each window across the ranks of ``process_group``
     (default: all) too, so the normalisation batch is micro-batch x
     accumulation steps x world size; ``None`` (default) syncs exactly the
@@ -83,7 +91,8 @@ def from_accum_bn(model: nn.Module, *, dims: int | None = None, inplace: bool = 
     """Turn AccumBatchNorm layers back into the BatchNorm class they came from (for export).
 
     A layer with an open window is an error: its last micro-batches have not
-    been committed to the running statistics yet.
+    been committed to the running statistics yet. Layers built directly (not
+    by :func:`to_accum_bn`) need ``dims=1, 2 or 3`` to pick the class.
     """
     return revert_layers(model, (AccumBatchNorm,), dims=dims, inplace=inplace)
 
@@ -109,7 +118,11 @@ def close_windows(model: nn.Module) -> int:
 
 
 class AccumulationHandle:
-    """Returned by :func:`accumulate_bn`; ``remove()`` detaches the window control."""
+    """Returned by :func:`accumulate_bn`; ``remove()`` detaches the window control.
+
+    Built by ``accumulate_bn`` from the model, its accumulation-aware
+    ``layers`` and the optimizer ``hook``; ``steps`` counts the windows closed.
+    """
 
     def __init__(self, model: nn.Module, layers: list[AccumBatchNorm], hook: Any) -> None:
         self._model = model

@@ -33,6 +33,10 @@ def to_batch_renorm(
 ) -> nn.Module:
     """Replace trainable BN layers by :class:`bndoctor.BatchRenorm` (Ioffe 2017), a small-batch baseline.
 
+    ``r_max`` and ``d_max`` are the final clipping limits of the correction
+    factors r (scale) and d (shift); both start at r=1, d=0 (plain BN) and
+    ramp linearly to their limits over ``warmup_steps`` training forwards,
+    as in the paper's schedule.
     ``momentum`` replaces the layers' momentum (Batch Renorm relies on slow,
     accurate running statistics; the paper uses 0.01). Revert with
     :func:`bndoctor.from_batch_renorm`.
@@ -54,7 +58,10 @@ def to_batch_renorm(
 
 
 def from_batch_renorm(model: nn.Module, *, dims: int | None = None, inplace: bool = False) -> nn.Module:
-    """Turn BatchRenorm layers back into the BatchNorm class they came from (momentum as it is now)."""
+    """Turn BatchRenorm layers back into the BatchNorm class they came from (momentum as it is now).
+
+    Layers built directly (not by :func:`to_batch_renorm`) need ``dims=1, 2 or 3`` to pick the class.
+    """
     return revert_layers(model, (BatchRenorm,), dims=dims, inplace=inplace)
 
 

@@ -113,7 +113,7 @@ def export_stats(model: nn.Module) -> dict[str, dict[str, dict[str, torch.Tensor
 
 
 def import_stats(model: nn.Module, exported: Any) -> None:
-    """Store sets produced by :func:`export_stats`; all or nothing.
+    """Store sets produced by :func:`export_stats` (``exported``, e.g. read back from JSON); all or nothing.
 
     Every set, layer and tensor is checked first — the structure, the layer
     names, the shapes, finite means and non-negative finite variances — and

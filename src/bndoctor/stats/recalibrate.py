@@ -64,7 +64,13 @@ __all__ = ["LayerChange", "RecalibrationReport", "recalibrate"]
 
 @dataclass(frozen=True)
 class LayerChange:
-    """How far one layer's statistics moved; ``count`` is the pooled values per channel."""
+    """How far one layer's statistics moved.
+
+    ``name``: the layer's path; ``reached``: whether any batch reached it;
+    ``count``: the pooled values per channel; ``batches``: the batches that
+    reached it; ``mean_change`` / ``var_change``: how far the running mean
+    (in standard deviations) and variance (relative) moved.
+    """
 
     name: str
     reached: bool
@@ -79,7 +85,14 @@ class LayerChange:
 
 @dataclass
 class RecalibrationReport:
-    """What :func:`recalibrate` did. ``samples`` counts this rank; ``global_samples`` all ranks."""
+    """What :func:`recalibrate` did.
+
+    ``layers``: one :class:`LayerChange` per layer; ``samples`` counts this
+    rank, ``global_samples`` all ranks; ``batches`` on this rank;
+    ``world_size``; ``seconds`` taken; ``domain``: the statistics set written
+    (``None``: the running buffers); ``skipped``: batches left out with
+    ``nonfinite="skip"``.
+    """
 
     layers: list[LayerChange]
     samples: int
