@@ -21,7 +21,8 @@ def _example(page):
 def _run(tmp_path, page, *launcher, timeout=240):
     script = tmp_path / "train.py"
     script.write_text(_example(page))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # torchrun, unactivated
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PATH": path}
     done = subprocess.run(
         [*launcher, str(script)], capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env
     )
@@ -78,3 +79,11 @@ def test_torchrun_page_runs_on_two_processes(tmp_path):
                 "--nproc-per-node", "2")  # fmt: skip
     assert "8 steps; running statistics differ across ranks by 0.0e+00" in done.stdout
     assert _samples(tmp_path / "bn_monitor.jsonl")
+
+
+def test_torchrun_page_runs_under_watch(tmp_path):
+    """The page's shell block: the same script, unchanged, under ``bndoctor watch -- torchrun ...``."""
+    done = _run(tmp_path, "torchrun.md", sys.executable, "-m", "bndoctor", "watch", "--", "torchrun", "--standalone",
+                "--nproc-per-node", "2")  # fmt: skip
+    assert "bndoctor watch: ResNet" in done.stdout and "on 2 ranks" in done.stdout
+    assert (tmp_path / "bndoctor-watch.jsonl").stat().st_size > 0

@@ -21,7 +21,9 @@ def _records(path):
 
 def _watch(tmp_path, *args, env=None, timeout=180):
     command = [sys.executable, "-m", "bndoctor", "watch", *args]
-    merged = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # the venv's scripts (torchrun) on PATH, as in an activated venv; CI runs .venv/bin/python without activating
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    merged = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path, **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=merged)
 
 
