@@ -89,3 +89,20 @@ def test_models_doc_snippet_runs():
     pytest.importorskip("transformers")
     (code,) = _blocks("models.md")
     exec(compile(code, "models.md", "exec"), {})
+
+
+def test_decision_guide_figures_are_the_benchmarks():
+    """docs/choose.md quotes BENCHMARKS.md: every 'mean % (min–max)' it gives is a row there."""
+    guide = (DOCS / "choose.md").read_text()
+    benchmarks = (DOCS.parent / "BENCHMARKS.md").read_text()
+    quoted = re.findall(r"(\d+\.\d) % \((\d+\.\d)–(\d+\.\d)\)", guide)
+    assert len(quoted) >= 8
+    for mean, low, high in quoted:
+        assert re.search(rf"\| {mean} ± \d+\.\d \({low}–{high}\)", benchmarks), (
+            f"{mean} ({low}–{high}) not in BENCHMARKS"
+        )
+    from bndoctor.cli.explain import RUNTIME_CODES
+    from bndoctor.diagnose import CHECKS
+
+    for code in re.findall(r"\b(BN\d{3}|GN\d{3})\b", guide):
+        assert code in CHECKS or code in RUNTIME_CODES, code
