@@ -1,8 +1,9 @@
 """Small ResNet-style models with a configurable norm layer, bundled for demos, tests and benchmarks.
 
 ``tiny_resnet`` (about 77k parameters) fits scikit-learn's 8x8 digits;
-``resnet18`` follows the ResNet-18 layout of He et al. (2016) for a model of
-realistic size. Neither ships weights: nothing is downloaded.
+``resnet1d`` (BatchNorm1d, about 90k parameters) fits MNIST-1D's sequences of
+40 values; ``resnet18`` follows the ResNet-18 layout of He et al. (2016) for
+a model of realistic size. None ships weights: nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -15,16 +16,30 @@ import torch.nn as nn
 
 from .errors import BNDoctorError
 
-__all__ = ["BUNDLED_MODELS", "BasicBlock", "Bottleneck", "ResNet", "make_norm", "resnet18", "resnet50", "tiny_resnet"]
+__all__ = [
+    "BUNDLED_MODELS",
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "make_norm",
+    "resnet1d",
+    "resnet18",
+    "resnet50",
+    "tiny_resnet",
+]
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 
 NormName = Literal["batch", "group", "layer", "instance", "none"]
 NormSpec = NormName | Callable[[int], nn.Module]
 
 
-def make_norm(norm: NormSpec, channels: int) -> nn.Module:
-    """Build the norm layer for ``channels`` feature maps.
+def make_norm(norm: NormSpec, channels: int, dims: int = 2) -> nn.Module:
+    """Build the norm layer for ``channels`` feature maps of ``dims`` spatial dimensions (1, 2 or 3).
 
-    ``norm`` is ``"batch"`` (BatchNorm2d), ``"group"`` (GroupNorm with
+    ``norm`` is ``"batch"`` (BatchNorm1d/2d/3d), ``"group"`` (GroupNorm with
     bndoctor's default group count), ``"layer"`` (GroupNorm with one group),
     ``"instance"`` (one channel per group), ``"none"`` (identity) or a callable
     ``channels -> module``.
@@ -34,7 +49,7 @@ def make_norm(norm: NormSpec, channels: int) -> nn.Module:
     if callable(norm):
         return norm(channels)
     if norm == "batch":
-        return nn.BatchNorm2d(channels)
+        return _BN[dims](channels)
     if norm == "group":
         return nn.GroupNorm(default_num_groups(channels), channels)
     if norm == "layer":
@@ -53,21 +68,23 @@ class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection (He et al. 2016).
 
     ``in_channels`` in, ``channels`` out, the first conv with ``stride``;
-    ``norm`` names the normalisation layer (see :func:`make_norm`).
+    ``norm`` names the normalisation layer (see :func:`make_norm`); ``dims``
+    the spatial dimensions (2: images, 1: sequences).
     """
 
-    def __init__(self, in_channels: int, channels: int, stride: int, norm: NormSpec) -> None:
+    def __init__(self, in_channels: int, channels: int, stride: int, norm: NormSpec, dims: int = 2) -> None:
         super().__init__()
         bias = norm == "none"  # a conv bias before a norm layer is redundant
-        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=bias)
-        self.bn1 = make_norm(norm, channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=bias)
-        self.bn2 = make_norm(norm, channels)
+        conv = _CONV[dims]
+        self.conv1 = conv(in_channels, channels, 3, stride, 1, bias=bias)
+        self.bn1 = make_norm(norm, channels, dims)
+        self.conv2 = conv(channels, channels, 3, 1, 1, bias=bias)
+        self.bn2 = make_norm(norm, channels, dims)
         self.relu = nn.ReLU(inplace=True)
         self.downsample: nn.Module
         if stride != 1 or in_channels != channels:
             self.downsample = nn.Sequential(
-                nn.Conv2d(in_channels, channels, 1, stride, bias=bias), make_norm(norm, channels)
+                conv(in_channels, channels, 1, stride, bias=bias), make_norm(norm, channels, dims)
             )
         else:
             self.downsample = nn.Identity()
@@ -116,7 +133,9 @@ class ResNet(nn.Module):
 
     ``in_channels`` of the input, ``num_classes`` outputs, ``norm`` for every
     normalisation layer (see :func:`make_norm`), ``stem_stride`` of the first
-    conv, ``bottleneck=True`` for :class:`Bottleneck` blocks (ResNet-50).
+    conv, ``bottleneck=True`` for :class:`Bottleneck` blocks (ResNet-50),
+    ``dims`` the spatial dimensions of the input (2: images ``(N, C, H, W)``,
+    1: sequences ``(N, C, L)`` with Conv1d and BatchNorm1d).
     """
 
     def __init__(
@@ -129,6 +148,7 @@ class ResNet(nn.Module):
         norm: NormSpec = "batch",
         stem_stride: int = 1,
         bottleneck: bool = False,
+        dims: int = 2,
     ) -> None:
         super().__init__()
         if len(blocks) != len(widths) or not blocks:
@@ -137,9 +157,13 @@ class ResNet(nn.Module):
                 hint="e.g. ResNet([2, 2], [16, 32])",
             )
         bias = norm == "none"
+        if dims not in _CONV or (bottleneck and dims != 2):
+            raise BNDoctorError(
+                f"expected dims 1, 2 or 3 (bottleneck blocks: 2) (got dims={dims!r})", hint="dims=1 for sequences"
+            )
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=bias),
-            make_norm(norm, widths[0]),
+            _CONV[dims](in_channels, widths[0], 3, stem_stride, 1, bias=bias),
+            make_norm(norm, widths[0], dims),
             nn.ReLU(inplace=True),
         )
         stages = []
@@ -152,11 +176,11 @@ class ResNet(nn.Module):
                     layers.append(Bottleneck(channels, width, stride, norm))
                     channels = width * Bottleneck.expansion
                 else:
-                    layers.append(BasicBlock(channels, width, stride, norm))
+                    layers.append(BasicBlock(channels, width, stride, norm, dims))
                     channels = width
             stages.append(nn.Sequential(*layers))
         self.layers = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = _POOL[dims](1)
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +195,16 @@ def tiny_resnet(num_classes: int = 10, *, norm: NormSpec = "batch", in_channels:
     normalisation layer (see :func:`make_norm`).
     """
     return ResNet([1, 1, 1], [16, 32, 64], in_channels=in_channels, num_classes=num_classes, norm=norm)
+
+
+def resnet1d(num_classes: int = 10, *, norm: NormSpec = "batch", in_channels: int = 1) -> ResNet:
+    """A 1D ResNet for sequences ``(N, in_channels, L)`` (MNIST-1D: L = 40) with Conv1d and BatchNorm1d.
+
+    Three stages of one basic block each (32, 64, 96 channels; stride 2 from
+    the second), global average pooling, a linear head: about 81k parameters. ``num_classes``,
+    ``in_channels`` and ``norm`` as :func:`tiny_resnet`.
+    """
+    return ResNet([1, 1, 1], [32, 64, 96], in_channels=in_channels, num_classes=num_classes, norm=norm, dims=1)
 
 
 def resnet18(num_classes: int = 1000, *, norm: NormSpec = "batch", in_channels: int = 3) -> ResNet:
@@ -207,6 +241,7 @@ def resnet50(num_classes: int = 1000, *, norm: NormSpec = "batch", in_channels: 
 #: Names accepted by ``bndoctor inspect MODEL``.
 BUNDLED_MODELS: dict[str, Callable[[], nn.Module]] = {
     "tiny-resnet": tiny_resnet,
+    "resnet1d": resnet1d,
     "resnet18": resnet18,
     "resnet50": resnet50,
 }

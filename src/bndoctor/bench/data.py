@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["Digits", "load_digits", "stratified_split"]
+__all__ = ["MNIST1D_SHIFT", "Digits", "load_data", "load_digits", "load_mnist1d", "load_path", "stratified_split"]
 
 VAL_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -28,7 +29,7 @@ NUM_CLASSES = 10
 
 @dataclass(frozen=True)
 class Digits:
-    """Train and validation tensors, ``x`` of shape ``(N, 1, 8, 8)`` (float32), ``y`` int64."""
+    """Train and validation tensors: ``x`` float32, ``(N, 1, 8, 8)`` (digits) or ``(N, 1, 40)`` (MNIST-1D)."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -38,7 +39,7 @@ class Digits:
 
     @property
     def num_classes(self) -> int:
-        return NUM_CLASSES
+        return max(NUM_CLASSES if self.domain != "data" else 0, int(self.y_train.max()) + 1, int(self.y_val.max()) + 1)
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,3 +77,167 @@ def load_digits(domain: str = "source") -> Digits:
     x = torch.from_numpy(((images - mean) / std).astype(np.float32)).unsqueeze(1)
     y = torch.from_numpy(labels)
     return Digits(x[train_idx], y[train_idx], x[val_idx], y[val_idx], domain)
+
+
+#: MNIST-1D generator settings of the shifted domain (the package's defaults otherwise): larger scale
+#: changes, stronger shear, more correlated and i.i.d. noise, other random draws — a natural shift of the same task
+MNIST1D_SHIFT = {"scale_coeff": 0.8, "shear_scale": 1.5, "corr_noise_scale": 0.6, "iid_noise_scale": 0.1, "seed": 7}
+
+
+def _require_mnist1d():
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "the MNIST-1D data set needs the mnist1d package: pip install 'bndoctor[demo]'"
+        ) from exc
+    return get_dataset_args, make_dataset
+
+
+@lru_cache(maxsize=2)
+def load_mnist1d(domain: str = "source") -> Digits:
+    """MNIST-1D (Greydanus 2020, "Scaling down deep learning"), generated offline by ``mnist1d``'s ``make_dataset``.
+
+    4,000 training and 1,000 validation sequences of length 40, 10 classes,
+    shaped ``(N, 1, 40)``; the package standardises the values. ``domain=
+    "shifted"`` generates the same task with :data:`MNIST1D_SHIFT`'s settings.
+    The generator reseeds Python's and NumPy's global random state; it is
+    restored afterwards. Nothing is downloaded.
+    """
+    import random
+
+    if domain not in ("source", "shifted"):
+        raise ValueError(f"expected domain 'source' or 'shifted' (got {domain!r})")
+    get_dataset_args, make_dataset = _require_mnist1d()
+    args = get_dataset_args()
+    if domain == "shifted":
+        for key, value in MNIST1D_SHIFT.items():
+            setattr(args, key, value)
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(args)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+    def tensor(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(values, dtype=np.float32)).unsqueeze(1)
+
+    return Digits(
+        tensor(data["x"]),
+        torch.from_numpy(np.asarray(data["y"], dtype=np.int64)),
+        tensor(data["x_test"]),
+        torch.from_numpy(np.asarray(data["y_test"], dtype=np.int64)),
+        domain,
+    )
+
+
+DATASETS = ("digits", "mnist1d")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+
+def load_data(dataset: str, domain: str = "source") -> Digits:
+    """The harness's data set by name: ``"digits"`` (scikit-learn, 8x8 images), ``"mnist1d"`` (sequences of
+    40), or ``"path:PATH"``: the user's own data (:func:`load_path`)."""
+    if dataset == "digits":
+        return load_digits(domain)
+    if dataset == "mnist1d":
+        return load_mnist1d(domain)
+    if dataset.startswith("path:"):
+        return load_path(dataset[len("path:") :])
+    raise ValueError(f"expected dataset 'digits', 'mnist1d' or 'path:PATH' (got {dataset!r})")
+
+
+def _from_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from ..errors import BNDoctorError
+
+    try:
+        from PIL import Image
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError("reading an image folder needs Pillow: pip install 'bndoctor[demo]'") from exc
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = [(f, k) for k, name in enumerate(classes) for f in sorted((root / name).iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES]  # fmt: skip
+    if len(classes) < 2 or not files:
+        raise BNDoctorError(
+            f"{root} holds {len(classes)} class folder(s) and {len(files)} image(s); expected one subfolder per "
+            "class (at least two) with images inside",
+            hint="lay it out as DIR/cat/1.png, DIR/dog/2.png, ... or pass an .npz with x and y",
+        )
+    images = [Image.open(f) for f, _ in files]
+    mode = "RGB" if any(im.mode not in ("L", "1", "I", "I;16", "F") for im in images) else "L"
+    arrays = [np.asarray(im.convert(mode), dtype=np.float32) for im in images]
+    sizes = {a.shape for a in arrays}
+    if len(sizes) > 1:
+        raise BNDoctorError(
+            f"the images in {root} have {len(sizes)} different sizes ({', '.join(str(s) for s in sorted(sizes)[:3])})",
+            hint="resize them to one size first (the harness trains on whole images, without cropping)",
+        )
+    x = np.stack(arrays)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # (N, C, H, W)
+    return x, np.asarray([k for _, k in files], dtype=np.int64), classes
+
+
+def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from ..errors import BNDoctorError
+
+    with np.load(path, allow_pickle=False) as archive:
+        if "x" not in archive or "y" not in archive:
+            raise BNDoctorError(
+                f"{path.name} holds {sorted(archive.files)}; expected arrays named x and y",
+                hint="np.savez(path, x=inputs, y=integer_labels)",
+            )
+        x, y = archive["x"].astype(np.float32), archive["y"]
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x) or y.min() < 0:
+        raise BNDoctorError(
+            f"{path.name}: y must be one non-negative integer label per sample (got {y.dtype} of shape {y.shape} "
+            f"for {len(x)} samples)",
+            hint="labels 0..K-1, one per row of x",
+        )
+    # (N, L): sequences of one channel; (N, H, W) with H > 4: grayscale images ((N, C, L) with C <= 4: sequences)
+    if x.ndim == 2 or (x.ndim == 3 and x.shape[1] > 4):
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):  # channels last
+        x = x.transpose(0, 3, 1, 2)
+    if x.ndim not in (3, 4):
+        raise BNDoctorError(
+            f"{path.name}: x has shape {x.shape}; expected (N, L) or (N, C, L) sequences, (N, H, W) or (N, C, H, W) "
+            "images",
+            hint="one sample per row of x",
+        )
+    return x, y.astype(np.int64), [str(k) for k in range(int(y.max()) + 1)]
+
+
+@lru_cache(maxsize=4)
+def load_path(path: str) -> Digits:
+    """The user's own data: an image folder (a subfolder per class, read with Pillow) or an ``.npz`` with x and y.
+
+    Images become ``(N, C, H, W)`` (grayscale or RGB, all of one size); an
+    ``.npz`` holds ``x`` as ``(N, L)`` / ``(N, C, L)`` sequences (C <= 4) or
+    ``(N, H, W)`` / ``(N, C, H, W)`` / ``(N, H, W, C)`` images and ``y`` as
+    integer labels. A
+    stratified split (seed 0) keeps 20 % for validation; values are scaled to
+    zero mean and unit variance with the training part's statistics.
+    """
+    from ..errors import BNDoctorError
+
+    source = Path(path)
+    if source.is_dir():
+        x, y, _ = _from_folder(source)
+    elif source.suffix == ".npz" and source.is_file():
+        x, y, _ = _from_npz(source)
+    else:
+        raise BNDoctorError(
+            f"no image folder or .npz file at {path!r}", hint="pass a folder with one subfolder per class, or an .npz"
+        )
+    if len(np.unique(y)) < 2 or len(y) < 20:
+        raise BNDoctorError(
+            f"{source.name}: {len(y)} samples in {len(np.unique(y))} class(es); the harness needs at least 20 samples "
+            "of two classes or more",
+            hint="add data; the micro-batch scenarios sample one class per micro-batch",
+        )
+    train_idx, val_idx = stratified_split(y, VAL_FRACTION, SPLIT_SEED)
+    mean, std = float(x[train_idx].mean()), float(x[train_idx].std()) or 1.0
+    x = torch.from_numpy((x - mean) / std)
+    labels = torch.from_numpy(y)
+    return Digits(x[train_idx], labels[train_idx], x[val_idx], labels[val_idx], "data")

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError
-from ..models import tiny_resnet
-from .data import Digits, load_digits
+from ..models import resnet1d, tiny_resnet
+from .data import Digits, load_data
 from .samplers import schedule
 from .scenarios import SCENARIOS, Scenario
 
@@ -125,6 +125,14 @@ def _wants_mkldnn(scenario: Scenario) -> bool:
     return scenario.micro_batch > MKLDNN_MIN_BATCH
 
 
+def model_for(data: Digits, norm: Any = "batch") -> nn.Module:
+    """The harness's model for the data's input shape: resnet1d for sequences ``(N, C, L)``, tiny_resnet for
+    images ``(N, C, H, W)`` (both end in global average pooling, so any length or size fits)."""
+    channels = int(data.x_train.shape[1])
+    build = resnet1d if data.x_train.dim() == 3 else tiny_resnet
+    return build(data.num_classes, norm=norm, in_channels=channels)
+
+
 def run_scenario(
     scenario: Scenario,
     seed: int,
@@ -156,10 +164,10 @@ def _train(
 ) -> tuple[RunResult, dict[str, torch.Tensor]]:
     """The training loop; with ``world > 1`` this is one DDP rank (torch.distributed initialised)."""
     start = time.perf_counter()
-    data = load_digits(scenario.domain)
+    data = load_data(scenario.dataset, scenario.domain)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)  # the same on every rank: one global schedule, split by rank
-    model = tiny_resnet(data.num_classes, norm=scenario.norm)
+    model = model_for(data, scenario.norm)
     if init_state is not None:
         model.load_state_dict(init_state)
     if scenario.remedy is not None:

@@ -27,7 +27,7 @@ Remedy = Callable[[nn.Module], nn.Module]
 
 @dataclass(frozen=True)
 class Scenario:
-    """One training recipe on the digits data.
+    """One training recipe on a data set of the harness (``dataset``: ``"digits"`` or ``"mnist1d"``).
 
     ``lr`` is the SGD learning rate (momentum 0.9, Nesterov, weight decay
     5e-4, cosine decay over all optimizer steps). ``bn_eval`` keeps BN layers
@@ -68,6 +68,7 @@ class Scenario:
     batch_renorm: bool = False
     brn_warmup: int = 5000
     two_pass: bool = False
+    dataset: str = "digits"
 
     @property
     def logical_batch(self) -> int:
@@ -94,6 +95,10 @@ class Scenario:
             text += f" + {getattr(self.remedy, '__name__', 'remedy')}"
         if self.recalibrate:
             text += " + recalibrate"
+        if self.dataset == "mnist1d":
+            text += " (MNIST-1D)"
+        elif self.dataset.startswith("path:"):
+            text += " (your data)"
         return text
 
 
@@ -386,3 +391,200 @@ DEMO = (
     "ft-bn-frozen-2x32-corr",
     "ft-bn-frozen-2x32-corr-recal",
 )
+
+# --------------------------------------------------------------------------- MNIST-1D (group "mnist1d")
+# Greydanus (2020), "Scaling down deep learning": 4,000 training sequences of 40 values, 10 classes, generated
+# offline by the mnist1d package; the paper reports logistic regression 32 %, MLP 68 %, CNN 94 %, GRU 91 %,
+# human 96 % test accuracy. The model is bndoctor's resnet1d (BatchNorm1d). The same families as on digits.
+_M1D = dict(group="mnist1d", dataset="mnist1d", epochs=12, lr=0.05)
+_M1D_SMALL = dict(micro_batch=2, accum_steps=32, **_M1D)
+register(Scenario("m1d-bn-64", "MNIST-1D: BatchNorm at batch 64, the large-batch reference", **_M1D))
+register(Scenario("m1d-gn-64", "MNIST-1D: GroupNorm at batch 64", norm="group", **_M1D))
+for _sampler, _tag in (("iid", "iid"), ("correlated", "corr")):
+    _what = "shuffled" if _tag == "iid" else "one class per micro-batch"
+    register(
+        Scenario(f"m1d-bn-2x32-{_tag}", f"MNIST-1D: BatchNorm at 2 x 32 ({_what})", sampler=_sampler, **_M1D_SMALL)
+    )
+    register(
+        Scenario(
+            f"m1d-gn-2x32-{_tag}",
+            f"MNIST-1D: GroupNorm at 2 x 32 ({_what})",
+            norm="group",
+            sampler=_sampler,
+            **_M1D_SMALL,
+        )
+    )
+    for _mode in ("renorm", "progressive", "blend"):
+        register(
+            Scenario(
+                f"m1d-accbn-{_mode}-2x32-{_tag}",
+                f"MNIST-1D: accumulation-aware BN ({_mode}) at 2 x 32 ({_what})",
+                sampler=_sampler,
+                accum_bn=_mode,
+                **_M1D_SMALL,
+            )
+        )
+    register(
+        Scenario(
+            f"m1d-accbn-2pass-2x32-{_tag}",
+            f"MNIST-1D: accumulation-aware BN (renorm, two passes) at 2 x 32 ({_what})",
+            sampler=_sampler,
+            accum_bn="renorm",
+            two_pass=True,
+            **_M1D_SMALL,
+        )
+    )
+    register(
+        Scenario(
+            f"m1d-brn-2x32-{_tag}",
+            f"MNIST-1D: Batch Renormalization at 2 x 32 ({_what})",
+            sampler=_sampler,
+            batch_renorm=True,
+            **_M1D_SMALL,
+        )
+    )
+    register(
+        Scenario(
+            f"m1d-bn-2x32-{_tag}-recal",
+            f"MNIST-1D: BatchNorm at 2 x 32 ({_what}), statistics recalibrated every epoch (bndoctor.recalibrate)",
+            sampler=_sampler,
+            recalibrate=True,
+            **_M1D_SMALL,
+        )
+    )
+for _name, _extra in (
+    ("bn", {}),
+    ("syncbn", {"sync_bn": True}),
+    ("accbn-sync", {"sync_bn": True, "accum_bn": "renorm"}),
+):
+    register(
+        Scenario(
+            f"m1d-{_name}-2x8x4-corr",
+            f"MNIST-1D: {_name} on 4 DDP ranks (gloo) x micro-batch 2 x 8 accumulation steps, one class per "
+            "micro-batch",
+            group="mnist1d-distributed",
+            dataset="mnist1d",
+            micro_batch=2,
+            accum_steps=8,
+            sampler="correlated",
+            world_size=4,
+            epochs=6,
+            **_extra,
+        )
+    )
+for _norm, _prefix in (("batch", "m1d-sweep-bn"), ("group", "m1d-sweep-gn")):
+    for _b in SWEEP_BATCHES:
+        register(
+            Scenario(
+                f"{_prefix}-{_b}",
+                f"MNIST-1D: {'BatchNorm' if _norm == 'batch' else 'GroupNorm'} at batch {_b}, shuffled, accumulated to "
+                "a logical batch of 32 (the Group Normalization paper's sweep)",
+                group="mnist1d-sweep",
+                dataset="mnist1d",
+                norm=_norm,
+                micro_batch=_b,
+                accum_steps=32 // _b,
+                epochs=12,
+                lr=0.025,
+            )
+        )
+_M1D_FT = dict(group="mnist1d-finetune", dataset="mnist1d", domain="shifted", pretrain="m1d-bn-64", epochs=6, lr=0.01)
+register(Scenario("m1d-ft-bn-64", "MNIST-1D: fine-tune on the shifted generator settings at batch 64", **_M1D_FT))
+register(
+    Scenario(
+        "m1d-ft-bn-train-2x32-corr",
+        "MNIST-1D: fine-tune on the shifted domain at 2 x 32 (one class per micro-batch), BN in training mode",
+        micro_batch=2,
+        accum_steps=32,
+        sampler="correlated",
+        **_M1D_FT,
+    )
+)
+register(
+    Scenario(
+        "m1d-ft-bn-frozen-2x32-corr",
+        "MNIST-1D: fine-tune on the shifted domain at 2 x 32 (one class per micro-batch), BN frozen",
+        micro_batch=2,
+        accum_steps=32,
+        sampler="correlated",
+        remedy=frozen_bn,
+        **_M1D_FT,
+    )
+)
+register(
+    Scenario(
+        "m1d-ft-bn-frozen-2x32-corr-recal",
+        "MNIST-1D: fine-tune on the shifted domain at 2 x 32, BN frozen and recalibrated on the target each epoch",
+        micro_batch=2,
+        accum_steps=32,
+        sampler="correlated",
+        remedy=frozen_bn,
+        recalibrate=True,
+        **_M1D_FT,
+    )
+)
+#: the MNIST-1D core table (5 seeds): the reference, the failure and the remedies, shuffled and correlated
+MNIST1D_CORE = (
+    "m1d-bn-64",
+    "m1d-bn-2x32-iid",
+    "m1d-bn-2x32-corr",
+    "m1d-gn-2x32-iid",
+    "m1d-gn-2x32-corr",
+    "m1d-accbn-renorm-2x32-iid",
+    "m1d-accbn-renorm-2x32-corr",
+    "m1d-brn-2x32-iid",
+    "m1d-brn-2x32-corr",
+    "m1d-bn-2x32-corr-recal",
+)
+
+#: the core scenarios ``bndoctor bench --data PATH`` runs on the user's own data: (name, description, fields)
+DATA_CORE: tuple[tuple[str, str, dict], ...] = (
+    ("data-bn-64", "BatchNorm at batch 64 (reference)", {}),
+    ("data-bn-2x32-iid", "BatchNorm at 2 x 32, shuffled", {"micro_batch": 2, "accum_steps": 32}),
+    (
+        "data-bn-2x32-corr",
+        "BatchNorm at 2 x 32, one class per micro-batch",
+        {"micro_batch": 2, "accum_steps": 32, "sampler": "correlated"},
+    ),
+    (
+        "data-gn-2x32-corr",
+        "GroupNorm at 2 x 32, one class per micro-batch",
+        {"micro_batch": 2, "accum_steps": 32, "sampler": "correlated", "norm": "group"},
+    ),
+    (
+        "data-accbn-renorm-2x32-corr",
+        "accumulation-aware BN (renorm) at 2 x 32, one class per micro-batch",
+        {"micro_batch": 2, "accum_steps": 32, "sampler": "correlated", "accum_bn": "renorm"},
+    ),
+    (
+        "data-brn-2x32-corr",
+        "Batch Renormalization at 2 x 32, one class per micro-batch",
+        {"micro_batch": 2, "accum_steps": 32, "sampler": "correlated", "batch_renorm": True},
+    ),
+)
+
+
+def data_scenarios(path: str, *, epochs: int = 15) -> list[Scenario]:
+    """Register the core scenarios on the user's data at ``path`` (image folder or ``.npz``); returns them.
+
+    The data is read (and checked) here, once, so that a bad path fails
+    before anything trains.
+    """
+    import os
+
+    from .data import load_path
+
+    source = os.path.abspath(path)
+    load_path(source)
+    made = []
+    for name, text, fields in DATA_CORE:
+        scenario = Scenario(
+            name,
+            f"your data ({os.path.basename(source)}): {text}",
+            group="data",
+            dataset=f"path:{source}",
+            epochs=epochs,
+            **fields,
+        )
+        made.append(register(scenario, replace=True))
+    return made

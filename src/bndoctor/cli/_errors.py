@@ -17,6 +17,8 @@ EXIT_INTERRUPTED = 130
 _EXTRAS = {
     "matplotlib": ("matplotlib", "pip install 'bndoctor[demo]' for the plots, or pass --no-plots"),
     "sklearn": ("scikit-learn", "pip install 'bndoctor[demo]' (the digits data set comes with scikit-learn)"),
+    "mnist1d": ("mnist1d", "pip install 'bndoctor[demo]' (MNIST-1D is generated offline by the mnist1d package)"),
+    "PIL": ("Pillow", "pip install 'bndoctor[demo]' (Pillow reads the image folder), or pass an .npz"),
     "tensorboard": ("tensorboard", "pip install 'bndoctor[tensorboard]', or write JSONL with sink='run.jsonl'"),
     "lightning": ("lightning", "pip install 'bndoctor[lightning]'"),
     "transformers": ("transformers", "pip install 'bndoctor[hf]'"),

@@ -113,6 +113,12 @@ def run_bench(args: argparse.Namespace) -> BenchResult | ScenarioList:
             raise BNDoctorError(f"no results.json in {str(args.render)!r}", hint="pass the --out folder of a bench run")
         suite = load_suite(results)
         return BenchResult(suite, write_report(suite, args.render, plots=not args.no_plots), "", findings(suite))
+    if args.data is not None:
+        from ..bench.scenarios import data_scenarios
+
+        names = [s.name for s in data_scenarios(str(args.data), epochs=args.epochs or 15)]
+        chosen = args.scenarios or names
+        return _run(args, chosen, f"bndoctor bench on {args.data}: the core scenarios on your data")
     return _run(args, args.scenarios, "")
 
 
@@ -121,10 +127,17 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--scenarios",
         nargs="+",
         metavar="NAME",
-        help="scenario names, groups (core, sweep, finetune, accum, distributed) or globs, separated by spaces "
-        "or commas; default: all",
+        help="scenario names, groups (core, sweep, finetune, accum, distributed, mnist1d, ...) or globs, separated "
+        "by spaces or commas; default: all (with --data: the data-* scenarios)",
     )
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        metavar="PATH",
+        help="run the core scenarios (data-*) on your data: a folder with one subfolder of images per class, or an "
+        ".npz with arrays x and y",
+    )
     parser.add_argument(
         "--render", type=Path, metavar="DIR", help="rewrite the report of an earlier run from DIR/results.json"
     )
@@ -166,7 +179,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 BENCH = Command(
-    "bench", "run benchmark scenarios on the digits data and write a report", add_bench_arguments, run_bench
+    "bench",
+    "run benchmark scenarios (digits, MNIST-1D, or --data on yours) and write a report",
+    add_bench_arguments,
+    run_bench,
 )
 DEMO_COMMAND = Command(
     "demo", "show BatchNorm failing at micro-batch 2 and the fixes (about a minute)", add_demo_arguments, run_demo

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -16,50 +18,72 @@ def ema_step(
     synchronisation, when it is false (an all-empty global batch, non-finite window statistics):
     neither the statistics nor ``num_batches_tracked`` change, and a NaN in ``mean`` cannot leak in.
     """
-    module.num_batches_tracked.add_(1 if valid is None else valid.to(module.num_batches_tracked.dtype))  # type: ignore[union-attr]
-    factor = 1.0 / max(float(module.num_batches_tracked), 1.0) if module.momentum is None else module.momentum  # type: ignore[arg-type]
+    tracked = module.num_batches_tracked
+    tracked.add_(1 if valid is None else valid.to(tracked.dtype))  # type: ignore[union-attr]
+    # momentum None: the cumulative average, factor 1/k, computed on the device (no host read of the count)
+    factor: Any = module.momentum if module.momentum is not None else 1.0 / tracked.clamp(min=1).double()  # type: ignore[union-attr]
     for running, stat in ((module.running_mean, mean), (module.running_var, unbiased_var)):
         stat = stat.to(running.dtype)  # type: ignore[union-attr]
+        step = (stat - running) * factor  # type: ignore[operator]
         if valid is None:
-            running.mul_(1 - factor).add_(stat, alpha=factor)  # type: ignore[union-attr]
+            running.add_(step.to(running.dtype))  # type: ignore[union-attr]
         else:
-            running.copy_(torch.where(valid, running + (stat - running) * factor, running))  # type: ignore[operator]
+            running.add_(torch.where(valid, step, torch.zeros_like(step)).to(running.dtype))  # type: ignore[union-attr]
 
 
 def renormalize(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    r: torch.Tensor,
-    d: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    *,
+    ref_mean: torch.Tensor | None = None,
+    ref_var: torch.Tensor | None = None,
+    r: torch.Tensor | None = None,
+    d: torch.Tensor | None = None,
     eps: float,
 ) -> torch.Tensor:
-    """Batch Renormalization's output ``gamma (r x_hat_B + d) + beta`` in one fused BN call (Ioffe 2017).
+    """Batch Renormalization's output ``gamma (r x_hat_B + d) + beta`` (Ioffe 2017).
 
-    ``x_hat_B`` is ``x`` normalised with its own batch statistics (gradient
-    through them, as in BN); ``r`` and ``d`` are constants. Folding them into
-    the affine parameters (``gamma r`` and ``beta + gamma d``) lets torch's BN
-    kernel do the forward and the backward, with the gradients of Batch
-    Renorm: ``dL/dx`` is BN's gradient times ``r``, and ``dL/dgamma`` sums
-    ``dL/dy (r x_hat_B + d)``.
+    ``mean`` and ``var`` (biased) are the batch's own statistics (from
+    :func:`batch_moments`), ``x_hat_B = (x - mean) / sqrt(var + eps)``. Either
+    ``ref_mean``/``ref_var`` (r and d are those that normalise with the
+    reference statistics: accumulation-aware BN's window) or clipped ``r`` and
+    ``d`` (Batch Renorm). r and d are constants in the backward: the input
+    gradient is BN's gradient (through the batch statistics) times r, and
+    ``dL/dgamma`` sums ``dL/dy (r x_hat_B + d)``. One training-mode BN call
+    with the affine parameters folded (``gamma r``, ``beta + gamma d``) gives
+    exactly that through torch's own autograd: no Python backward, whose
+    per-call cost on CPU (about 0.1 ms) exceeds the kernel's second
+    statistics pass on the sizes measured (BENCHMARKS.md).
     """
+    with torch.no_grad():
+        if r is None or d is None:
+            ref_invstd = torch.rsqrt(ref_var + eps)  # type: ignore[operator]
+            r = torch.sqrt(var + eps).mul_(ref_invstd)
+            d = (mean - ref_mean).mul_(ref_invstd)
     r, d = r.detach(), d.detach()
     if weight is None:
-        w, b = r, d
+        w, b = r, (d if bias is None else d + bias)
     else:
-        w, b = weight * r, torch.addcmul(bias if bias is not None else torch.zeros_like(d), weight, d)
-    if bias is not None and weight is None:
-        b = b + bias
+        w, b = weight * r, torch.addcmul(bias, weight, d) if bias is not None else weight * d
     return torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.0, eps)
 
 
 @torch.no_grad()
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of ``x`` (N, C, ...) in one pass of torch's fused BN kernel.
+    """Per-channel mean and biased variance of ``x`` (N, C, ...), in float32 or wider.
 
-    The kernel returns ``1/std``, and 0 where the variance is 0 (a constant
-    channel), so the variance is read back as ``invstd**-2`` only where that is
-    positive: a constant channel has variance 0, not ``inf``.
+    On CUDA torch's fused statistics kernel (``batch_norm_stats``, Welford);
+    elsewhere torch's training-mode BN kernel. Their ``1/std`` output is 0
+    for a constant channel: read back as a variance of 0 there.
     """
-    _, mean, invstd = torch.native_batch_norm(x.detach(), None, None, None, None, True, 0.0, 0.0)
-    return mean, torch.where(invstd > 0, invstd.pow(-2), torch.zeros_like(invstd))
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    if x.is_cuda:
+        mean, invstd = torch.batch_norm_stats(x, 0.0)
+    else:
+        _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 0.0)
+    return mean, invstd.pow(-2).nan_to_num_(posinf=0.0)  # invstd 0 (a constant channel): variance 0

@@ -62,17 +62,6 @@ __all__ = ["AccumBatchNorm", "AccumMode"]
 AccumMode = Literal["progressive", "renorm", "blend"]
 
 
-class _Window:
-    """The open window of one layer: count, mean and sum of squared deviations per channel."""
-
-    __slots__ = ("count", "m2", "mean")
-
-    def __init__(self) -> None:
-        self.count = 0.0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-
 class _PooledNorm(torch.autograd.Function):
     """y = BN(x) with given pooled statistics; earlier micro-batches are constants in the backward.
 
@@ -100,8 +89,8 @@ class _PooledNorm(torch.autograd.Function):
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             grad, x, w, None, None, mean, invstd, True, ctx.eps, [need_x, True, True]
         )
-        if need_x and ctx.ratio < 1.0:
-            dx = dx.mul_(ctx.ratio).add_(grad * (invstd * w).view(shape), alpha=1.0 - ctx.ratio)
+        if need_x:  # ratio * bn_backward + (1 - ratio) * g / sqrt(var + eps); ratio is a 0-d tensor (no host read)
+            dx = torch.lerp(grad * (invstd * w).view(shape), dx, ctx.ratio.to(dx.dtype))
         return dx, (dw if need_w and ctx.has_weight else None), (db if need_b else None), None, None, None, None
 
 
@@ -150,14 +139,36 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         self._controllers = 0  # attached accumulate_bn hooks / open accumulation_window blocks
         self._in_block = False  # inside an accumulation_window block
         self._warned = False
-        self.reset_window()
+        # the open window: count, mean and sum of squared deviations per channel, as tensors on the layer's
+        # device, updated in place (no host read in the training step; torch.compile sees tensors, not numbers)
+        window = torch.zeros(2 * num_features + 1, device=self.running_mean.device, dtype=torch.float32)  # type: ignore[union-attr]
+        self._window = window
+        self._has_data = False  # a training forward has run since the last close or reset (host-side flag)
+        self._collected: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # two passes
+        self._previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # blend: the last window
 
     # ----------------------------------------------------------------- window
 
+    def _window_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of the window tensor: count (shape 1), mean (C) and M2 (C)."""
+        c = (self._window.numel() - 1) // 2
+        count, mean, m2 = self._window.split([1, c, c])
+        return count, mean, m2
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        super()._apply(fn, recurse)
+        # .to(device) moves the window too; its dtype stays float32 (float64 with float64 layers)
+        reference = self.running_mean if self.running_mean is not None else self.weight
+        if reference is not None:
+            dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
+            self._window = self._window.to(device=reference.device, dtype=dtype)
+        return self
+
     def reset_window(self) -> None:
         """Forget the open window's statistics (and collected ones) without committing them."""
-        self.__dict__["_win"] = _Window()
-        self.__dict__["_collected"] = None
+        self._window.zero_()
+        self._has_data = False
+        self._collected = None
 
     def hold_collected(self) -> None:
         """Keep the open window's statistics as the whole window's (two passes), and start an empty window.
@@ -166,18 +177,17 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         following micro-batches are normalised with these statistics until the
         window closes.
         """
-        win = self._win
-        collected = None if win.mean is None or win.m2 is None else (win.count, win.mean, win.m2)
+        collected = tuple(t.clone() for t in self._window_parts()) if self._has_data else None
         self.reset_window()
-        self.__dict__["_collected"] = collected
+        self._collected = collected  # type: ignore[assignment]
 
     @property
     def holds_collected(self) -> bool:
-        return self.__dict__.get("_collected") is not None
+        return self._collected is not None
 
     @property
     def window_open(self) -> bool:
-        return self._win.count > 0
+        return self._has_data
 
     def window_statistics(self, *, collected: bool = False) -> tuple[float, torch.Tensor, torch.Tensor] | None:
         """``(count, mean, biased var)`` of the open window (``collected=True``: of the collected whole window).
@@ -185,12 +195,12 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         ``None`` when nothing is there. Tensors are the layer's own: read, do not modify.
         """
         if collected:
-            held = self.__dict__.get("_collected")
-            return None if held is None else (held[0], held[1], held[2] / held[0])
-        win = self._win
-        if win.mean is None or win.m2 is None or win.count == 0:
+            held = self._collected
+            return None if held is None else (float(held[0]), held[1], held[2] / held[0])
+        count, mean, m2 = self._window_parts()
+        if not self._has_data or float(count) == 0:
             return None
-        return win.count, win.mean, win.m2 / win.count
+        return float(count), mean, m2 / count
 
     @property
     def pools_ranks(self) -> bool:
@@ -227,14 +237,13 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         """
         if not self.controlled:
             return None
-        collected = self.__dict__.get("_collected")
-        if collected is not None:
-            count, w_mean, w_m2 = collected
-            return count, w_mean.double(), w_m2.double() / count
-        win = self._win
-        if win.mean is None or win.m2 is None:
+        if self._collected is not None:
+            count, w_mean, w_m2 = self._collected
+            return float(count), w_mean.double(), w_m2.double() / count.double()
+        if not self._has_data:
             return float(n), mean, var
-        count, pooled_mean, pooled_m2 = pool_two(win.count, win.mean.double(), win.m2.double(), n, mean, var * n)
+        w_count, w_mean, w_m2 = self._window_parts()
+        count, pooled_mean, pooled_m2 = pool_two(float(w_count), w_mean.double(), w_m2.double(), n, mean, var * n)
         return count, pooled_mean, pooled_m2 / count
 
     @torch.no_grad()
@@ -244,22 +253,21 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         A window whose statistics hold NaN or Inf is not committed (decided on
         the device: no host synchronisation); :meth:`window_finite` tells.
         """
-        win = self._win
-        if win.count > 0 and win.mean is not None and win.m2 is not None:
-            count = win.count
+        if self._has_data:
+            count, mean, m2 = self._window_parts()
             if self.track_running_stats and self.running_mean is not None:
-                unbiased = win.m2 / max(count - 1.0, 1.0)
-                finite = torch.isfinite(win.mean).all() & torch.isfinite(unbiased).all()
-                ema_step(self, win.mean, unbiased, valid=finite)
-            self.__dict__["_previous"] = (count, win.mean, win.m2)
+                unbiased = m2 / (count - 1.0).clamp(min=1.0)
+                valid = ((count > 0) & torch.isfinite(mean).all() & torch.isfinite(unbiased).all()).reshape(())
+                ema_step(self, mean, unbiased, valid=valid)
+            self._previous = (count.clone(), mean.clone(), m2.clone())
         self.reset_window()
 
     def window_finite(self) -> bool:
         """Whether the open window's statistics are finite (reads one flag from the device)."""
-        win = self._win
-        if win.mean is None or win.m2 is None:
+        if not self._has_data:
             return True
-        return bool(torch.isfinite(win.mean).all() & torch.isfinite(win.m2).all())
+        _, mean, m2 = self._window_parts()
+        return bool(torch.isfinite(mean).all() & torch.isfinite(m2).all())
 
     # ----------------------------------------------------------------- forward
 
@@ -280,27 +288,25 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             return _BatchNorm.forward(self, input)
         return self._window_forward(input)
 
-    def _step_statistics(
-        self, x: torch.Tensor, n: int
-    ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    def _step_statistics(self, x: torch.Tensor, n: int, synced: bool) -> tuple[Any, ...]:
         """This micro-batch's (mean, biased var), and the count, mean and var of the micro-step to pool.
 
-        Without sync the micro-step is the local micro-batch. With sync it spans
-        the ranks: one all_reduce of [n, sum x, sum x^2] in float64.
+        Without sync the micro-step is the local micro-batch (count: a number).
+        With sync it spans the ranks: one all_reduce of [n, sum x, sum x^2] in
+        float64; the count stays a tensor (no host read).
         """
         if n > 0:
             mean, var = batch_moments(x)
         else:
-            mean = var = torch.zeros(x.shape[1], device=x.device, dtype=x.dtype)
-        if not self._synced():
+            mean = var = torch.zeros(x.shape[1], device=x.device, dtype=self._window.dtype)
+        if not synced:
             return mean, var, float(n), mean, var
         packed = torch.cat([mean.new_full((1,), float(n)), mean * n, (var + mean * mean) * n]).double()
         total = distributed.all_reduce_sum(packed, self.process_group)
-        count = float(total[0])
-        if count == 0:
-            return mean, var, 0.0, mean, var
-        step_mean = total[1 : 1 + mean.numel()] / count
-        step_var = (total[1 + mean.numel() :] / count - step_mean * step_mean).clamp_(min=0)
+        count = total[0]
+        safe = count.clamp(min=1.0)  # an all-empty global micro-step pools nothing (count 0)
+        step_mean = total[1 : 1 + mean.numel()] / safe
+        step_var = (total[1 + mean.numel() :] / safe - step_mean * step_mean).clamp_(min=0)
         return mean, var, count, step_mean.to(mean.dtype), step_var.to(var.dtype)
 
     def _synced(self) -> bool:
@@ -308,40 +314,44 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
 
     def _window_forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.numel() // x.shape[1]
-        if n == 0 and not self._synced():
+        synced = self._synced()
+        if n == 0 and not synced:
             return x.clone()
+        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if self._window.device != x.device or self._window.dtype != wide:  # buffers replaced without .to()
+            self._window = self._window.to(device=x.device, dtype=wide)
         with torch.no_grad():
-            mean, var, step_n, step_mean, step_var = self._step_statistics(x, n)
-            if step_n == 0:
+            mean, var, step_n, step_mean, step_var = self._step_statistics(x, n, synced)
+            # pool the micro-step into the window (Chan et al. 1979), in place and on the device
+            w_count, w_mean, w_m2 = self._window_parts()
+            total = w_count + step_n
+            safe = total.clamp(min=1.0) if synced else total  # with sync, every rank may have been empty so far
+            share = (step_n / safe).to(w_mean.dtype)  # this micro-step's weight in the pooled mean
+            delta = step_mean - w_mean
+            own_m2 = torch.add(w_m2, step_var, alpha=step_n) if not synced else w_m2 + step_var * step_n
+            pooled_m2 = torch.addcmul(own_m2, delta, delta * (w_count * share))
+            pooled_mean = torch.lerp(w_mean, step_mean, share)
+            w_count.copy_(total)
+            w_mean.copy_(pooled_mean)
+            w_m2.copy_(pooled_m2)
+            self._has_data = True
+            if n == 0:  # nothing to normalise here (the other ranks' statistics are pooled all the same)
                 return x.clone()
-            win = self._win
-            if win.mean is None or win.m2 is None:
-                total, pooled_mean, pooled_m2 = step_n, step_mean, step_var * step_n
-            else:
-                total, pooled_mean, pooled_m2 = pool_two(
-                    win.count, win.mean, win.m2, step_n, step_mean, step_var * step_n
-                )
-            win.count, win.mean, win.m2 = total, pooled_mean, pooled_m2
+            total = safe
             use_count, use_mean, use_m2 = total, pooled_mean, pooled_m2
-            full = self.__dict__.get("_collected")
-            previous = self.__dict__.get("_previous")
-            if full is not None:  # two passes: the whole window's statistics, collected beforehand
-                use_count, use_mean, use_m2 = full
-            elif self.mode == "blend" and previous is not None and previous[0] > total:
-                prior = previous[0] - total  # the samples this window has not seen yet, taken from the last one
+            if self._collected is not None:  # two passes: the whole window's statistics, collected beforehand
+                use_count, use_mean, use_m2 = self._collected
+            elif self.mode == "blend" and self._previous is not None:
+                # the samples this window has not seen yet, taken from the last window (none once it is full)
+                p_count, p_mean, p_m2 = self._previous
+                prior = (p_count - total).clamp(min=0.0)
                 use_count, use_mean, use_m2 = pool_two(
-                    total, pooled_mean, pooled_m2, prior, previous[1], previous[2] * (prior / previous[0])
+                    total, pooled_mean, pooled_m2, prior, p_mean, p_m2 * (prior / p_count.clamp(min=1.0))
                 )
             use_var = use_m2 / use_count  # every term of the pooled M2 is >= 0
-            if n == 0:
-                return x.clone()
-            if self.mode == "renorm":
-                # r = sigma_B / sigma, d = (mu_B - mu) / sigma with eps inside both sigmas (Ioffe 2017)
-                ref_invstd = torch.rsqrt(use_var + self.eps)
-                r = torch.sqrt(var + self.eps).mul_(ref_invstd)
-                d = (mean - use_mean).mul_(ref_invstd)
         if self.mode == "renorm":
-            return renormalize(x, self.weight, self.bias, r, d, self.eps)
+            # r = sigma_B / sigma, d = (mu_B - mu) / sigma against the window, eps inside both sigmas (Ioffe 2017)
+            return renormalize(x, self.weight, self.bias, mean, var, ref_mean=use_mean, ref_var=use_var, eps=self.eps)
         return _PooledNorm.apply(x, self.weight, self.bias, use_mean, use_var, n / use_count, self.eps)
 
     def extra_repr(self) -> str:

@@ -59,8 +59,14 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
         self._bndoctor_source_class: type | None = None
 
     def limits(self) -> tuple[float, float]:
-        """The current (r_max, d_max) of the warm-up ramp."""
-        done = 1.0 if self.warmup_steps == 0 else min(1.0, float(self.num_batches_tracked) / self.warmup_steps)
+        """The current (r_max, d_max) of the warm-up ramp (reads the step count from the device)."""
+        r_max, d_max = self._limits()
+        return float(r_max), float(d_max)
+
+    def _limits(self, done_steps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_max, d_max) after ``done_steps`` training forwards (default: the count now), computed on the device."""
+        tracked = (self.num_batches_tracked if done_steps is None else done_steps).to(torch.float32)  # type: ignore[union-attr]
+        done = torch.ones_like(tracked) if self.warmup_steps == 0 else (tracked / self.warmup_steps).clamp(max=1.0)
         return 1.0 + (self.r_max - 1.0) * done, self.d_max * done
 
     def _normalise(self, input: torch.Tensor) -> torch.Tensor:
@@ -68,18 +74,18 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
         if not self.training or not self.track_running_stats or self.running_mean is None:
             # eval: the running statistics; no running statistics kept: plain BN, buffers untouched
             return _BatchNorm.forward(self, input)
-        r_max, d_max = self.limits()
         with torch.no_grad():
+            r_max, d_max = self._limits()
             mean_b, var_b = batch_moments(input)
             std = torch.sqrt(self.running_var + self.eps)  # type: ignore[operator]
-            r = (torch.sqrt(var_b + self.eps) / std).clamp_(1.0 / r_max, r_max)
-            d = ((mean_b - self.running_mean) / std).clamp_(-d_max, d_max)
+            r = torch.clamp(torch.sqrt(var_b + self.eps) / std, min=r_max.reciprocal(), max=r_max)
+            d = torch.clamp((mean_b - self.running_mean) / std, min=-d_max, max=d_max)
             n = input.numel() // input.shape[1]
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
             self.running_mean.add_((mean_b - self.running_mean) * self.momentum)  # type: ignore[operator]
             unbiased = var_b * (n / max(n - 1, 1))
             self.running_var.add_((unbiased - self.running_var) * self.momentum)  # type: ignore[operator]
-        return renormalize(input, self.weight, self.bias, r, d, self.eps)
+        return renormalize(input, self.weight, self.bias, mean_b, var_b, r=r, d=d, eps=self.eps)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r_max={self.r_max:g}, d_max={self.d_max:g}, warmup_steps={self.warmup_steps}"

@@ -1,0 +1,117 @@
+"""torch.compile (default backend) gives eager's numbers for bndoctor's layers, in one graph per model.
+
+Three full accumulation windows of 8 micro-batches, eager and compiled side by
+side from the same weights: losses, parameter gradients and running statistics
+(and the window's pooled statistics) must agree, and the layer must not break
+the graph. The window state of accumulation-aware BN lives in tensors updated
+in place, so the compiler neither specialises on a count nor misses an update.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bndoctor as bd
+
+pytestmark = pytest.mark.slow
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+
+
+def _accum(mode, two_passes=False):
+    def build():
+        return bd.to_accum_bn(_net(), mode=mode)
+
+    build.two_passes = two_passes
+    return build
+
+
+VARIANTS = {
+    "accum-renorm": _accum("renorm"),
+    "accum-progressive": _accum("progressive"),
+    "accum-blend": _accum("blend"),
+    "accum-renorm-two-passes": _accum("renorm", two_passes=True),
+    "sync-bn": lambda: bd.to_sync_bn(_net()),
+    "frozen": lambda: bd.freeze_bn(_net()),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_compiled_layer_equals_eager_over_three_windows(name):
+    torch._dynamo.reset()
+    build = VARIANTS[name]
+    base = build()
+    eager, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, compiled_model)]
+    accumulating = name.startswith("accum")
+    if accumulating:
+        for model, optimizer in zip((eager, compiled_model), optimizers):
+            bd.accumulate_bn(model, optimizer)
+    compiled = torch.compile(compiled_model)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        batches = [
+            (torch.randn(2, 1, 8, 8, generator=gen), torch.randint(0, 10, (2,), generator=gen)) for _ in range(8)
+        ]
+        if getattr(build, "two_passes", False):
+            bd.collect_window(eager, [x for x, _ in batches])
+            bd.collect_window(compiled_model, [x for x, _ in batches])
+        for x, y in batches:
+            loss_e = F.cross_entropy(eager(x), y)
+            loss_c = F.cross_entropy(compiled(x), y)
+            torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+            (loss_e / 8).backward()
+            (loss_c / 8).backward()
+        if accumulating:  # the open window's statistics, before the step closes it
+            for a, b in zip(eager.modules(), compiled_model.modules()):
+                if isinstance(a, bd.AccumBatchNorm):
+                    torch.testing.assert_close(b.window_statistics()[1], a.window_statistics()[1], rtol=1e-5, atol=1e-6)
+        for (pname, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
+            if a.grad is not None:
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=pname)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    for (bname, a), b in zip(eager.named_buffers(), compiled_model.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=bname)
+    assert int(eager[1].num_batches_tracked) > 0 or name == "frozen"
+    # one graph for the whole model: no break inside the layers
+    explanation = torch._dynamo.explain(compiled_model)(torch.randn(2, 1, 8, 8))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.xfail(strict=True, reason="torch.compile recomputes, in the backward, values derived from a buffer "
+                   "that the same forward mutates, from the mutated buffer (AOTAutograd, torch 2.13)")  # fmt: skip
+def test_compiled_batch_renorm_gradients_known_torch_limitation():
+    """Batch Renorm's r and d come from the running statistics it updates in the same forward.
+
+    The minimal form of the problem, without bndoctor: ``r = 1 + t``, then
+    ``t.add_(1)``, output ``x * w * r``: compiled, the forward uses r = 1 and
+    the gradient of w uses r = 2. Eager Batch Renorm is exact; this test turns
+    green when torch fixes it.
+    """
+    torch._dynamo.reset()
+    base = bd.to_batch_renorm(_net(), warmup_steps=10)
+    eager, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
+    compiled = torch.compile(compiled_model)
+    x, y = torch.randn(2, 1, 8, 8), torch.randint(0, 10, (2,))
+    F.cross_entropy(eager(x), y).backward()
+    F.cross_entropy(compiled(x), y).backward()
+    for a, b in zip(eager.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,79 @@
+"""No host-device synchronisation in a training micro-step of bndoctor's layers.
+
+A ``TorchDispatchMode`` records every aten op of one micro-step (forward and
+backward, window closing excluded: that is the optimizer step's hook); none may
+read a tensor back to the host (``_local_scalar_dense`` is what ``.item()``,
+``float(t)``, ``bool(t)`` and ``if t:`` run). On a GPU each such read would
+stall the stream. With sync, on 2 gloo ranks.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bndoctor as bd
+from tests._dist import run_ranks
+
+HOST_READS = ("aten._local_scalar_dense", "aten.item", "aten.equal", "aten.is_nonzero")
+
+
+class Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
+
+
+def _build(name, sync=False):
+    if name.startswith("accum"):
+        return bd.to_accum_bn(_net(), mode=name.split("-")[1], sync=sync)
+    if name == "batch-renorm":
+        return bd.to_batch_renorm(_net(), warmup_steps=10)
+    return bd.to_sync_bn(_net())
+
+
+def _host_reads(name, sync=False):
+    model = _build(name, sync).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    if name.startswith("accum"):
+        bd.accumulate_bn(model, optimizer)
+    x, y = torch.randn(2, 1, 8, 8), torch.randint(0, 10, (2,))
+    F.cross_entropy(model(x), y).backward()  # first micro-batch of the window (and lazy set-up) outside
+    recorder = Recorder()
+    with recorder:
+        F.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    return [op for op in recorder.ops if op.startswith(HOST_READS)], len(recorder.ops)
+
+
+@pytest.mark.parametrize("name", ["accum-renorm", "accum-progressive", "accum-blend", "batch-renorm"])
+def test_no_host_read_in_a_micro_step(name):
+    reads, ops = _host_reads(name)
+    assert ops > 10 and reads == []
+
+
+def _on_ranks(rank, world, name):
+    return _host_reads(name, sync=True)
+
+
+@pytest.mark.parametrize("name", ["accum-renorm", "sync-bn"])
+def test_no_host_read_in_a_synced_micro_step(name):
+    for reads, ops in run_ranks(_on_ranks, 2, name, timeout=30):
+        assert ops > 10 and reads == []
+
+
+def test_the_recorder_sees_a_host_read():
+    recorder = Recorder()
+    with recorder:
+        float(torch.ones(1).sum())
+    assert any(op.startswith(HOST_READS) for op in recorder.ops)
