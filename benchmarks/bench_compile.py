@@ -1,0 +1,97 @@
+"""Step time under torch.compile (default backend): accumulation-aware BN / plain BN, both compiled (target <= 1.03).
+
+The tiny ResNet and the ResNet-18-sized network at micro-batch 2, forward +
+backward per micro-batch, an SGD step every 8; each model compiled once
+(compile time excluded: the first window warms up), then interleaved windows,
+median, one thread, oneDNN off (as the harness).
+
+    python benchmarks/bench_compile.py --update BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import bndoctor
+from _publish import publish
+from bndoctor.models import resnet18, tiny_resnet
+
+MICRO, ACCUM = 2, 8
+MODELS = {
+    "tiny-resnet (77k params, 1x8x8)": (tiny_resnet, (1, 8, 8)),
+    "resnet18 (ours, 11M params, 3x64x64)": (lambda: resnet18(num_classes=10), (3, 64, 64)),
+}
+
+
+def _window(step, opt, xs, ys) -> float:
+    start = time.perf_counter()
+    for x, y in zip(xs, ys):
+        (F.cross_entropy(step(x), y) / ACCUM).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) / ACCUM
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--update", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+    lines = [
+        f"torch {torch.__version__}, {platform.machine()}, 1 thread, oneDNN off; micro-batch {MICRO} x {ACCUM} "
+        f"accumulation steps; `torch.compile(model)` (inductor); median of {args.rounds} interleaved windows after "
+        "a warm-up window (compile time excluded).",
+        "",
+        "| model | layer | eager ms per micro-step | compiled ms per micro-step | compiled / compiled plain BN "
+        "(target <= 1.03) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, (factory, shape) in MODELS.items():
+        gen = torch.Generator().manual_seed(0)
+        xs = [torch.randn(MICRO, *shape, generator=gen) for _ in range(ACCUM)]
+        ys = [torch.randint(0, 10, (MICRO,), generator=gen) for _ in range(ACCUM)]
+        runs = {}
+        for name in ("plain BN", "AccumBN renorm"):
+            torch.manual_seed(0)
+            model = factory() if name == "plain BN" else bndoctor.to_accum_bn(factory())
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            if name != "plain BN":
+                bndoctor.accumulate_bn(model, opt)
+            runs[(name, "eager")] = (model.train(), opt)
+            torch.manual_seed(0)
+            twin = factory() if name == "plain BN" else bndoctor.to_accum_bn(factory())
+            opt2 = torch.optim.SGD(twin.parameters(), lr=0.01)
+            if name != "plain BN":
+                bndoctor.accumulate_bn(twin, opt2)
+            runs[(name, "compiled")] = (torch.compile(twin.train()), opt2)
+        for step, opt in runs.values():
+            _window(step, opt, xs, ys)  # compiles
+        times = {k: [] for k in runs}
+        for _ in range(args.rounds):
+            for key, (step, opt) in runs.items():
+                times[key].append(_window(step, opt, xs, ys))
+        base = statistics.median(times[("plain BN", "compiled")])
+        for name in ("plain BN", "AccumBN renorm"):
+            eager = statistics.median(times[(name, "eager")])
+            compiled = statistics.median(times[(name, "compiled")])
+            lines.append(f"| {label} | {name} | {eager * 1e3:.2f} | {compiled * 1e3:.2f} | {compiled / base:.3f} |")
+    publish(
+        "\n".join(lines),
+        args.update,
+        f"python benchmarks/bench_compile.py --rounds {args.rounds}",
+        key="bench_compile",
+        title="Accumulation-aware BN under torch.compile: step time",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The MNIST-1D evidence table from a ``bndoctor bench`` results.json: seeds, spreads and paired differences.
+
+    bndoctor bench --scenarios <MNIST-1D scenarios> --seeds 5 --jobs 2 --out bndoctor-out/mnist1d
+    python benchmarks/mnist1d_table.py bndoctor-out/mnist1d/results.json --update BENCHMARKS.md
+
+For every scenario: last-5-epoch validation accuracy, mean, sd, min-max over
+the seeds; then each remedy against plain BN at the same micro-batch and
+sampler and against BN at batch 64, as per-seed (paired: same seed, same
+initial weights and data order) differences: mean, sd and on how many seeds
+the sign holds. A difference counts as larger than the seed spread when
+|mean| exceeds the sd of the paired differences and the sign holds on every
+seed. The paper's baselines (Greydanus 2020, test accuracy) are listed
+beside the reference model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from _publish import publish
+
+PAPER = "logistic regression 32 %, MLP 68 %, CNN 94 %, GRU 91 %, human 96 % (Greydanus 2020, test accuracy)"
+
+
+def _pct(values: list[float]) -> list[float]:
+    return [100.0 * v for v in values]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--update", type=Path)
+    args = parser.parse_args()
+    data = json.loads(args.results.read_text())
+    runs: dict[str, dict[int, float]] = {}
+    for run in data["runs"]:
+        runs.setdefault(run["scenario"], {})[run["seed"]] = 100.0 * run["last5_mean"]
+    labels = {s["name"]: s["label"] for s in data["scenarios"]}
+    lines = [
+        f"{len(data['seeds'])} seeds; last-5-epoch validation accuracy (%) on the 1,000 held-out sequences. "
+        f"Paper baselines: {PAPER}.",
+        "",
+        "| scenario | setup | mean | sd | min–max |",
+        "|---|---|---|---|---|",
+    ]
+    for name, by_seed in runs.items():
+        values = list(by_seed.values())
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(
+            f"| {name} | {labels.get(name, '')} | {statistics.fmean(values):.1f} | {sd:.1f} | "
+            f"{min(values):.1f}–{max(values):.1f} |"
+        )
+
+    def paired(a: str, b: str) -> str:
+        if a not in runs or b not in runs:
+            return "–"
+        seeds = sorted(set(runs[a]) & set(runs[b]))
+        diffs = [runs[a][s] - runs[b][s] for s in seeds]
+        mean = statistics.fmean(diffs)
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        same_sign = sum((d > 0) == (mean > 0) for d in diffs)
+        beyond = len(diffs) >= 3 and abs(mean) > sd and same_sign == len(diffs)
+        return f"{mean:+.1f} ± {sd:.1f} ({same_sign}/{len(diffs)}){' **beyond spread**' if beyond else ''}"
+
+    lines += [
+        "",
+        "Paired differences (percentage points, mean ± sd over seeds, seeds with the same sign):",
+        "",
+        "| remedy | vs plain BN, same micro-batch and sampler | vs BN at batch 64 |",
+        "|---|---|---|",
+    ]
+    for name in runs:
+        if (
+            not name.startswith("m1d-")
+            or "-2x32-" not in name
+            or (name.startswith("m1d-bn-2x32-") and "recal" not in name)
+        ):
+            continue
+        sampler = "corr" if "-corr" in name else "iid"
+        lines.append(f"| {name} | {paired(name, f'm1d-bn-2x32-{sampler}')} | {paired(name, 'm1d-bn-64')} |")
+    lines.append(f"| m1d-bn-2x32-iid (no remedy) | – | {paired('m1d-bn-2x32-iid', 'm1d-bn-64')} |")
+    lines.append(f"| m1d-bn-2x32-corr (no remedy) | – | {paired('m1d-bn-2x32-corr', 'm1d-bn-64')} |")
+    publish(
+        "\n".join(lines),
+        args.update,
+        f"python benchmarks/mnist1d_table.py {args.results}",
+        key="mnist1d_table",
+        title="MNIST-1D: seeds, spreads and paired differences",
+    )
+
+
+if __name__ == "__main__":
+    main()
