@@ -57,3 +57,18 @@ def test_a_short_mnist1d_run_trains_the_1d_model():
     result, state = run_scenario(dataclasses.replace(SCENARIOS["m1d-bn-64"], epochs=1), 0)
     assert result.final_acc > 0.3  # one epoch already beats the paper's logistic regression (32 %)
     assert state["stem.1.running_mean"].shape == (32,)
+
+
+def test_a_diverging_run_is_recorded_not_a_crash():
+    """A learning rate far too high makes the weights NaN: recalibration refuses, the run says it diverged."""
+    import dataclasses
+    import math
+
+    pytest.importorskip("sklearn")
+    from bndoctor.bench.runner import run_scenario
+    from bndoctor.bench.scenarios import SCENARIOS
+
+    scenario = dataclasses.replace(SCENARIOS["bn-64"], lr=1e8, epochs=3, recalibrate=True)
+    result, _ = run_scenario(scenario, 0)
+    assert result.extra["diverged_epoch"] >= 1 and len(result.val_acc) == 3
+    assert any(math.isnan(v) for v in result.train_loss) or result.extra["diverged_epoch"] < 3

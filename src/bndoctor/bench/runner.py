@@ -100,13 +100,20 @@ def _set_bn_eval(model: nn.Module) -> None:
 RECAL_BATCH = 64
 
 
-def _recalibrate(model: nn.Module, data: Digits, rng: np.random.Generator) -> None:
+def _recalibrate(model: nn.Module, data: Digits, rng: np.random.Generator) -> bool:
+    """PreciseBN on shuffled training batches; False when the weights have diverged (every batch non-finite)."""
     from ..stats.recalibrate import recalibrate
 
     order = torch.from_numpy(rng.permutation(len(data.y_train)))
     batches = [data.x_train[order[i : i + RECAL_BATCH]] for i in range(0, len(order), RECAL_BATCH)]
     batches = [b for b in batches if len(b) > 1]
-    recalibrate(model, batches, modules="*", progress=False)
+    try:
+        recalibrate(model, batches, modules="*", progress=False)
+    except BNDoctorError as exc:
+        if "non-finite" not in str(exc) and "NaN" not in str(exc):
+            raise
+        return False
+    return True
 
 
 @torch.no_grad()
@@ -203,6 +210,7 @@ def _train(
     )
     val_acc: list[float] = []
     train_loss: list[float] = []
+    extra_diverged = 0
     for epoch in range(scenario.epochs):
         model.train()
         if scenario.bn_eval:
@@ -228,12 +236,23 @@ def _train(
             optimizer.step()
             lr_at.step()
         train_loss.append(loss_sum.item() / max(seen, 1))
-        if scenario.recalibrate:
-            _recalibrate(model, data, rng)
+        diverged = not math.isfinite(train_loss[-1])
+        if scenario.recalibrate and not diverged:
+            diverged = _recalibrate(model, data, rng) is False
         val_acc.append(_accuracy(model, data.x_val, data.y_val))
         if on_epoch is not None:
             on_epoch(epoch + 1)
+        if diverged:  # a result, not a crash: the run is recorded with the accuracy it reached, and stops
+            extra_diverged = epoch + 1
+            for later in range(epoch + 1, scenario.epochs):
+                val_acc.append(val_acc[-1])
+                train_loss.append(math.nan)
+                if on_epoch is not None:
+                    on_epoch(later + 1)
+            break
     result = RunResult(scenario.name, seed, val_acc, train_loss, time.perf_counter() - start)
+    if extra_diverged:
+        result.extra["diverged_epoch"] = extra_diverged
     if monitor is not None:
         monitor.close()
         result.extra["monitor"] = {
