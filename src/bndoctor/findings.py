@@ -96,5 +96,17 @@ class Finding:
             "action": None if self.action is None else self.action.as_dict(),
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Finding:
+        """The finding an :meth:`as_dict` record describes (a run file's alert); its ``action`` is not rebuilt."""
+        return cls(
+            data["code"],
+            data["severity"],
+            data.get("module"),
+            data["message"],
+            data.get("evidence") or {},
+            data.get("fix") or "",
+        )
+
     def __str__(self) -> str:
         return f"{self.code} {self.severity} {self.where}: {self.message}"

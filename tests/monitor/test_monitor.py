@@ -285,3 +285,18 @@ def test_a_sampled_forward_that_raises_records_nothing_later():
     samples = [r for r in monitor.records if r["kind"] == "sample"]
     assert len(samples) == 1
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def test_a_finding_survives_its_run_file_form():
+    """Alerts are read back from JSONL (bndoctor report, bndoctor watch) with Finding.from_dict."""
+    import json
+
+    from bndoctor.findings import Action, Finding
+
+    finding = Finding("BN101", "error", "layer1.0.bn1", "few samples", {"effective_batch": 1.5}, "accumulate",
+                      Action("to_accum_bn"))  # fmt: skip
+    back = Finding.from_dict(json.loads(json.dumps(finding.as_dict())))
+    assert back == finding and back.action is None  # action is not compared and not rebuilt
+    assert (
+        str(Finding.from_dict({"code": "BN503", "severity": "warning", "message": "m"})) == "BN503 warning (model): m"
+    )

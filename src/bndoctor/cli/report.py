@@ -31,10 +31,7 @@ class ReportResult:
         from ..monitor import group_alerts
 
         lines = [f"{self.samples} samples of {self.layers} BN layer(s); {len(self.alerts)} alert(s)"]
-        findings = [
-            Finding(a["finding"]["code"], a["finding"]["severity"], a["finding"].get("module"), a["finding"]["message"])
-            for a in self.alerts
-        ]
+        findings = [Finding.from_dict(a["finding"]) for a in self.alerts]
         lines += [f"  {line}" for line in group_alerts(findings)]  # one line per code; every layer in the report
         lines.append(f"wrote {self.path} and {self.path.with_suffix('.html')} (images embedded)")
         return "\n".join(lines)

@@ -73,15 +73,7 @@ class WatchResult:
             + f"; command exit code {self.exit_code}"
         ]
         if self.alerts:
-            findings = [
-                Finding(
-                    a["finding"]["code"],
-                    a["finding"]["severity"],
-                    a["finding"].get("module"),
-                    a["finding"]["message"],
-                )
-                for a in self.alerts
-            ]
+            findings = [Finding.from_dict(a["finding"]) for a in self.alerts]
             from ..monitor import group_alerts
 
             lines.append(f"{len(findings)} alert(s):")
