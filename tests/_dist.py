@@ -56,3 +56,34 @@ def run_ranks(fn, world_size: int, *args, timeout: int = 60):
             with open(os.path.join(out_dir, f"{rank}.pkl"), "rb") as f:
                 results.append(pickle.load(f))
     return results
+
+
+_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast", "barrier")
+
+
+class count_collectives:  # noqa: N801 - used as a context manager
+    """Count calls of torch.distributed's collectives made inside the ``with`` block (``.calls``)."""
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        self.calls = 0
+        self._originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
+
+        def counting(original):
+            def call(*args, **kwargs):
+                self.calls += 1
+                return original(*args, **kwargs)
+
+            return call
+
+        for name, original in self._originals.items():
+            setattr(dist, name, counting(original))
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+        return False

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import bndoctor as bd
-from tests._dist import run_ranks
+from tests._dist import count_collectives, run_ranks
 from tests._fakes import ScaledOutputBN, randomize_bn
 
 C = 3
@@ -94,27 +94,15 @@ def test_equals_bn_over_the_concatenated_batch(world_size, sizes, dims):
 
 
 def _count_collectives(rank, world_size):
-    import torch.distributed as dist
-
-    calls = []
-    original = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
+    with count_collectives() as counter:
         layer = _layer()
         x, g = _local_batch(rank, [2, 3])
         x.requires_grad_(True)
         (layer(x) * g).sum().backward()
-        train_calls = len(calls)
+        train_calls = counter.calls
         layer.eval()
         layer(x)
-        return train_calls, len(calls) - train_calls
-    finally:
-        dist.all_reduce = original
+        return train_calls, counter.calls - train_calls
 
 
 def test_two_collectives_per_training_step_none_in_eval():
@@ -204,6 +192,54 @@ def test_group_size_syncs_within_blocks_of_ranks():
         assert not isinstance(m, BaseException), m
     assert torch.equal(means[0], means[1]) and torch.equal(means[2], means[3])
     assert not torch.allclose(means[0], means[2])
+
+
+def _offset_rank(rank, world_size):
+    # float32 input far from zero with a small spread: pooling E[x^2] - mean^2 in float32 would lose the
+    # variance entirely (1e6 * 6e-8 against 1e-4); pooling per-rank means and M2 keeps it
+    x = 1000.0 + 0.01 * torch.randn(6, C, 3, 3, generator=torch.Generator().manual_seed(rank))
+    layer = bd.SyncBatchNorm(C)
+    return x, layer(x).detach(), layer.running_var.clone()
+
+
+def test_float32_statistics_keep_a_small_spread_far_from_zero():
+    results = run_ranks(_offset_rank, 2)
+    for r in results:
+        assert not isinstance(r, BaseException), r
+    x = torch.cat([r[0] for r in results])
+    bn = nn.BatchNorm2d(C).double()
+    bn(x.double())
+    torch.testing.assert_close(results[0][2].double(), bn.running_var, rtol=1e-3, atol=0)
+    # the output as torch's float32 BN gives it (x - mean in float32 rounds at 6e-5 / 0.01 here)
+    torch.testing.assert_close(torch.cat([r[1] for r in results]), nn.BatchNorm2d(C)(x), atol=2e-2, rtol=0)
+
+
+def _half_rank(rank, world_size, autocast):
+    torch.manual_seed(0)
+    layer = bd.SyncBatchNorm(C)
+    if not autocast:
+        layer = layer.to(torch.bfloat16)  # a wholly half-precision layer: parameters and buffers bf16
+    x = torch.randn(4, C, 5, 5, generator=torch.Generator().manual_seed(rank)) * 2 + 1
+    xb = x.to(torch.bfloat16).requires_grad_(True)
+    y = layer(xb)
+    (y.float() * x).sum().backward()
+    return xb.detach(), y.detach(), xb.grad, layer.weight.grad, layer.running_mean, layer.weight.grad.dtype
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["float32-layer", "bfloat16-layer"])
+def test_bfloat16_input(autocast):
+    results = run_ranks(_half_rank, 2, autocast)
+    for r in results:
+        assert not isinstance(r, BaseException), r
+    x = torch.cat([r[0] for r in results]).double().requires_grad_(True)
+    bn = nn.BatchNorm2d(C).double()
+    y = bn(x)
+    (y * x.detach()).sum().backward()
+    torch.testing.assert_close(torch.cat([r[1] for r in results]).double(), y.detach(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(torch.cat([r[2] for r in results]).double(), x.grad, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(sum(r[3].double() for r in results), bn.weight.grad, atol=0.5, rtol=0.02)
+    torch.testing.assert_close(results[0][4].double(), bn.running_mean, atol=0.01, rtol=0.02)
+    assert results[0][5] == (torch.float32 if autocast else torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- single process

@@ -87,3 +87,29 @@ def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 0.0)
     return mean, invstd.pow(-2).nan_to_num_(posinf=0.0)  # invstd 0 (a constant channel): variance 0
+
+
+def pool_over_ranks(
+    mean: torch.Tensor, var: torch.Tensor, n: int, group: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pool per-channel (mean, biased var) over a local count ``n`` across the ranks of ``group``.
+
+    One ``all_gather`` of ``[mean, M2, n]`` per rank (M2 = var * n, the sum of squared deviations),
+    then Chan et al. (1979)'s parallel combination on every rank: no ``E[x^2] - mean^2``
+    cancellation. Returns the global count (a 0-d tensor: no host read), mean and biased variance;
+    with every rank empty the count is 0 and the statistics are 0.
+    """
+    from ..distributed import gather_rows
+
+    channels = mean.numel()
+    if n == 0:  # an empty local batch contributes nothing (its moments may be NaN)
+        mean = var = torch.zeros_like(mean)
+    local = torch.cat([mean, var * n, mean.new_full((1,), float(n))])
+    rows = gather_rows(local, group)  # (world, 2C + 1)
+    counts = rows[:, -1:]
+    total = counts.sum()
+    safe = total.clamp(min=1.0)
+    means = rows[:, :channels]
+    pooled = (means * counts).sum(0) / safe
+    m2 = rows[:, channels : 2 * channels].sum(0) + (counts * (means - pooled) ** 2).sum(0)
+    return total, pooled, m2 / safe

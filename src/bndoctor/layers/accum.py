@@ -55,7 +55,7 @@ from ..distributed import HasProcessGroup
 from ..errors import BNDoctorError, BNDoctorWarning, caller_stacklevel
 from ..moments import pool_two
 from ._base import BNDoctorLayer
-from ._ema import batch_moments, ema_step, renormalize
+from ._ema import batch_moments, ema_step, pool_over_ranks, renormalize
 
 __all__ = ["AccumBatchNorm", "AccumMode"]
 
@@ -292,8 +292,8 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         """This micro-batch's (mean, biased var), and the count, mean and var of the micro-step to pool.
 
         Without sync the micro-step is the local micro-batch (count: a number).
-        With sync it spans the ranks: one all_reduce of [n, sum x, sum x^2] in
-        float64; the count stays a tensor (no host read).
+        With sync it spans the ranks: one all_gather of every rank's [mean, M2, n],
+        pooled with Chan's formula; the count stays a tensor (no host read).
         """
         if n > 0:
             mean, var = batch_moments(x)
@@ -301,13 +301,8 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             mean = var = torch.zeros(x.shape[1], device=x.device, dtype=self._window.dtype)
         if not synced:
             return mean, var, float(n), mean, var
-        packed = torch.cat([mean.new_full((1,), float(n)), mean * n, (var + mean * mean) * n]).double()
-        total = distributed.all_reduce_sum(packed, self.process_group)
-        count = total[0]
-        safe = count.clamp(min=1.0)  # an all-empty global micro-step pools nothing (count 0)
-        step_mean = total[1 : 1 + mean.numel()] / safe
-        step_var = (total[1 + mean.numel() :] / safe - step_mean * step_mean).clamp_(min=0)
-        return mean, var, count, step_mean.to(mean.dtype), step_var.to(var.dtype)
+        count, step_mean, step_var = pool_over_ranks(mean, var, n, self.process_group)  # all-empty: count 0
+        return mean, var, count, step_mean, step_var
 
     def _synced(self) -> bool:
         return self.sync and distributed.active(self.process_group)
