@@ -59,7 +59,7 @@ from ._ema import batch_moments, ema_step, pool_over_ranks, renormalize
 
 __all__ = ["AccumBatchNorm", "AccumMode"]
 
-AccumMode = Literal["progressive", "renorm", "blend", "centered"]
+AccumMode = Literal["progressive", "renorm", "blend"]
 
 
 class _PooledNorm(torch.autograd.Function):
@@ -92,52 +92,6 @@ class _PooledNorm(torch.autograd.Function):
         if need_x:  # ratio * bn_backward + (1 - ratio) * g / sqrt(var + eps); ratio is a 0-d tensor (no host read)
             dx = torch.lerp(grad * (invstd * w).view(shape), dx, ctx.ratio.to(dx.dtype))
         return dx, (dw if need_w and ctx.has_weight else None), (db if need_b else None), None, None, None, None
-
-
-class _CenteredNorm(torch.autograd.Function):
-    """y = BN(x) with the window's statistics so far; the backward centres with the window's gradients so far.
-
-    BN's input gradient over a normalisation batch B is
-    ``gamma / sigma (dy - mean_B dy - x_hat mean_B(dy x_hat))``. For the
-    logical batch, the means run over every micro-batch of the window; while
-    micro-batch k is back-propagated only micro-batches 1..k have gradients,
-    so the means are taken over those (running sums kept per layer, in
-    ``grads`` = [count, sum dy, sum dy x_hat]).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x, weight, bias, mean, var, grads, eps: float):  # type: ignore[override]
-        invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.grads, ctx.eps = grads, eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return torch.nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-
-    @staticmethod
-    def backward(ctx: Any, grad):  # type: ignore[override]
-        x, weight, mean, invstd = ctx.saved_tensors
-        grad = grad.contiguous()
-        channels = x.shape[1]
-        kernel = mean.dtype if weight is None else weight.dtype
-        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad, x, weight, None, None, mean.to(kernel), invstd.to(kernel), True, ctx.eps, [False, True, True]
-        )
-        grads = ctx.grads
-        count, g_sum, gx_sum = grads.split([1, channels, channels])
-        count.add_(x.numel() // channels)
-        g_sum.add_(sum_dy.to(grads.dtype))
-        gx_sum.add_(sum_dy_xhat.to(grads.dtype))
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            a = invstd if weight is None else invstd * weight.to(mean.dtype)
-            c = -a * invstd * gx_sum / count
-            k = -a * g_sum / count - c * mean
-            shape = [1, channels] + [1] * (x.dim() - 2)
-            grad_x = torch.addcmul(k.to(x.dtype).view(shape), x, c.to(x.dtype).view(shape))
-            grad_x.addcmul_(grad, a.to(x.dtype).view(shape))
-        grad_w = sum_dy_xhat if weight is not None and ctx.needs_input_grad[1] else None
-        grad_b = sum_dy.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
@@ -174,10 +128,9 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         dtype: Any = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        if mode not in ("progressive", "renorm", "blend", "centered"):
+        if mode not in ("progressive", "renorm", "blend"):
             raise BNDoctorError(
-                f"expected mode 'progressive', 'renorm', 'blend' or 'centered' (got {mode!r})",
-                hint="the default is fine",
+                f"expected mode 'progressive', 'renorm' or 'blend' (got {mode!r})", hint="the default is fine"
             )
         self.mode = mode
         self.sync = sync
@@ -190,8 +143,6 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         # device, updated in place (no host read in the training step; torch.compile sees tensors, not numbers)
         window = torch.zeros(2 * num_features + 1, device=self.running_mean.device, dtype=torch.float32)  # type: ignore[union-attr]
         self._window = window
-        # centered mode: the window's gradient sums so far, [count, sum dy, sum dy x_hat] per channel
-        self._grads = torch.zeros(2 * num_features + 1, device=window.device, dtype=torch.float32)
         self._has_data = False  # a training forward has run since the last close or reset (host-side flag)
         self._collected: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # two passes
         self._previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # blend: the last window
@@ -211,13 +162,11 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         if reference is not None:
             dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
             self._window = self._window.to(device=reference.device, dtype=dtype)
-            self._grads = self._grads.to(device=reference.device, dtype=dtype)
         return self
 
     def reset_window(self) -> None:
         """Forget the open window's statistics (and collected ones) without committing them."""
         self._window.zero_()
-        self._grads.zero_()
         self._has_data = False
         self._collected = None
 
@@ -398,8 +347,6 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         if self.mode == "renorm":
             # r = sigma_B / sigma, d = (mu_B - mu) / sigma against the window, eps inside both sigmas (Ioffe 2017)
             return renormalize(x, self.weight, self.bias, mean, var, ref_mean=use_mean, ref_var=use_var, eps=self.eps)
-        if self.mode == "centered":
-            return _CenteredNorm.apply(x, self.weight, self.bias, use_mean, use_var, self._grads, self.eps)
         return _PooledNorm.apply(x, self.weight, self.bias, use_mean, use_var, n / use_count, self.eps)
 
     def extra_repr(self) -> str:

@@ -70,7 +70,7 @@ def to_accum_bn(
     layers that are SyncBatchNorm now (bndoctor's or torch's), keeping their
     process group unless one is given.
     """
-    if mode not in ("progressive", "renorm", "blend", "centered"):
+    if mode not in ("progressive", "renorm", "blend"):
         raise BNDoctorError(
             f"expected mode 'progressive', 'renorm' or 'blend' (got {mode!r})", hint="the default is fine"
         )
