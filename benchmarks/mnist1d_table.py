@@ -40,13 +40,23 @@ def main() -> None:
         default="final",
         help="final-epoch accuracy (default; short runs) or the mean of the last 5 epochs",
     )
+    parser.add_argument(
+        "--key", default="mnist1d_table", help="the BENCHMARKS.md section to write (one per results file)"
+    )
     args = parser.parse_args()
     data = json.loads(args.results.read_text())
     runs: dict[str, dict[int, float]] = {}
+    start: list[float] = []  # fine-tuning: the pretrained model's accuracy on the target before any update
     for run in data["runs"]:
+        if run["scenario"] not in {s["name"] for s in data["scenarios"] if s.get("dataset", "mnist1d") == "mnist1d"}:
+            continue
         value = run["final_acc"] if args.metric == "final" else run["last5_mean"]
         runs.setdefault(run["scenario"], {})[run["seed"]] = 100.0 * value
-    labels = {s["name"]: s["label"] for s in data["scenarios"]}
+        if run["scenario"] == "m1d-ft-bn-64" and "start_acc" in run.get("extra", {}):
+            start.append(100.0 * run["extra"]["start_acc"])
+    labels = {
+        s["name"]: s["label"] + (", shifted data" if s.get("domain") == "shifted" else "") for s in data["scenarios"]
+    }
     lines = [
         f"{len(data['seeds'])} seeds; {'final-epoch' if args.metric == 'final' else 'last-5-epoch'} validation "
         f"accuracy (%) on the 1,000 held-out sequences. Paper baselines: {PAPER}.",
@@ -60,6 +70,12 @@ def main() -> None:
         lines.append(
             f"| {name} | {labels.get(name, '')} | {statistics.fmean(values):.1f} | {sd:.1f} | "
             f"{min(values):.1f}–{max(values):.1f} |"
+        )
+
+    if len(start) > 1:
+        lines.append(
+            f"| (before fine-tuning) | the batch-64 model on the shifted data, no update | "
+            f"{statistics.fmean(start):.1f} | {statistics.stdev(start):.1f} | {min(start):.1f}–{max(start):.1f} |"
         )
 
     def paired(a: str, b: str) -> str:
@@ -81,27 +97,37 @@ def main() -> None:
         "|---|---|---|",
     ]
     for name in runs:
-        if (
-            not name.startswith("m1d-")
-            or "-2x32-" not in name
-            or (name.startswith("m1d-bn-2x32-") and "recal" not in name)
-        ):
+        if name.startswith("m1d-ft-"):
+            # fine-tuning: against BN left in training mode at the same micro-batch, and the batch-64 fine-tune
+            if name not in ("m1d-ft-bn-64", "m1d-ft-bn-train-2x32-corr"):
+                lines.append(
+                    f"| {name} | {paired(name, 'm1d-ft-bn-train-2x32-corr')} | {paired(name, 'm1d-ft-bn-64')} |"
+                )
+            continue
+        if "-2x32-" not in name or (name.startswith("m1d-bn-2x32-") and "recal" not in name):
             continue
         sampler = "corr" if "-corr" in name else "iid"
         lines.append(f"| {name} | {paired(name, f'm1d-bn-2x32-{sampler}')} | {paired(name, 'm1d-bn-64')} |")
-    lines.append(f"| m1d-bn-2x32-iid (no remedy) | – | {paired('m1d-bn-2x32-iid', 'm1d-bn-64')} |")
+    if "m1d-ft-bn-train-2x32-corr" in runs:
+        no_remedy = paired("m1d-ft-bn-train-2x32-corr", "m1d-ft-bn-64")
+        lines.append(f"| m1d-ft-bn-train-2x32-corr (no remedy) | – | {no_remedy} |")
+    if "m1d-bn-2x32-iid" in runs:
+        lines.append(f"| m1d-bn-2x32-iid (no remedy) | – | {paired('m1d-bn-2x32-iid', 'm1d-bn-64')} |")
     for tag in ("corr", "iid"):
         ours = f"m1d-accbn-renorm-2x32-{tag}"
-        for other in (f"m1d-gn-2x32-{tag}", f"m1d-brn-2x32-{tag}"):
+        others = [f"m1d-gn-2x32-{tag}", f"m1d-brn-2x32-{tag}"]
+        others += [f"m1d-accbn-{mode}-2x32-{tag}" for mode in ("progressive", "blend", "2pass")]
+        for other in others:
             if ours in runs and other in runs:
-                lines.append(f"| {ours} against {other} | {paired(ours, other)} | – |")
-    lines.append(f"| m1d-bn-2x32-corr (no remedy) | – | {paired('m1d-bn-2x32-corr', 'm1d-bn-64')} |")
+                lines.append(f"| {other} against {ours} | {paired(other, ours)} | – |")
+    if "m1d-bn-2x32-corr" in runs:
+        lines.append(f"| m1d-bn-2x32-corr (no remedy) | – | {paired('m1d-bn-2x32-corr', 'm1d-bn-64')} |")
     publish(
         "\n".join(lines),
         args.update,
-        f"python benchmarks/mnist1d_table.py {args.results} --metric {args.metric}",
-        key="mnist1d_table",
-        title="MNIST-1D: seeds, spreads and paired differences",
+        f"python benchmarks/mnist1d_table.py {args.results} --metric {args.metric} --key {args.key}",
+        key=args.key,
+        title=f"MNIST-1D: seeds, spreads and paired differences ({args.key})",
     )
 
 

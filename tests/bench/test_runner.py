@@ -38,9 +38,20 @@ def test_finetune_starts_from_the_pretrained_state_and_applies_the_remedy():
     pretrain = dataclasses.replace(SCENARIOS["bn-64"], epochs=1)
     _, source_state = run_scenario(pretrain, 0)
     ft = dataclasses.replace(SCENARIOS["ft-bn-frozen-2x32-corr"], epochs=1, micro_batch=8, accum_steps=8)
-    _, state = run_scenario(ft, 0, init_state=source_state)
+    result, state = run_scenario(ft, 0, init_state=source_state)
     running = [k for k in state if k.endswith("running_mean") or k.endswith("running_var")]
     assert running and all(torch.equal(state[k], source_state[k]) for k in running)  # frozen
+    # the pretrained model's accuracy on the target before any update, from an independent evaluation
+    from bndoctor.bench.data import load_data
+    from bndoctor.bench.runner import model_for
+
+    data = load_data("digits", "shifted")
+    model = model_for(data)
+    model.load_state_dict(source_state)
+    model.eval()
+    with torch.no_grad():
+        expected = (model(data.x_val).argmax(1) == data.y_val).float().mean().item()
+    assert result.extra["start_acc"] == pytest.approx(expected)
 
 
 def test_suite_adds_pretraining_dependency_and_parallel_equals_serial():

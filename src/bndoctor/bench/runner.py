@@ -175,8 +175,10 @@ def _train(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)  # the same on every rank: one global schedule, split by rank
     model = model_for(data, scenario.norm)
+    start_acc = None
     if init_state is not None:
         model.load_state_dict(init_state)
+        start_acc = _accuracy(model, data.x_val, data.y_val)  # the pretrained model on this domain, untouched
     if scenario.remedy is not None:
         model = scenario.remedy(model)
     if scenario.sync_bn:
@@ -253,6 +255,8 @@ def _train(
     result = RunResult(scenario.name, seed, val_acc, train_loss, time.perf_counter() - start)
     if extra_diverged:
         result.extra["diverged_epoch"] = extra_diverged
+    if start_acc is not None:
+        result.extra["start_acc"] = start_acc
     if monitor is not None:
         monitor.close()
         result.extra["monitor"] = {
