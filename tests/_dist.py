@@ -61,7 +61,7 @@ def run_ranks(fn, world_size: int, *args, timeout: int = 60):
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast", "barrier")
 
 
-class count_collectives:  # noqa: N801 - used as a context manager
+class count_collectives:
     """Count calls of torch.distributed's collectives made inside the ``with`` block (``.calls``)."""
 
     def __enter__(self):
