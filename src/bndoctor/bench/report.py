@@ -278,7 +278,7 @@ def _plot_sweep(suite: SuiteResult, path: Path) -> bool:
 
 #: the reference figures of MNIST-1D's paper, printed beside bndoctor's results on it
 MNIST1D_PAPER = (
-    "MNIST-1D reference figures (Greydanus 2020, \"Scaling down deep learning\", test accuracy): logistic "
+    'MNIST-1D reference figures (Greydanus 2020, "Scaling down deep learning", test accuracy): logistic '
     "regression 32 %, MLP 68 %, CNN 94 %, GRU 91 %, human 96 %. bndoctor's model is resnet1d (81k parameters, "
     "BatchNorm1d); its batch-64 row above is the comparable figure."
 )
@@ -294,7 +294,7 @@ def _data_descriptions(suite: SuiteResult) -> list[str]:
     seen: list[str] = []
     for s in suite.scenarios:
         name = s.dataset if not s.dataset.startswith("path:") else "path"
-        text = phrases.get(name, f"the data at {s.dataset[len('path:'):]}, model chosen for its input shape")
+        text = phrases.get(name, f"the data at {s.dataset[len('path:') :]}, model chosen for its input shape")
         if text not in seen:
             seen.append(text)
     return seen or [phrases["digits"]]
