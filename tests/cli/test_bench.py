@@ -29,8 +29,23 @@ def test_demo_end_to_end(capsys, tmp_path):
     assert "bndoctor demo" in captured.out and "What it shows" in captured.out
     assert "predicts the problem" in captured.out and "BN101 error" in captured.out  # check before training
     assert "ft-bn-frozen-2x32-corr" in captured.out
+    assert "m1d-demo-accbn-2x32-corr" in captured.out  # the MNIST-1D line (mnist1d is a dev dependency)
+    assert "MNIST-1D (harder than digits; the paper's CNN reaches 94%), 1 epoch," in captured.out
     assert "100%" in captured.err  # progress bar
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+
+
+def test_demo_without_mnist1d_says_how_to_get_its_line(capsys, tmp_path, monkeypatch):
+    import bndoctor.cli.bench as bench_cli
+
+    monkeypatch.setattr(bench_cli, "_has_mnist1d", lambda: False)
+    monkeypatch.setattr(bench_cli, "DEMO_INTRO", "demo")
+    from bndoctor import bench
+
+    monkeypatch.setattr(bench, "DEMO", ("bn-64",))
+    assert main(["demo", "--epochs", "1", "--seeds", "1", "--no-plots", "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "pip install 'bndoctor[demo]'" in out and "m1d-demo" not in out
 
 
 def test_bad_input_is_one_line(capsys):

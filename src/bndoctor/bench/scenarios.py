@@ -20,7 +20,7 @@ from ..errors import BNDoctorError
 from ..models import NormName
 from .samplers import SamplerName
 
-__all__ = ["DEMO", "SCENARIOS", "Scenario", "get_scenario", "register", "resolve"]
+__all__ = ["DEMO", "DEMO_MNIST1D", "SCENARIOS", "Scenario", "get_scenario", "register", "resolve"]
 
 Remedy = Callable[[nn.Module], nn.Module]
 
@@ -525,6 +525,32 @@ register(
         **_M1D_FT,
     )
 )
+# the demo's MNIST-1D line: the reference, the failure and the default fix, 4 epochs to keep the demo short
+_M1D_DEMO = dict(group="demo-mnist1d", dataset="mnist1d", epochs=4, lr=0.05)
+register(Scenario("m1d-demo-bn-64", "MNIST-1D demo: BatchNorm at batch 64 (4 epochs)", **_M1D_DEMO))
+register(
+    Scenario(
+        "m1d-demo-bn-2x32-corr",
+        "MNIST-1D demo: BatchNorm at 2 x 32, one class per micro-batch (4 epochs)",
+        micro_batch=2,
+        accum_steps=32,
+        sampler="correlated",
+        **_M1D_DEMO,
+    )
+)
+register(
+    Scenario(
+        "m1d-demo-accbn-2x32-corr",
+        "MNIST-1D demo: accumulation-aware BN at 2 x 32, one class per micro-batch (4 epochs)",
+        micro_batch=2,
+        accum_steps=32,
+        sampler="correlated",
+        accum_bn="renorm",
+        **_M1D_DEMO,
+    )
+)
+#: what ``bndoctor demo`` adds when the mnist1d package is installed (``bndoctor[demo]``)
+DEMO_MNIST1D = ("m1d-demo-bn-64", "m1d-demo-bn-2x32-corr", "m1d-demo-accbn-2x32-corr")
 #: the MNIST-1D core table (5 seeds): the reference, the failure and the remedies, shuffled and correlated
 MNIST1D_CORE = (
     "m1d-bn-64",

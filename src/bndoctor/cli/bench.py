@@ -145,9 +145,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 DEMO_INTRO = (
-    "bndoctor demo: BatchNorm at a tiny physical batch, on scikit-learn's digits (real 8x8 images),\n"
-    "against the batch-64 reference and the remedies. Gradient accumulation gives every run the same\n"
-    "logical batch of 64; only the batch that BatchNorm normalises over changes."
+    "bndoctor demo: BatchNorm at a tiny physical batch, on scikit-learn's digits (real 8x8 images) and on\n"
+    "MNIST-1D (Greydanus 2020, harder), against the batch-64 reference and the remedies. Gradient accumulation\n"
+    "gives every run the same logical batch of 64; only the batch that BatchNorm normalises over changes."
 )
 
 
@@ -166,11 +166,23 @@ def _demo_diagnosis() -> str:
     )
 
 
+def _has_mnist1d() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mnist1d") is not None
+
+
 def run_demo(args: argparse.Namespace) -> BenchResult:
-    from ..bench import DEMO
+    from ..bench import DEMO, DEMO_MNIST1D
 
     diagnosis = _demo_diagnosis()
-    return _run(args, list(DEMO), DEMO_INTRO + ("\n\n" + diagnosis if diagnosis else ""))
+    intro = DEMO_INTRO + ("\n\n" + diagnosis if diagnosis else "")
+    names = list(DEMO)
+    if _has_mnist1d():
+        names += DEMO_MNIST1D
+    else:
+        intro += "\n\n(The MNIST-1D line needs the mnist1d package: pip install 'bndoctor[demo]'.)"
+    return _run(args, names, intro)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
