@@ -117,10 +117,23 @@ def gather_rows(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     device = _collective_device(group, tensor.device)
     local = tensor.to(device).contiguous()
     world = dist.get_world_size(group)
-    out = torch.empty(world * local.numel(), dtype=local.dtype, device=device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name first
-    gather(out, local.view(-1), group=group)
-    return out.view(world, -1).to(tensor.device)
+    if not _FLAT_GATHER_UNSUPPORTED:
+        out = torch.empty(world * local.numel(), dtype=local.dtype, device=device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name first
+        try:
+            gather(out, local.view(-1), group=group)
+            return out.view(world, -1).to(tensor.device)
+        except RuntimeError as exc:  # raised on every rank before any traffic, so all ranks fall back alike
+            if "does not support" not in str(exc):
+                raise
+            _FLAT_GATHER_UNSUPPORTED.append(True)
+    rows = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(rows, local, group=group)
+    return torch.stack(rows).view(world, -1).to(tensor.device)
+
+
+#: set once a backend has said it cannot gather into one flat tensor (older gloo builds); then lists are used
+_FLAT_GATHER_UNSUPPORTED: list[bool] = []
 
 
 def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:

@@ -326,3 +326,23 @@ def test_group_size_must_divide_world():
         bd.to_sync_bn(nn.Sequential(nn.BatchNorm2d(2)), group_size=0)
     with pytest.raises(bd.BNDoctorError, match="either process_group or group_size"):
         bd.to_sync_bn(nn.Sequential(nn.BatchNorm2d(2)), process_group=object(), group_size=1)
+
+
+def _fallback_rank(rank, world_size):
+    import torch.distributed as dist
+
+    from bndoctor import distributed
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("ProcessGroupGloo does not support _allgather_base")
+
+    for name in ("all_gather_single", "all_gather_into_tensor"):
+        if hasattr(dist, name):
+            setattr(dist, name, unsupported)
+    rows = distributed.gather_rows(torch.tensor([float(rank), 10.0 + rank]))
+    return rows, bool(distributed._FLAT_GATHER_UNSUPPORTED)
+
+
+def test_gather_falls_back_to_a_list_gather_where_the_backend_cannot_gather_flat():
+    for rows, fell_back in run_ranks(_fallback_rank, 2):
+        assert fell_back and torch.equal(rows, torch.tensor([[0.0, 10.0], [1.0, 11.0]]))
