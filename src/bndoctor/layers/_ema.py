@@ -63,7 +63,8 @@ def renormalize(
             ref_invstd = torch.rsqrt(ref_var + eps)  # type: ignore[operator]
             r = torch.sqrt(var + eps).mul_(ref_invstd)
             d = (mean - ref_mean).mul_(ref_invstd)
-    r, d = r.detach(), d.detach()
+    if r.requires_grad or d.requires_grad:  # constants in the backward (an aten op each: skipped when not needed)
+        r, d = r.detach(), d.detach()
     if weight is None:
         w, b = r, (d if bias is None else d + bias)
     else:
@@ -79,7 +80,6 @@ def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     elsewhere torch's training-mode BN kernel. Their ``1/std`` output is 0
     for a constant channel: read back as a variance of 0 there.
     """
-    x = x.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     if x.is_cuda:
