@@ -32,7 +32,7 @@ def _pct(values: list[float]) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+", help="results.json files (runs of the same seeds merge)")
     parser.add_argument("--update", type=Path)
     parser.add_argument(
         "--metric",
@@ -44,7 +44,13 @@ def main() -> None:
         "--key", default="mnist1d_table", help="the BENCHMARKS.md section to write (one per results file)"
     )
     args = parser.parse_args()
-    data = json.loads(args.results.read_text())
+    data: dict = {"runs": [], "scenarios": [], "seeds": []}
+    for path in args.results:
+        part = json.loads(path.read_text())
+        known = {s["name"] for s in data["scenarios"]}
+        data["scenarios"] += [s for s in part["scenarios"] if s["name"] not in known]
+        data["runs"] += [r for r in part["runs"] if r["scenario"] not in known]
+        data["seeds"] = sorted(set(data["seeds"]) | set(part["seeds"]))
     runs: dict[str, dict[int, float]] = {}
     start: list[float] = []  # fine-tuning: the pretrained model's accuracy on the target before any update
     for run in data["runs"]:
@@ -104,6 +110,10 @@ def main() -> None:
                     f"| {name} | {paired(name, 'm1d-ft-bn-train-2x32-corr')} | {paired(name, 'm1d-ft-bn-64')} |"
                 )
             continue
+        if "-2x8x4-" in name:  # DDP: against local BN on the same ranks and micro-batches
+            if name != "m1d-bn-2x8x4-corr":
+                lines.append(f"| {name} | {paired(name, 'm1d-bn-2x8x4-corr')} | {paired(name, 'm1d-bn-64')} |")
+            continue
         if "-2x32-" not in name or (name.startswith("m1d-bn-2x32-") and "recal" not in name):
             continue
         sampler = "corr" if "-corr" in name else "iid"
@@ -111,6 +121,8 @@ def main() -> None:
     if "m1d-ft-bn-train-2x32-corr" in runs:
         no_remedy = paired("m1d-ft-bn-train-2x32-corr", "m1d-ft-bn-64")
         lines.append(f"| m1d-ft-bn-train-2x32-corr (no remedy) | – | {no_remedy} |")
+    if "m1d-bn-2x8x4-corr" in runs:
+        lines.append(f"| m1d-bn-2x8x4-corr (no remedy) | – | {paired('m1d-bn-2x8x4-corr', 'm1d-bn-64')} |")
     if "m1d-bn-2x32-iid" in runs:
         lines.append(f"| m1d-bn-2x32-iid (no remedy) | – | {paired('m1d-bn-2x32-iid', 'm1d-bn-64')} |")
     for tag in ("corr", "iid"):
@@ -125,7 +137,8 @@ def main() -> None:
     publish(
         "\n".join(lines),
         args.update,
-        f"python benchmarks/mnist1d_table.py {args.results} --metric {args.metric} --key {args.key}",
+        f"python benchmarks/mnist1d_table.py {' '.join(map(str, args.results))} --metric {args.metric} "
+        f"--key {args.key}",
         key=args.key,
         title=f"MNIST-1D: seeds, spreads and paired differences ({args.key})",
     )
