@@ -40,6 +40,7 @@ def main() -> None:
         default="final",
         help="final-epoch accuracy (default; short runs) or the mean of the last 5 epochs",
     )
+    parser.add_argument("--scenarios", nargs="+", metavar="NAME", help="keep only these scenarios (default: all)")
     parser.add_argument(
         "--key", default="mnist1d_table", help="the BENCHMARKS.md section to write (one per results file)"
     )
@@ -50,6 +51,8 @@ def main() -> None:
         known = {s["name"] for s in data["scenarios"]}
         data["scenarios"] += [s for s in part["scenarios"] if s["name"] not in known]
         data["runs"] += [r for r in part["runs"] if r["scenario"] not in known]
+    if args.scenarios:
+        data["scenarios"] = [s for s in data["scenarios"] if s["name"] in args.scenarios]
         data["seeds"] = sorted(set(data["seeds"]) | set(part["seeds"]))
     runs: dict[str, dict[int, float]] = {}
     start: list[float] = []  # fine-tuning: the pretrained model's accuracy on the target before any update
@@ -138,7 +141,8 @@ def main() -> None:
         "\n".join(lines),
         args.update,
         f"python benchmarks/mnist1d_table.py {' '.join(map(str, args.results))} --metric {args.metric} "
-        f"--key {args.key}",
+        + (f"--scenarios {' '.join(args.scenarios)} " if args.scenarios else "")
+        + f"--key {args.key}",
         key=args.key,
         title=f"MNIST-1D: seeds, spreads and paired differences ({args.key})",
     )
