@@ -51,13 +51,14 @@ def main() -> None:
         known = {s["name"] for s in data["scenarios"]}
         data["scenarios"] += [s for s in part["scenarios"] if s["name"] not in known]
         data["runs"] += [r for r in part["runs"] if r["scenario"] not in known]
+        data["seeds"] = sorted(set(data["seeds"]) | set(part["seeds"]))
     if args.scenarios:
         data["scenarios"] = [s for s in data["scenarios"] if s["name"] in args.scenarios]
-        data["seeds"] = sorted(set(data["seeds"]) | set(part["seeds"]))
+    kept = {s["name"] for s in data["scenarios"] if s.get("dataset", "mnist1d") == "mnist1d"}
     runs: dict[str, dict[int, float]] = {}
     start: list[float] = []  # fine-tuning: the pretrained model's accuracy on the target before any update
     for run in data["runs"]:
-        if run["scenario"] not in {s["name"] for s in data["scenarios"] if s.get("dataset", "mnist1d") == "mnist1d"}:
+        if run["scenario"] not in kept:
             continue
         value = run["final_acc"] if args.metric == "final" else run["last5_mean"]
         runs.setdefault(run["scenario"], {})[run["seed"]] = 100.0 * value
