@@ -18,7 +18,6 @@ __all__ = [
     "all_gather_stack",
     "all_ok",
     "all_reduce_sum",
-    "differentiable_all_reduce",
     "gather_rows",
     "rank",
     "subgroup",
@@ -86,23 +85,14 @@ def _collective_device(group: Any, like: torch.device) -> torch.device:
 
 def all_ok(ok: bool, group: Any = None) -> list[bool]:
     """Every rank's ``ok`` flag (one all_gather); lets ranks agree to stop together after a failure."""
-    import torch.distributed as dist
-
     flag = torch.tensor([1.0 if ok else 0.0], device=_collective_device(group, torch.device("cpu")))
-    gathered = [torch.zeros_like(flag) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, flag, group=group)
-    return [bool(t.item()) for t in gathered]
+    return [bool(v) for v in gather_rows(flag, group).view(-1).tolist()]
 
 
 def all_gather_stack(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Gather an equally shaped tensor from every rank: returns ``(world_size, *tensor.shape)``."""
-    import torch.distributed as dist
-
-    device = _collective_device(group, tensor.device)
-    local = tensor.to(device).contiguous()
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, local, group=group)
-    return torch.stack(gathered).to(tensor.device)
+    rows = gather_rows(tensor.reshape(-1), group)
+    return rows.view(rows.shape[0], *tensor.shape)
 
 
 def gather_rows(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
@@ -122,14 +112,14 @@ def gather_rows(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name first
         try:
             gather(out, local.view(-1), group=group)
-            return out.view(world, -1).to(tensor.device)
+            return out.view(world, local.numel()).to(tensor.device)
         except RuntimeError as exc:  # raised on every rank before any traffic, so all ranks fall back alike
             if "does not support" not in str(exc):
                 raise
             _FLAT_GATHER_UNSUPPORTED.append(True)
     rows = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(rows, local, group=group)
-    return torch.stack(rows).view(world, -1).to(tensor.device)
+    return torch.stack(rows).view(world, local.numel()).to(tensor.device)
 
 
 #: set once a backend has said it cannot gather into one flat tensor (older gloo builds); then lists are used
@@ -171,29 +161,3 @@ def subgroup(group_size: int, group: Any = None) -> Any:
         if dist.get_rank() in members:
             mine = created
     return mine
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose backward is again a sum over ranks (the gradient of a sum is shared)."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
-        import torch.distributed as dist
-
-        ctx.group = group
-        out = tensor.clone()
-        dist.all_reduce(out, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        import torch.distributed as dist
-
-        out = grad.contiguous().clone()
-        dist.all_reduce(out, group=ctx.group)
-        return out, None
-
-
-def differentiable_all_reduce(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
-    """``all_reduce(SUM)`` of ``tensor`` that autograd differentiates: one collective forward, one backward."""
-    return _AllReduceSum.apply(tensor, group)
