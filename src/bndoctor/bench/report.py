@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .runner import SuiteResult
-from .scenarios import SWEEP_BATCHES, SWEEP_LINES, Scenario
+from .scenarios import DEMO_MNIST1D, SWEEP_BATCHES, SWEEP_LINES, Scenario
 
 __all__ = ["findings", "markdown_table", "write_report"]
 
@@ -173,10 +173,9 @@ def findings(suite: SuiteResult) -> list[str]:
             f"With shuffled micro-batches the same fine-tuning gives {_pct(train)}% (BN in training mode) and "
             f"{_pct(frozen)}% (frozen): {verdict}."
         )
-    demo = ("m1d-demo-bn-64", "m1d-demo-bn-2x32-corr", "m1d-demo-accbn-2x32-corr")
-    if set(demo) <= ran:  # short runs: the final epoch, not the mean of the last five
-        ref, bad, fixed = (suite.summary(name)["final_mean"] for name in demo)
-        epochs = next(sc.epochs for sc in suite.scenarios if sc.name == demo[0])
+    if set(DEMO_MNIST1D) <= ran:  # short runs: the final epoch, not the mean of the last five
+        ref, bad, fixed = (suite.summary(name)["final_mean"] for name in DEMO_MNIST1D)  # the tuple's order
+        epochs = next(sc.epochs for sc in suite.scenarios if sc.name == DEMO_MNIST1D[0])
         out.append(
             f"MNIST-1D (harder than digits; the paper's CNN reaches 94%), {epochs} epoch{'s' if epochs != 1 else ''}, "
             f"one class per micro-batch of 2 x 32: plain BN {_pct(bad)}% final validation accuracy, "

@@ -549,7 +549,8 @@ register(
         **_M1D_DEMO,
     )
 )
-#: what ``bndoctor demo`` adds when the mnist1d package is installed (``bndoctor[demo]``)
+#: what ``bndoctor demo`` adds when the mnist1d package is installed (``bndoctor[demo]``); in this order:
+#: reference, failure, fix (the report's sentence reads them so)
 DEMO_MNIST1D = ("m1d-demo-bn-64", "m1d-demo-bn-2x32-corr", "m1d-demo-accbn-2x32-corr")
 #: the MNIST-1D core table (5 seeds): the reference, the failure and the remedies, shuffled and correlated
 MNIST1D_CORE = (
