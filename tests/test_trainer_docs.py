@@ -18,15 +18,26 @@ def _example(page):
     return blocks[0]
 
 
-def _run(tmp_path, page, *launcher, timeout=240):
+# Appended to each example: every process says that the page's code ran to its last line.
+_FINISHED = "\nimport os as _os\nprint('page finished on rank', _os.environ.get('RANK', '0'), flush=True)\n"
+# torch's gloo worker threads outlive destroy_process_group while DDP holds the group; at interpreter exit one
+# of them can abort the process (seen about once in ten fresh-clone CI runs, never locally in 160 runs)
+_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _run(tmp_path, page, *launcher, ranks=1, timeout=240):
+    """Run the page's example; it passes if it exits cleanly, or if every rank finished the page's code and
+    only torch's process tear-down aborted afterwards (the same rule as tests/_dist.run_ranks)."""
     script = tmp_path / "train.py"
-    script.write_text(_example(page))
+    script.write_text(_example(page) + _FINISHED)
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # torchrun, unactivated
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PATH": path}
     done = subprocess.run(
         [*launcher, str(script)], capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    finished = {f"page finished on rank {r}" for r in range(ranks)}
+    torn_down = _TEARDOWN_ABORT in done.stderr and finished <= set(done.stdout.splitlines())
+    assert done.returncode == 0 or torn_down, done.stderr[-3000:]
     return done
 
 
@@ -76,7 +87,7 @@ def test_accelerate_page_runs(tmp_path):
 
 def test_torchrun_page_runs_on_two_processes(tmp_path):
     done = _run(tmp_path, "torchrun.md", sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "2")  # fmt: skip
+                "--nproc-per-node", "2", ranks=2)  # fmt: skip
     assert "8 steps; running statistics differ across ranks by 0.0e+00" in done.stdout
     assert _samples(tmp_path / "bn_monitor.jsonl")
 
@@ -84,6 +95,6 @@ def test_torchrun_page_runs_on_two_processes(tmp_path):
 def test_torchrun_page_runs_under_watch(tmp_path):
     """The page's shell block: the same script, unchanged, under ``bndoctor watch -- torchrun ...``."""
     done = _run(tmp_path, "torchrun.md", sys.executable, "-m", "bndoctor", "watch", "--", "torchrun", "--standalone",
-                "--nproc-per-node", "2")  # fmt: skip
+                "--nproc-per-node", "2", ranks=2)  # fmt: skip
     assert "bndoctor watch: ResNet" in done.stdout and "on 2 ranks" in done.stdout
     assert (tmp_path / "bndoctor-watch.jsonl").stat().st_size > 0
