@@ -7,6 +7,8 @@ deadlock by skipping a call on a rank with an empty share.
 
 from __future__ import annotations
 
+import re
+
 from typing import Any
 
 import torch
@@ -114,7 +116,7 @@ def gather_rows(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
             gather(out, local.view(-1), group=group)
             return out.view(world, local.numel()).to(tensor.device)
         except RuntimeError as exc:  # raised on every rank before any traffic, so all ranks fall back alike
-            if "does not support" not in str(exc):
+            if not _UNSUPPORTED.search(str(exc)):
                 raise
             _FLAT_GATHER_UNSUPPORTED.append(True)
     rows = [torch.empty_like(local) for _ in range(world)]
@@ -124,6 +126,9 @@ def gather_rows(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 #: set once a backend has said it cannot gather into one flat tensor (older gloo builds); then lists are used
 _FLAT_GATHER_UNSUPPORTED: list[bool] = []
+# how backends say so: gloo before torch 2.6 "no support for _allgather_base in Gloo process group"; others
+# "... does not support ..." or "unsupported device type"
+_UNSUPPORTED = re.compile(r"no support|not support|unsupported", re.IGNORECASE)
 
 
 def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:

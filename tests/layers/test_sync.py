@@ -328,13 +328,13 @@ def test_group_size_must_divide_world():
         bd.to_sync_bn(nn.Sequential(nn.BatchNorm2d(2)), process_group=object(), group_size=1)
 
 
-def _fallback_rank(rank, world_size):
+def _fallback_rank(rank, world_size, message):
     import torch.distributed as dist
 
     from bndoctor import distributed
 
     def unsupported(*args, **kwargs):
-        raise RuntimeError("ProcessGroupGloo does not support _allgather_base")
+        raise RuntimeError(message)
 
     for name in ("all_gather_single", "all_gather_into_tensor"):
         if hasattr(dist, name):
@@ -343,6 +343,36 @@ def _fallback_rank(rank, world_size):
     return rows, bool(distributed._FLAT_GATHER_UNSUPPORTED)
 
 
-def test_gather_falls_back_to_a_list_gather_where_the_backend_cannot_gather_flat():
-    for rows, fell_back in run_ranks(_fallback_rank, 2):
+@pytest.mark.parametrize(
+    "message",
+    [
+        "no support for _allgather_base in Gloo process group",  # gloo's own words in older torch
+        "ProcessGroupGloo::_allgather_base: unsupported device type cuda",
+    ],
+)
+def test_gather_falls_back_to_a_list_gather_where_the_backend_cannot_gather_flat(message):
+    for rows, fell_back in run_ranks(_fallback_rank, 2, message):
         assert fell_back and torch.equal(rows, torch.tensor([[0.0, 10.0], [1.0, 11.0]]))
+
+
+def _other_error_rank(rank, world_size):
+    import torch.distributed as dist
+
+    from bndoctor import distributed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Connection reset by peer")
+
+    for name in ("all_gather_single", "all_gather_into_tensor"):
+        if hasattr(dist, name):
+            setattr(dist, name, broken)
+    try:
+        distributed.gather_rows(torch.tensor([float(rank)]))
+    except RuntimeError as exc:
+        return str(exc), bool(distributed._FLAT_GATHER_UNSUPPORTED)
+    return None, bool(distributed._FLAT_GATHER_UNSUPPORTED)
+
+
+def test_gather_raises_other_backend_errors_instead_of_falling_back():
+    for message, fell_back in run_ranks(_other_error_rank, 2):
+        assert message == "Connection reset by peer" and not fell_back
