@@ -11,15 +11,14 @@ median, one thread, oneDNN off (as the harness).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import bndoctor
+from _device import add_arguments, clock, command_suffix, section, where
 from _publish import publish
 from bndoctor.models import resnet18, tiny_resnet
 
@@ -31,23 +30,26 @@ MODELS = {
 
 
 def _window(step, opt, xs, ys) -> float:
-    start = time.perf_counter()
+    start = clock(xs[0].device)
     for x, y in zip(xs, ys):
         (F.cross_entropy(step(x), y) / ACCUM).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / ACCUM
+    return (clock(xs[0].device) - start) / ACCUM
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--update", type=Path)
+    add_arguments(parser, "bench_compile")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
+    dnn = ", oneDNN off" if device.type == "cpu" else ""
     lines = [
-        f"torch {torch.__version__}, {platform.machine()}, 1 thread, oneDNN off; micro-batch {MICRO} x {ACCUM} "
+        f"torch {torch.__version__}, {where(device)}{dnn}; micro-batch {MICRO} x {ACCUM} "
         f"accumulation steps; `torch.compile(model)` (inductor); median of {args.rounds} interleaved windows after "
         "a warm-up window (compile time excluded).",
         "",
@@ -57,18 +59,18 @@ def main() -> None:
     ]
     for label, (factory, shape) in MODELS.items():
         gen = torch.Generator().manual_seed(0)
-        xs = [torch.randn(MICRO, *shape, generator=gen) for _ in range(ACCUM)]
-        ys = [torch.randint(0, 10, (MICRO,), generator=gen) for _ in range(ACCUM)]
+        xs = [torch.randn(MICRO, *shape, generator=gen).to(device) for _ in range(ACCUM)]
+        ys = [torch.randint(0, 10, (MICRO,), generator=gen).to(device) for _ in range(ACCUM)]
         runs = {}
         for name in ("plain BN", "AccumBN renorm"):
             torch.manual_seed(0)
-            model = factory() if name == "plain BN" else bndoctor.to_accum_bn(factory())
+            model = (factory() if name == "plain BN" else bndoctor.to_accum_bn(factory())).to(device)
             opt = torch.optim.SGD(model.parameters(), lr=0.01)
             if name != "plain BN":
                 bndoctor.accumulate_bn(model, opt)
             runs[(name, "eager")] = (model.train(), opt)
             torch.manual_seed(0)
-            twin = factory() if name == "plain BN" else bndoctor.to_accum_bn(factory())
+            twin = (factory() if name == "plain BN" else bndoctor.to_accum_bn(factory())).to(device)
             opt2 = torch.optim.SGD(twin.parameters(), lr=0.01)
             if name != "plain BN":
                 bndoctor.accumulate_bn(twin, opt2)
@@ -87,9 +89,9 @@ def main() -> None:
     publish(
         "\n".join(lines),
         args.update,
-        f"python benchmarks/bench_compile.py --rounds {args.rounds}",
-        key="bench_compile",
-        title="Accumulation-aware BN under torch.compile: step time",
+        f"python benchmarks/bench_compile.py --rounds {args.rounds}{command_suffix(args)}",
+        key=section(args, "bench_compile"),
+        title="Accumulation-aware BN under torch.compile: step time" + (" on CUDA" if device.type == "cuda" else ""),
     )
 
 

@@ -10,15 +10,14 @@ Interleaved blocks of 100 steps, median per variant, one thread.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from _device import add_arguments, clock, command_suffix, section, where
 from _publish import publish
 from bndoctor.models import resnet18, tiny_resnet
 from bndoctor.monitor import BNMonitor
@@ -31,22 +30,24 @@ MODELS = {
 
 
 def _block(model, opt, x, y, steps) -> float:
-    start = time.perf_counter()
+    start = clock(x.device)
     for _ in range(steps):
         F.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / steps
+    return (clock(x.device) - start) / steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--update", type=Path)
+    add_arguments(parser, "bench_monitor")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(1)
     lines = [
-        f"torch {torch.__version__}, {platform.machine()}, 1 thread; forward + backward + SGD step; BNMonitor "
+        f"torch {torch.__version__}, {where(device)}; forward + backward + SGD step; BNMonitor "
         f"defaults (every=100, JSONL sink); median of {args.rounds} interleaved blocks of steps.",
         "",
         "| model | ms per step, no monitor | ms per step, monitor | ratio (target <= 1.03) |",
@@ -57,10 +58,11 @@ def main() -> None:
             torch.backends.mkldnn.enabled = shape[0] >= 8
             gen = torch.Generator().manual_seed(0)
             x, y = torch.randn(*shape, generator=gen), torch.randint(0, 10, (shape[0],), generator=gen)
+            x, y = x.to(device), y.to(device)
             variants = {}
             for name in ("plain", "monitor"):
                 torch.manual_seed(0)
-                model = factory().train()
+                model = factory().to(device).train()
                 opt = torch.optim.SGD(model.parameters(), lr=0.01)
                 if name == "monitor":
                     BNMonitor(model, sink=Path(tmp) / f"{len(variants)}.jsonl")
@@ -76,9 +78,9 @@ def main() -> None:
     publish(
         text,
         args.update,
-        f"python benchmarks/bench_monitor.py --rounds {args.rounds}",
-        key="bench_monitor",
-        title="BNMonitor: overhead at default settings",
+        f"python benchmarks/bench_monitor.py --rounds {args.rounds}{command_suffix(args)}",
+        key=section(args, "bench_monitor"),
+        title="BNMonitor: overhead at default settings" + (" on CUDA" if device.type == "cuda" else ""),
     )
 
 

@@ -62,3 +62,59 @@ def test_check_traces_a_cuda_model_without_moving_it():
     report = bd.check(model, bd.TrainingSetup(micro_batch=2), input_shape=(1, 8, 8))
     assert report.traced and all(p.device.type == "cuda" for p in model.parameters())
     assert all(b.device.type == "cuda" for b in model.buffers())
+
+
+def _micro_steps_and_step(model, optimizer, batches, *, sync_mode_for):
+    """Forward + backward of each batch, then the optimizer step, with CUDA's sync debug mode set to "error"
+    around the parts named in ``sync_mode_for`` ("micro", "step"): any host-device synchronisation raises."""
+    import torch.nn.functional as F
+
+    for part, run in [
+        ("micro", lambda: [F.cross_entropy(model(x), y).backward() for x, y in batches]),
+        ("step", optimizer.step),
+    ]:
+        torch.cuda.set_sync_debug_mode("error" if part in sync_mode_for else "default")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+LAYERS = {
+    "accum-renorm": lambda m: bd.to_accum_bn(m, mode="renorm"),
+    "accum-progressive": lambda m: bd.to_accum_bn(m, mode="progressive"),
+    "accum-blend": lambda m: bd.to_accum_bn(m, mode="blend"),
+    "batch-renorm": lambda m: bd.to_batch_renorm(m, warmup_steps=10),
+    "frozen": bd.freeze_bn,
+}
+
+
+def _cuda_setup(name):
+    torch.manual_seed(0)
+    model = LAYERS[name](tiny_resnet()).cuda().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, foreach=True)
+    if name.startswith("accum"):
+        bd.accumulate_bn(model, optimizer)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(2, 1, 8, 8, generator=gen).cuda(), torch.randint(0, 10, (2,), generator=gen).cuda())]
+    _micro_steps_and_step(model, optimizer, batches * 2, sync_mode_for=())  # lazy set-up (handles, window state)
+    return model, optimizer, batches * 4
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_no_host_device_sync_in_a_cuda_micro_step(name):
+    model, optimizer, batches = _cuda_setup(name)
+    _micro_steps_and_step(model, optimizer, batches, sync_mode_for=("micro",))
+
+
+@pytest.mark.parametrize("name", ["accum-renorm", "batch-renorm"])
+def test_no_host_device_sync_when_the_optimizer_step_closes_the_window(name):
+    model, optimizer, batches = _cuda_setup(name)
+    _micro_steps_and_step(model, optimizer, batches, sync_mode_for=("step",))
+
+
+@pytest.mark.parametrize("name", ["accum-renorm", "accum-renorm-two-passes", "frozen"])
+def test_compiled_layer_equals_eager_on_cuda(name):
+    from tests.layers.test_compile import compare_compiled_with_eager
+
+    compare_compiled_with_eager(name, "cuda")

@@ -54,9 +54,14 @@ VARIANTS = {
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_compiled_layer_equals_eager_over_three_windows(name):
+    compare_compiled_with_eager(name, "cpu")
+
+
+def compare_compiled_with_eager(name, device):
+    """Eager and compiled copies of ``VARIANTS[name]`` on ``device`` agree over three windows (also tests/test_gpu)."""
     torch._dynamo.reset()
     build = VARIANTS[name]
-    base = build()
+    base = build().to(device)
     eager, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, compiled_model)]
     accumulating = name.startswith("accum")
@@ -67,7 +72,8 @@ def test_compiled_layer_equals_eager_over_three_windows(name):
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         batches = [
-            (torch.randn(2, 1, 8, 8, generator=gen), torch.randint(0, 10, (2,), generator=gen)) for _ in range(8)
+            (torch.randn(2, 1, 8, 8, generator=gen).to(device), torch.randint(0, 10, (2,), generator=gen).to(device))
+            for _ in range(8)
         ]
         if getattr(build, "two_passes", False):
             bd.collect_window(eager, [x for x, _ in batches])
@@ -92,7 +98,7 @@ def test_compiled_layer_equals_eager_over_three_windows(name):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=bname)
     assert int(eager[1].num_batches_tracked) > 0 or name == "frozen"
     # one graph for the whole model: no break inside the layers
-    explanation = torch._dynamo.explain(compiled_model)(torch.randn(2, 1, 8, 8))
+    explanation = torch._dynamo.explain(compiled_model)(torch.randn(2, 1, 8, 8, device=device))
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
