@@ -35,7 +35,18 @@ def test_recalibrate_moves_cpu_batches_to_the_model_device():
     torch.testing.assert_close(model.stem[1].running_var.cpu(), reference.stem[1].running_var, rtol=1e-4, atol=1e-5)
 
 
-def test_accumulation_aware_bn_monitor_and_noise_scale_on_cuda():
+@pytest.fixture
+def full_float32():
+    """cuDNN convolutions default to TF32 (about 1e-3 relative error): compare float32 with float32."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_accumulation_aware_bn_monitor_and_noise_scale_on_cuda(full_float32):
     torch.manual_seed(0)
     cpu = bd.to_accum_bn(tiny_resnet())
     gpu = bd.to_accum_bn(tiny_resnet()).cuda()
