@@ -8,7 +8,6 @@ deadlock by skipping a call on a rank with an empty share.
 from __future__ import annotations
 
 import re
-
 from typing import Any
 
 import torch

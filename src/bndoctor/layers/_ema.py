@@ -35,58 +35,59 @@ def renormalize(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
+    r: torch.Tensor,
+    d: torch.Tensor,
     *,
-    ref_mean: torch.Tensor | None = None,
-    ref_var: torch.Tensor | None = None,
-    r: torch.Tensor | None = None,
-    d: torch.Tensor | None = None,
     eps: float,
+    running: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Batch Renormalization's output ``gamma (r x_hat_B + d) + beta`` (Ioffe 2017).
 
-    ``mean`` and ``var`` (biased) are the batch's own statistics (from
-    :func:`batch_moments`), ``x_hat_B = (x - mean) / sqrt(var + eps)``. Either
-    ``ref_mean``/``ref_var`` (r and d are those that normalise with the
-    reference statistics: accumulation-aware BN's window) or clipped ``r`` and
-    ``d`` (Batch Renorm). r and d are constants in the backward: the input
-    gradient is BN's gradient (through the batch statistics) times r, and
-    ``dL/dgamma`` sums ``dL/dy (r x_hat_B + d)``. One training-mode BN call
-    with the affine parameters folded (``gamma r``, ``beta + gamma d``) gives
-    exactly that through torch's own autograd: no Python backward, whose
-    per-call cost on CPU (about 0.1 ms) exceeds the kernel's second
-    statistics pass on the sizes measured (BENCHMARKS.md).
+    ``x_hat_B = (x - mu_B) / sqrt(var_B + eps)`` with the batch's own statistics;
+    r and d (per channel) are constants in the backward: the input gradient is
+    BN's gradient (through the batch statistics) times r, and ``dL/dgamma``
+    sums ``dL/dy (r x_hat_B + d)``. One training-mode BN call with the affine
+    parameters folded (``gamma r``, ``beta + gamma d``) gives exactly that
+    through torch's own autograd: no Python backward, whose per-call cost on
+    CPU (about 0.1 ms) exceeds the kernel's second statistics pass on the sizes
+    measured (BENCHMARKS.md). ``running`` = ``(running_mean, running_var,
+    momentum)``: the same kernel also takes the EMA step of those buffers with
+    the batch statistics (unbiased variance), as ``nn.BatchNorm`` does.
     """
-    with torch.no_grad():
-        if r is None or d is None:
-            ref_invstd = torch.rsqrt(ref_var + eps)  # type: ignore[operator]
-            r = torch.sqrt(var + eps).mul_(ref_invstd)
-            d = (mean - ref_mean).mul_(ref_invstd)
     if r.requires_grad or d.requires_grad:  # constants in the backward (an aten op each: skipped when not needed)
         r, d = r.detach(), d.detach()
     if weight is None:
         w, b = r, (d if bias is None else d + bias)
     else:
         w, b = weight * r, torch.addcmul(bias, weight, d) if bias is not None else weight * d
-    return torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.0, eps)
+    mean, var, momentum = running if running is not None else (None, None, 0.0)
+    return torch.nn.functional.batch_norm(x, mean, var, w, b, True, momentum, eps)
 
 
 @torch.no_grad()
-def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of ``x`` (N, C, ...), in float32 or wider.
+def batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and ``1 / sqrt(var + eps)`` (biased variance) of ``x`` (N, C, ...), float32 or wider.
 
-    On CUDA torch's fused statistics kernel (``batch_norm_stats``, Welford);
-    elsewhere torch's training-mode BN kernel. Their ``1/std`` output is 0
-    for a constant channel: read back as a variance of 0 there.
+    One kernel: torch's fused statistics kernel on CUDA (``batch_norm_stats``,
+    Welford), its training-mode BN kernel elsewhere (faster on CPU than
+    ``torch.var_mean``: 2-4x on the shapes of BENCHMARKS.md's networks).
     """
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     if x.is_cuda:
-        mean, invstd = torch.batch_norm_stats(x, 0.0)
-    else:
-        _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 0.0)
-    return mean, invstd.pow(-2).nan_to_num_(posinf=0.0)  # invstd 0 (a constant channel): variance 0
+        return torch.batch_norm_stats(x, eps)
+    _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    return mean, invstd
+
+
+@torch.no_grad()
+def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``x`` (N, C, ...), in float32 or wider (see :func:`batch_stats`).
+
+    The kernels' ``1/std`` output is inf for a constant channel: read back as a variance of 0 there.
+    """
+    mean, invstd = batch_stats(x, 0.0)
+    return mean, invstd.pow(-2).nan_to_num_(posinf=0.0)
 
 
 def pool_over_ranks(

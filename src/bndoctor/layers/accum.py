@@ -55,7 +55,7 @@ from ..distributed import HasProcessGroup
 from ..errors import BNDoctorError, BNDoctorWarning, caller_stacklevel
 from ..moments import pool_two
 from ._base import BNDoctorLayer
-from ._ema import batch_moments, ema_step, pool_over_ranks, renormalize
+from ._ema import batch_moments, batch_stats, ema_step, pool_over_ranks, renormalize
 
 __all__ = ["AccumBatchNorm", "AccumMode"]
 
@@ -288,19 +288,16 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             return _BatchNorm.forward(self, input)
         return self._window_forward(input)
 
-    def _step_statistics(self, x: torch.Tensor, n: int, synced: bool) -> tuple[Any, ...]:
-        """This micro-batch's (mean, biased var), and the count, mean and var of the micro-step to pool.
+    def _step_statistics(self, x: torch.Tensor, n: int) -> tuple[Any, ...]:
+        """With sync: this micro-batch's (mean, biased var), and the count, mean and var of the micro-step.
 
-        Without sync the micro-step is the local micro-batch (count: a number).
-        With sync it spans the ranks: one all_gather of every rank's [mean, M2, n],
-        pooled with Chan's formula; the count stays a tensor (no host read).
+        The micro-step spans the ranks: one all_gather of every rank's [mean, M2, n], pooled with
+        Chan's formula; the count stays a tensor (no host read).
         """
         if n > 0:
             mean, var = batch_moments(x)
         else:
             mean = var = torch.zeros(x.shape[1], device=x.device, dtype=self._window.dtype)
-        if not synced:
-            return mean, var, float(n), mean, var
         count, step_mean, step_var = pool_over_ranks(mean, var, n, self.process_group)  # all-empty: count 0
         return mean, var, count, step_mean, step_var
 
@@ -315,16 +312,17 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         wide = torch.float64 if x.dtype == torch.float64 else torch.float32
         if self._window.device != x.device or self._window.dtype != wide:  # buffers replaced without .to()
             self._window = self._window.to(device=x.device, dtype=wide)
+        if not synced:
+            return self._local_window_forward(x, n)
         with torch.no_grad():
-            mean, var, step_n, step_mean, step_var = self._step_statistics(x, n, synced)
+            mean, var, step_n, step_mean, step_var = self._step_statistics(x, n)
             # pool the micro-step into the window (Chan et al. 1979), in place and on the device
             w_count, w_mean, w_m2 = self._window_parts()
             total = w_count + step_n
-            safe = total.clamp(min=1.0) if synced else total  # with sync, every rank may have been empty so far
+            safe = total.clamp(min=1.0)  # every rank may have been empty so far
             share = (step_n / safe).to(w_mean.dtype)  # this micro-step's weight in the pooled mean
             delta = step_mean - w_mean
-            own_m2 = torch.add(w_m2, step_var, alpha=step_n) if not synced else w_m2 + step_var * step_n
-            pooled_m2 = torch.addcmul(own_m2, delta, delta * (w_count * share))
+            pooled_m2 = torch.addcmul(w_m2 + step_var * step_n, delta, delta * (w_count * share))
             pooled_mean = torch.lerp(w_mean, step_mean, share)
             w_count.copy_(total)
             w_mean.copy_(pooled_mean)
@@ -332,22 +330,59 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             self._has_data = True
             if n == 0:  # nothing to normalise here (the other ranks' statistics are pooled all the same)
                 return x.clone()
-            total = safe
-            use_count, use_mean, use_m2 = total, pooled_mean, pooled_m2
-            if self._collected is not None:  # two passes: the whole window's statistics, collected beforehand
-                use_count, use_mean, use_m2 = self._collected
-            elif self.mode == "blend" and self._previous is not None:
-                # the samples this window has not seen yet, taken from the last window (none once it is full)
-                p_count, p_mean, p_m2 = self._previous
-                prior = (p_count - total).clamp(min=0.0)
-                use_count, use_mean, use_m2 = pool_two(
-                    total, pooled_mean, pooled_m2, prior, p_mean, p_m2 * (prior / p_count.clamp(min=1.0))
-                )
-            use_var = use_m2 / use_count  # every term of the pooled M2 is >= 0
+            use_count, use_mean, use_var = self._reference(safe, pooled_mean, pooled_m2)
+            if self.mode == "renorm":
+                ref_invstd = torch.rsqrt(use_var + self.eps)
+                r = torch.sqrt(var + self.eps).mul_(ref_invstd)
+                d = (mean - use_mean).mul_(ref_invstd)
         if self.mode == "renorm":
-            # r = sigma_B / sigma, d = (mu_B - mu) / sigma against the window, eps inside both sigmas (Ioffe 2017)
-            return renormalize(x, self.weight, self.bias, mean, var, ref_mean=use_mean, ref_var=use_var, eps=self.eps)
+            return renormalize(x, self.weight, self.bias, r, d, eps=self.eps)
         return _PooledNorm.apply(x, self.weight, self.bias, use_mean, use_var, n / use_count, self.eps)
+
+    def _local_window_forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The window forward without sync: few tensor operations per micro-step (each one costs a kernel launch).
+
+        The window is updated in place, Welford-style: ``count += n``, ``mean += (m - mean) n / count``,
+        ``M2 += n v + n (m - mean_old)(m - mean_new)`` (Chan et al.'s update written with the new mean).
+        """
+        with torch.no_grad():
+            mean, invstd = batch_stats(x, self.eps)  # this micro-batch's mean and 1/sqrt(var + eps)
+            var = invstd.pow(-2).sub_(self.eps).clamp_(min=0.0)
+            w_count, w_mean, w_m2 = self._window_parts()
+            w_count.add_(n)
+            delta = mean - w_mean
+            w_mean.addcdiv_(delta, w_count, value=n)
+            w_m2.add_(var, alpha=n)
+            spread = mean - w_mean  # the micro-batch's mean against the pooled one
+            w_m2.addcmul_(delta, spread, value=n)
+            self._has_data = True
+            if self.mode == "renorm" and self._collected is None:
+                # r = sigma_B / sigma, d = (mu_B - mu) / sigma against the window, eps inside both (Ioffe 2017)
+                ref_invstd = torch.div(w_m2, w_count).add_(self.eps).rsqrt_()
+                r = ref_invstd.div(invstd)
+                d = spread.mul_(ref_invstd)
+            else:
+                use_count, use_mean, use_var = self._reference(w_count.clone(), w_mean.clone(), w_m2.clone())
+                if self.mode == "renorm":  # two passes: against the collected window
+                    ref_invstd = torch.rsqrt(use_var + self.eps)
+                    r = ref_invstd.div(invstd)
+                    d = (mean - use_mean).mul_(ref_invstd)
+        if self.mode == "renorm":
+            return renormalize(x, self.weight, self.bias, r, d, eps=self.eps)
+        return _PooledNorm.apply(x, self.weight, self.bias, use_mean, use_var, n / use_count, self.eps)
+
+    def _reference(
+        self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(count, mean, biased var) to normalise with, given the window so far (tensors this call may keep)."""
+        if self._collected is not None:  # two passes: the whole window's statistics, collected beforehand
+            count, mean, m2 = self._collected
+        elif self.mode == "blend" and self._previous is not None:
+            # the samples this window has not seen yet, taken from the last window (none once it is full)
+            p_count, p_mean, p_m2 = self._previous
+            prior = (p_count - count).clamp(min=0.0)
+            count, mean, m2 = pool_two(count, mean, m2, prior, p_mean, p_m2 * (prior / p_count.clamp(min=1.0)))
+        return count, mean, m2 / count  # every term of the pooled M2 is >= 0
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mode={self.mode}" + (", sync=True" if self.sync else "")

@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError
 from ._base import BNDoctorLayer
-from ._ema import batch_moments, renormalize
+from ._ema import batch_stats, renormalize
 
 __all__ = ["BatchRenorm"]
 
@@ -65,9 +65,12 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
 
     def _limits(self, done_steps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_max, d_max) after ``done_steps`` training forwards (default: the count now), computed on the device."""
-        tracked = (self.num_batches_tracked if done_steps is None else done_steps).to(torch.float32)  # type: ignore[union-attr]
-        done = torch.ones_like(tracked) if self.warmup_steps == 0 else (tracked / self.warmup_steps).clamp(max=1.0)
-        return 1.0 + (self.r_max - 1.0) * done, self.d_max * done
+        tracked = self.num_batches_tracked if done_steps is None else done_steps
+        if self.warmup_steps == 0:
+            done = torch.ones_like(tracked, dtype=torch.float32)  # type: ignore[arg-type]
+        else:  # an int64 count times a float: float32
+            done = tracked.mul(1.0 / self.warmup_steps).clamp_(max=1.0)  # type: ignore[union-attr]
+        return done.mul(self.r_max - 1.0).add_(1.0), done.mul(self.d_max)
 
     def _normalise(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -76,16 +79,15 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
             return _BatchNorm.forward(self, input)
         with torch.no_grad():
             r_max, d_max = self._limits()
-            mean_b, var_b = batch_moments(input)
-            std = torch.sqrt(self.running_var + self.eps)  # type: ignore[operator]
-            r = torch.clamp(torch.sqrt(var_b + self.eps) / std, min=r_max.reciprocal(), max=r_max)
-            d = torch.clamp((mean_b - self.running_mean) / std, min=-d_max, max=d_max)
-            n = input.numel() // input.shape[1]
+            mean_b, invstd_b = batch_stats(input, self.eps)
+            ref_invstd = torch.rsqrt(self.running_var + self.eps)  # type: ignore[operator]
+            # r = sigma_B / sigma, d = (mu_B - mu) / sigma, clipped; sigma from the running variance (before this step)
+            r = ref_invstd.div(invstd_b).clamp_(min=r_max.reciprocal(), max=r_max)
+            d = (mean_b - self.running_mean).mul_(ref_invstd).clamp_(min=-d_max, max=d_max)
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-            self.running_mean.add_((mean_b - self.running_mean) * self.momentum)  # type: ignore[operator]
-            unbiased = var_b * (n / max(n - 1, 1))
-            self.running_var.add_((unbiased - self.running_var) * self.momentum)  # type: ignore[operator]
-        return renormalize(input, self.weight, self.bias, mean_b, var_b, r=r, d=d, eps=self.eps)
+        # the BN kernel takes the running statistics' EMA step itself (momentum, unbiased variance)
+        running = (self.running_mean, self.running_var, self.momentum)
+        return renormalize(input, self.weight, self.bias, r, d, eps=self.eps, running=running)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r_max={self.r_max:g}, d_max={self.d_max:g}, warmup_steps={self.warmup_steps}"
