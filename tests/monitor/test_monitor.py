@@ -300,3 +300,32 @@ def test_a_finding_survives_its_run_file_form():
     assert (
         str(Finding.from_dict({"code": "BN503", "severity": "warning", "message": "m"})) == "BN503 warning (model): m"
     )
+
+
+def test_a_sample_reads_the_device_once_not_per_layer():
+    """Every figure of every layer stays a device tensor until one read per sample (on a GPU each read stalls)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith(("aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal")):
+                self.reads.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = bd.to_accum_bn(tiny_resnet())  # the window count too stays on the device
+    monitor = BNMonitor(model, every=1, keep=True, warmup=0)
+    x = torch.randn(2, 1, 8, 8)
+    with bd.accumulation_window(model):
+        model(x)
+        recorder = HostReads()
+        with recorder:
+            model(x)
+    monitor.close()
+    assert recorder.reads == []
+    layer = _sample(monitor, "stem.1")
+    assert layer["window"] == 256 and math.isfinite(layer["shift"]) and layer["drift_mean"] is not None

@@ -110,7 +110,7 @@ class BNDoctorLayer:
 
     def normalisation_statistics(
         self, mean: torch.Tensor, var: torch.Tensor, n: int
-    ) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+    ) -> tuple[float | torch.Tensor, torch.Tensor, torch.Tensor] | None:
         return None
 
     def _normalise(self, input: torch.Tensor) -> torch.Tensor:
@@ -150,8 +150,10 @@ def window_open(module: nn.Module) -> bool:
 
 def normalisation_statistics(
     module: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int
-) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+) -> tuple[float | torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The ``(count, mean, biased var)`` ``module`` normalises with, or ``None`` for the input's own.
+
+    The count is a number or a 0-d tensor (read it with ``float``; layers keep it on the device).
 
     ``mean``, ``var`` (biased) and ``n`` (values per channel) describe the
     current input; accumulation-aware BN answers with its window so far.

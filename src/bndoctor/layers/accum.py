@@ -230,20 +230,23 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
     @torch.no_grad()
     def normalisation_statistics(
         self, mean: torch.Tensor, var: torch.Tensor, n: int
-    ) -> tuple[float, torch.Tensor, torch.Tensor] | None:
+    ) -> tuple[float | torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The window statistics this micro-batch will be normalised with, given its own (mean, biased var).
 
-        ``None`` when no window control is attached (the layer then trains as plain BN).
+        The count is a 0-d tensor once the window holds data (no host read). ``None`` when no window
+        control is attached (the layer then trains as plain BN).
         """
         if not self.controlled:
             return None
         if self._collected is not None:
-            count, w_mean, w_m2 = self._collected
-            return float(count), w_mean.double(), w_m2.double() / count.double()
+            count, w_mean, w_m2 = (t.double() for t in self._collected)
+            return count.reshape(()), w_mean, w_m2 / count
         if not self._has_data:
             return float(n), mean, var
         w_count, w_mean, w_m2 = self._window_parts()
-        count, pooled_mean, pooled_m2 = pool_two(float(w_count), w_mean.double(), w_m2.double(), n, mean, var * n)
+        count, pooled_mean, pooled_m2 = pool_two(
+            w_count.double().reshape(()), w_mean.double(), w_m2.double(), n, mean, var * n
+        )
         return count, pooled_mean, pooled_m2 / count
 
     @torch.no_grad()

@@ -363,52 +363,80 @@ class BNMonitor:
 
         return hook
 
+    # the per-layer figures one sample computes on the device and reads back together in _finish
+    _FIGURES = ("finite", "window", "shift", "image_spread", "var_ratio", "collapsed", "drift_mean", "drift_var")
+
     @torch.no_grad()
     def _measure(self, name: str, module: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+        """One layer's figures as device tensors (read to the host once per sample, in :meth:`_finish`)."""
         record = self.layers[name]
         eps = float(getattr(module, "eps", 1e-5))
         running_mean = module.running_mean.detach().double()
         running_var = module.running_var.detach().double()
         x = x.detach()
         n = x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
-        finite = (
-            bool(torch.isfinite(x).all())
-            and bool(torch.isfinite(running_mean).all())
-            and bool(torch.isfinite(running_var).all())
-        )
-        out: dict[str, Any] = {"n": n, "frozen": record.frozen, "nonfinite": not finite}
-        if n >= 1 and finite:
+        finite = torch.isfinite(x).all() & torch.isfinite(running_mean).all() & torch.isfinite(running_var).all()
+        nan = torch.full((), math.nan, dtype=torch.float64, device=running_mean.device)
+        figures = dict.fromkeys(self._FIGURES, nan)
+        figures["finite"] = finite.double()
+        scale = running_var + eps
+        window = None
+        if n >= 1:
             values = x.double().transpose(0, 1).reshape(x.shape[1], x.shape[0], -1)  # (C, images, positions)
             image_means = values.mean(2)  # (C, images)
             mean_b = image_means.mean(1)
             var_b = values.reshape(x.shape[1], -1).var(1, unbiased=False)
             window = normalisation_statistics(module, mean_b, var_b, n)
             if window is not None:  # accumulation-aware BN normalises with its window, not the micro-batch
-                out["window"] = window[0]
+                figures["window"] = torch.as_tensor(window[0], dtype=torch.float64, device=nan.device)
                 mean_b, var_b = window[1], window[2]
-            scale = (running_var + eps).unsqueeze(1)
-            shift = float(((mean_b - running_mean) ** 2 / scale.squeeze(1)).mean())
-            spread = float(((image_means - running_mean.unsqueeze(1)) ** 2 / scale).mean())
-            images = self._spread[name]
-            images.append(spread)
-            del images[: -self.window]
-            out["shift"] = shift
-            out["image_spread"] = spread
-            # one image's mean varies around the running mean by `spread`; n independent images by spread / n
-            out["n_eff"] = min(statistics.fmean(images) / shift, 1e6) if shift > 0 else 1e6
-            out["var_ratio"] = float((var_b / scale.squeeze(1)).mean())
-        else:
-            out.update(shift=math.nan, image_spread=math.nan, n_eff=math.nan, var_ratio=math.nan)
-        out["collapsed"] = float((running_var < eps).double().mean())
+            figures["shift"] = ((mean_b - running_mean) ** 2 / scale).mean()
+            figures["image_spread"] = ((image_means - running_mean.unsqueeze(1)) ** 2 / scale.unsqueeze(1)).mean()
+            figures["var_ratio"] = (var_b / scale).mean()
+        figures["collapsed"] = (running_var < eps).double().mean()
         previous = self._previous.get(name)
-        if previous is not None and finite:
+        if previous is not None:
             p_mean, p_var = previous
-            out["drift_mean"] = float(((running_mean - p_mean) ** 2 / (running_var + eps)).mean().sqrt())
-            out["drift_var"] = float(((running_var + eps) / (p_var + eps)).log().abs().mean())
-        else:
-            out["drift_mean"] = out["drift_var"] = None
+            figures["drift_mean"] = ((running_mean - p_mean) ** 2 / scale).mean().sqrt()
+            figures["drift_var"] = (scale / (p_var + eps)).log().abs().mean()
         self._previous[name] = (running_mean.clone(), running_var.clone())
-        return out
+        return {
+            "n": n,
+            "frozen": record.frozen,
+            "_figures": torch.stack([figures[k].reshape(()) for k in self._FIGURES]),
+            "_window": window is not None,
+            "_drift": previous is not None,
+        }
+
+    def _read_figures(self, layers: dict[str, dict[str, Any]]) -> None:
+        """Turn every layer's device figures into numbers with one host read for the whole sample."""
+        if not layers:
+            return
+        stacked = [values.pop("_figures") for values in layers.values()]
+        if len({t.device for t in stacked}) > 1:  # a model spread over devices: gather on the host
+            stacked = [t.cpu() for t in stacked]
+        rows = torch.stack(stacked).tolist()
+        for (name, values), row in zip(layers.items(), rows):
+            figures = dict(zip(self._FIGURES, row))
+            finite = figures["finite"] == 1.0 and values["n"] >= 1
+            has_window, has_drift = values.pop("_window"), values.pop("_drift")
+            values["nonfinite"] = figures["finite"] != 1.0
+            if has_window and finite:
+                values["window"] = figures["window"]
+            if finite:
+                shift, spread = figures["shift"], figures["image_spread"]
+                images = self._spread[name]
+                images.append(spread)
+                del images[: -self.window]
+                # one image's mean varies around the running mean by `spread`; n independent images by spread / n
+                n_eff = min(statistics.fmean(images) / shift, 1e6) if shift > 0 else 1e6
+                values.update(shift=shift, image_spread=spread, n_eff=n_eff, var_ratio=figures["var_ratio"])
+            else:
+                values.update(shift=math.nan, image_spread=math.nan, n_eff=math.nan, var_ratio=math.nan)
+            values["collapsed"] = figures["collapsed"]
+            drift = has_drift and figures["finite"] == 1.0
+            values["drift_mean"] = figures["drift_mean"] if drift else None
+            values["drift_var"] = figures["drift_var"] if drift else None
 
     def _finish(self) -> None:
         self._disarm()
@@ -416,6 +444,7 @@ class BNMonitor:
         step = self.step if self.step is not None else self.forwards
         layers = self._current
         self._current = {}
+        self._read_figures(layers)
         self._emit(
             {
                 "kind": "sample",
