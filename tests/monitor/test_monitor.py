@@ -329,3 +329,23 @@ def test_a_sample_reads_the_device_once_not_per_layer():
     assert recorder.reads == []
     layer = _sample(monitor, "stem.1")
     assert layer["window"] == 256 and math.isfinite(layer["shift"]) and layer["drift_mean"] is not None
+
+
+@pytest.mark.parametrize("where", ["input nan", "input +inf and -inf", "input inf", "running_var inf"])
+def test_every_non_finite_value_is_flagged(where):
+    layer = _bn()
+    x = torch.randn(4, C, 2, 2, dtype=torch.float64)
+    if where == "input nan":
+        x[1, 2, 0, 1] = math.nan
+    elif where == "input +inf and -inf":  # their sum is NaN, not inf
+        x[0, 1, 0, 0], x[3, 1, 1, 1] = math.inf, -math.inf
+    elif where == "input inf":
+        x[2, 0, 1, 0] = math.inf
+    else:
+        layer.running_var[1] = math.inf
+    model = nn.Sequential(layer)
+    monitor = BNMonitor(model, every=1, keep=True, warmup=0)
+    model(x)
+    sample = _sample(monitor)
+    monitor.close()
+    assert sample["nonfinite"] and math.isnan(sample["shift"]) and sample["drift_mean"] is None

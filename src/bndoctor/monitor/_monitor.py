@@ -364,7 +364,7 @@ class BNMonitor:
         return hook
 
     # the per-layer figures one sample computes on the device and reads back together in _finish
-    _FIGURES = ("finite", "window", "shift", "image_spread", "var_ratio", "collapsed", "drift_mean", "drift_var")
+    _FIGURES = ("check", "window", "shift", "image_spread", "var_ratio", "collapsed", "drift_mean", "drift_var")
 
     @torch.no_grad()
     def _measure(self, name: str, module: nn.Module, x: torch.Tensor) -> dict[str, Any]:
@@ -375,10 +375,11 @@ class BNMonitor:
         running_var = module.running_var.detach().double()
         x = x.detach()
         n = x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
-        finite = torch.isfinite(x).all() & torch.isfinite(running_mean).all() & torch.isfinite(running_var).all()
         nan = torch.full((), math.nan, dtype=torch.float64, device=running_mean.device)
         figures = dict.fromkeys(self._FIGURES, nan)
-        figures["finite"] = finite.double()
+        # NaN or Inf anywhere in the input or the running statistics makes this float64 sum non-finite (a
+        # float32 / 16-bit input cannot overflow it): one number to read instead of three isfinite kernels each
+        figures["check"] = running_mean.sum() + running_var.sum()
         scale = running_var + eps
         window = None
         if n >= 1:
@@ -386,6 +387,7 @@ class BNMonitor:
             image_means = values.mean(2)  # (C, images)
             mean_b = image_means.mean(1)
             var_b = values.reshape(x.shape[1], -1).var(1, unbiased=False)
+            figures["check"] = figures["check"] + mean_b.sum()
             window = normalisation_statistics(module, mean_b, var_b, n)
             if window is not None:  # accumulation-aware BN normalises with its window, not the micro-batch
                 figures["window"] = torch.as_tensor(window[0], dtype=torch.float64, device=nan.device)
@@ -418,12 +420,13 @@ class BNMonitor:
         rows = torch.stack(stacked).tolist()
         for (name, values), row in zip(layers.items(), rows):
             figures = dict(zip(self._FIGURES, row))
-            finite = figures["finite"] == 1.0 and values["n"] >= 1
+            nonfinite = not math.isfinite(figures["check"])
             has_window, has_drift = values.pop("_window"), values.pop("_drift")
-            values["nonfinite"] = figures["finite"] != 1.0
-            if has_window and finite:
+            values["nonfinite"] = nonfinite
+            measured = not nonfinite and values["n"] >= 1
+            if has_window and measured:
                 values["window"] = figures["window"]
-            if finite:
+            if measured:
                 shift, spread = figures["shift"], figures["image_spread"]
                 images = self._spread[name]
                 images.append(spread)
@@ -434,7 +437,7 @@ class BNMonitor:
             else:
                 values.update(shift=math.nan, image_spread=math.nan, n_eff=math.nan, var_ratio=math.nan)
             values["collapsed"] = figures["collapsed"]
-            drift = has_drift and figures["finite"] == 1.0
+            drift = has_drift and not nonfinite
             values["drift_mean"] = figures["drift_mean"] if drift else None
             values["drift_var"] = figures["drift_var"] if drift else None
 
