@@ -20,15 +20,14 @@ def ema_step(
     """
     tracked = module.num_batches_tracked
     tracked.add_(1 if valid is None else valid.to(tracked.dtype))  # type: ignore[union-attr]
+    dtype = module.running_mean.dtype  # type: ignore[union-attr]
     # momentum None: the cumulative average, factor 1/k, computed on the device (no host read of the count)
-    factor: Any = module.momentum if module.momentum is not None else 1.0 / tracked.clamp(min=1).double()  # type: ignore[union-attr]
+    factor: Any = module.momentum if module.momentum is not None else tracked.clamp(min=1).to(dtype).reciprocal()  # type: ignore[union-attr]
     for running, stat in ((module.running_mean, mean), (module.running_var, unbiased_var)):
-        stat = stat.to(running.dtype)  # type: ignore[union-attr]
-        step = (stat - running) * factor  # type: ignore[operator]
-        if valid is None:
-            running.add_(step.to(running.dtype))  # type: ignore[union-attr]
-        else:
-            running.add_(torch.where(valid, step, torch.zeros_like(step)).to(running.dtype))  # type: ignore[union-attr]
+        stat = stat.to(dtype)
+        if valid is not None:  # an invalid step leaves the statistics as they are (a NaN in stat cannot leak in)
+            stat = torch.where(valid, stat, running)  # type: ignore[arg-type]
+        running.lerp_(stat, factor)  # type: ignore[union-attr]
 
 
 def renormalize(

@@ -260,9 +260,12 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             count, mean, m2 = self._window_parts()
             if self.track_running_stats and self.running_mean is not None:
                 unbiased = m2 / (count - 1.0).clamp(min=1.0)
-                valid = ((count > 0) & torch.isfinite(mean).all() & torch.isfinite(unbiased).all()).reshape(())
+                # NaN or Inf anywhere makes this float64 sum non-finite (finite float32 values cannot overflow it)
+                check = mean.sum(dtype=torch.float64) + unbiased.sum(dtype=torch.float64)
+                valid = ((count > 0) & torch.isfinite(check)).reshape(())
                 ema_step(self, mean, unbiased, valid=valid)
-            self._previous = (count.clone(), mean.clone(), m2.clone())
+            if self.mode == "blend":  # only blend reads the last window
+                self._previous = (count.clone(), mean.clone(), m2.clone())
         self.reset_window()
 
     def window_finite(self) -> bool:
