@@ -5,6 +5,8 @@ side from the same weights: losses, parameter gradients and running statistics
 (and the window's pooled statistics) must agree, and the layer must not break
 the graph. The window state of accumulation-aware BN lives in tensors updated
 in place, so the compiler neither specialises on a count nor misses an update.
+Synced layers (accumulation-aware BN with ``sync=True``, SyncBatchNorm) too, on
+2 gloo ranks: their all_gather is traced into the graph.
 """
 
 import copy
@@ -121,3 +123,45 @@ def test_compiled_batch_renorm_gradients_known_torch_limitation():
     F.cross_entropy(compiled(x), y).backward()
     for a, b in zip(eager.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+
+
+def _synced_rank(rank, world, name):
+    """Compiled against eager on each of 2 gloo ranks; returns the largest differences and the graph breaks."""
+    torch._dynamo.reset()
+    base = bd.to_accum_bn(_net(), sync=True) if name == "accum-sync" else bd.to_sync_bn(_net())
+    eager, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, compiled_model)]
+    if name == "accum-sync":
+        for model, optimizer in zip((eager, compiled_model), optimizers):
+            bd.accumulate_bn(model, optimizer)
+    compiled = torch.compile(compiled_model)
+    gen = torch.Generator().manual_seed(1 + rank)  # each rank its own data: the statistics must cross ranks
+    losses = grads = 0.0
+    for _ in range(3):
+        for _ in range(8):
+            x, y = torch.randn(2, 1, 8, 8, generator=gen), torch.randint(0, 10, (2,), generator=gen)
+            loss_e, loss_c = F.cross_entropy(eager(x), y), F.cross_entropy(compiled(x), y)
+            losses = max(losses, (loss_e - loss_c).abs().item())
+            (loss_e / 8).backward()
+            (loss_c / 8).backward()
+        for a, b in zip(eager.parameters(), compiled_model.parameters()):
+            grads = max(grads, (a.grad - b.grad).abs().max().item())
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    buffers = max(
+        (a - b).abs().max().item() for a, b in zip(eager.buffers(), compiled_model.buffers()) if a.is_floating_point()
+    )
+    breaks = torch._dynamo.explain(compiled_model)(torch.randn(2, 1, 8, 8)).graph_break_count
+    return losses, grads, buffers, breaks, int(eager[1].num_batches_tracked)
+
+
+@pytest.mark.parametrize("name", ["accum-sync", "sync-bn"])
+def test_compiled_synced_layer_equals_eager_on_two_ranks(name):
+    """With sync the layer's all_gather is traced into the graph (no break) and the numbers stay eager's."""
+    from tests._dist import run_ranks
+
+    for losses, grads, buffers, breaks, tracked in run_ranks(_synced_rank, 2, name, timeout=300):
+        assert losses < 1e-5 and grads < 1e-5 and buffers < 1e-5, (losses, grads, buffers)
+        assert breaks == 0
+        assert tracked == (3 if name == "accum-sync" else 24)  # one update per window / per micro-step
