@@ -221,3 +221,33 @@ def test_round_trip_and_plain_training_loop():
     assert int(accum.stem[1].num_batches_tracked) == 2  # one update per optimizer step, not per micro-batch
     exported = bd.from_accum_bn(copy.deepcopy(accum))
     assert not any(isinstance(m, bd.AccumBatchNorm) for m in exported.modules())
+
+
+def test_a_copy_or_a_cast_mid_window_keeps_its_own_window():
+    """The layer reuses views of its window tensor: a deep copy, a pickle round trip or a dtype cast
+    taken mid-window must each update their own window, never the original's."""
+    import io
+
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 3, 4, 4, dtype=torch.float64) + k for k in range(3)]
+    reference = torch.cat(xs).transpose(0, 1).reshape(3, -1)
+    layer = bd.AccumBatchNorm(3).double()
+    layer.acquire_control()
+    layer(xs[0])
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(layer), torch.load(buffer, weights_only=False), copy.deepcopy(layer).float().double()]
+    before = layer.window_statistics()
+    for twin in copies:
+        for x in xs[1:]:
+            twin(x)
+        count, mean, var = twin.window_statistics()
+        assert count == 96
+        torch.testing.assert_close(mean, reference.mean(1))
+        torch.testing.assert_close(var, reference.var(1, unbiased=False), rtol=1e-5, atol=1e-6)
+        twin.reset_window()  # zeroes the window the layer now holds: the next one starts empty
+        twin(xs[0])
+        assert twin.window_statistics()[0] == 32
+    count, mean, var = layer.window_statistics()  # the original saw one micro-batch only
+    assert count == before[0] == 32 and torch.equal(mean, before[1]) and torch.equal(var, before[2])

@@ -62,6 +62,12 @@ __all__ = ["AccumBatchNorm", "AccumMode"]
 AccumMode = Literal["progressive", "renorm", "blend"]
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this call (``torch.compiler.is_compiling`` where it exists)."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
 class _PooledNorm(torch.autograd.Function):
     """y = BN(x) with given pooled statistics; earlier micro-batches are constants in the backward.
 
@@ -150,9 +156,18 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
     # ----------------------------------------------------------------- window
 
     def _window_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views of the window tensor: count (shape 1), mean (C) and M2 (C)."""
+        """Views of the window tensor: count (shape 1), mean (C) and M2 (C).
+
+        Eager calls reuse the views made for the current window tensor (a split is one more dispatched
+        operation per micro-step); traced code splits afresh, which the compiler folds away.
+        """
+        cached = self.__dict__.get("_parts")
+        if cached is not None and cached[0] is self._window and not _compiling():
+            return cached[1]
         c = (self._window.numel() - 1) // 2
         count, mean, m2 = self._window.split([1, c, c])
+        if not _compiling():
+            self.__dict__["_parts"] = (self._window, (count, mean, m2))
         return count, mean, m2
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
