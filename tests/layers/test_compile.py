@@ -112,7 +112,11 @@ def test_compiled_batch_renorm_gradients_known_torch_limitation():
     The minimal form of the problem, without bndoctor: ``r = 1 + t``, then
     ``t.add_(1)``, output ``x * w * r``: compiled, the forward uses r = 1 and
     the gradient of w uses r = 2. Eager Batch Renorm is exact; this test turns
-    green when torch fixes it.
+    green when torch fixes it. Probed in #18's second session: deriving r and d
+    from the already-updated buffers (so that a recomputation sees the forward's
+    values) did not help, and the gradients differ even at the start of the
+    warm-up, where r = 1 and d = 0 make the layer plain BN — so the cause is not
+    only the recomputation of r and d; not found yet.
     """
     torch._dynamo.reset()
     base = bd.to_batch_renorm(_net(), warmup_steps=10)

@@ -128,6 +128,12 @@ class BNDoctorLayer:
             )
 
 
+def compiling() -> bool:
+    """Whether torch.compile is tracing this call (``torch.compiler.is_compiling`` where it exists)."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
 def pools_ranks(module: nn.Module) -> bool:
     """Whether the layer's training statistics span several ranks (torch's SyncBatchNorm included)."""
     return isinstance(module, nn.SyncBatchNorm) or bool(getattr(module, "pools_ranks", False))

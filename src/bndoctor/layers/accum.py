@@ -54,18 +54,12 @@ from .. import distributed
 from ..distributed import HasProcessGroup
 from ..errors import BNDoctorError, BNDoctorWarning, caller_stacklevel
 from ..moments import pool_two
-from ._base import BNDoctorLayer
+from ._base import BNDoctorLayer, compiling
 from ._ema import batch_moments, batch_stats, ema_step, pool_over_ranks, renormalize
 
 __all__ = ["AccumBatchNorm", "AccumMode"]
 
 AccumMode = Literal["progressive", "renorm", "blend"]
-
-
-def _compiling() -> bool:
-    """Whether torch.compile is tracing this call (``torch.compiler.is_compiling`` where it exists)."""
-    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(check()) if check is not None else False
 
 
 class _PooledNorm(torch.autograd.Function):
@@ -162,11 +156,11 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         operation per micro-step); traced code splits afresh, which the compiler folds away.
         """
         cached = self.__dict__.get("_parts")
-        if cached is not None and cached[0] is self._window and not _compiling():
+        if cached is not None and cached[0] is self._window and not compiling():
             return cached[1]
         c = (self._window.numel() - 1) // 2
         count, mean, m2 = self._window.split([1, c, c])
-        if not _compiling():
+        if not compiling():
             self.__dict__["_parts"] = (self._window, (count, mean, m2))
         return count, mean, m2
 
