@@ -347,9 +347,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
                 return x.clone()
             use_count, use_mean, use_var = self._reference(safe, pooled_mean, pooled_m2)
             if self.mode == "renorm":
-                ref_invstd = torch.rsqrt(use_var + self.eps)
-                r = torch.sqrt(var + self.eps).mul_(ref_invstd)
-                d = (mean - use_mean).mul_(ref_invstd)
+                r, d = self._renorm_factors(mean, torch.rsqrt(var + self.eps), use_mean, use_var)
         if self.mode == "renorm":
             return renormalize(x, self.weight, self.bias, r, d, eps=self.eps)
         return _PooledNorm.apply(x, self.weight, self.bias, use_mean, use_var, n / use_count, self.eps)
@@ -377,19 +375,31 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
                 r = ref_invstd.div(invstd)
                 d = spread.mul_(ref_invstd)
             else:
-                use_count, use_mean, use_var = self._reference(w_count.clone(), w_mean.clone(), w_m2.clone())
+                # the mean may be kept (the pooled gradient saves it) while the window moves on: a copy
+                use_count, use_mean, use_var = self._reference(w_count, w_mean.clone(), w_m2)
                 if self.mode == "renorm":  # two passes: against the collected window
-                    ref_invstd = torch.rsqrt(use_var + self.eps)
-                    r = ref_invstd.div(invstd)
-                    d = (mean - use_mean).mul_(ref_invstd)
+                    r, d = self._renorm_factors(mean, invstd, use_mean, use_var)
         if self.mode == "renorm":
             return renormalize(x, self.weight, self.bias, r, d, eps=self.eps)
         return _PooledNorm.apply(x, self.weight, self.bias, use_mean, use_var, n / use_count, self.eps)
 
+    def _renorm_factors(
+        self, mean: torch.Tensor, invstd: torch.Tensor, ref_mean: torch.Tensor, ref_var: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """r = sigma_B / sigma and d = (mu_B - mu) / sigma against the reference statistics (Ioffe 2017).
+
+        ``invstd`` is the micro-batch's ``1 / sqrt(var + eps)``; eps sits inside both sigmas.
+        """
+        ref_invstd = torch.rsqrt(ref_var + self.eps)
+        return ref_invstd.div(invstd), (mean - ref_mean).mul_(ref_invstd)
+
     def _reference(
         self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(count, mean, biased var) to normalise with, given the window so far (tensors this call may keep)."""
+        """(count, mean, biased var) to normalise with, given the window so far.
+
+        The count and mean may come back as the very tensors passed in; the variance is always new.
+        """
         if self._collected is not None:  # two passes: the whole window's statistics, collected beforehand
             count, mean, m2 = self._collected
         elif self.mode == "blend" and self._previous is not None:
