@@ -124,7 +124,7 @@ def test_no_host_device_sync_when_the_optimizer_step_closes_the_window(name):
     _micro_steps_and_step(model, optimizer, batches, sync_mode_for=("step",))
 
 
-@pytest.mark.parametrize("name", ["accum-renorm", "accum-renorm-two-passes", "frozen"])
+@pytest.mark.parametrize("name", ["accum-renorm", "accum-renorm-two-passes", "batch-renorm", "frozen"])
 def test_compiled_layer_equals_eager_on_cuda(name):
     from tests.layers.test_compile import compare_compiled_with_eager
 

@@ -21,7 +21,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError
-from ._base import BNDoctorLayer
+from ._base import BNDoctorLayer, compiling
 from ._ema import batch_stats, renormalize
 
 __all__ = ["BatchRenorm"]
@@ -60,17 +60,8 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
 
     def limits(self) -> tuple[float, float]:
         """The current (r_max, d_max) of the warm-up ramp (reads the step count from the device)."""
-        r_max, d_max = self._limits()
+        r_max, d_max = _ramp(self.num_batches_tracked, self.r_max, self.d_max, self.warmup_steps)  # type: ignore[arg-type]
         return float(r_max), float(d_max)
-
-    def _limits(self, done_steps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r_max, d_max) after ``done_steps`` training forwards (default: the count now), computed on the device."""
-        tracked = self.num_batches_tracked if done_steps is None else done_steps
-        if self.warmup_steps == 0:
-            done = torch.ones_like(tracked, dtype=torch.float32)  # type: ignore[arg-type]
-        else:  # an int64 count times a float: float32
-            done = tracked.mul(1.0 / self.warmup_steps).clamp_(max=1.0)  # type: ignore[union-attr]
-        return done.mul(self.r_max - 1.0).add_(1.0), done.mul(self.d_max)
 
     def _normalise(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -78,12 +69,20 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
             # eval: the running statistics; no running statistics kept: plain BN, buffers untouched
             return _BatchNorm.forward(self, input)
         with torch.no_grad():
-            r_max, d_max = self._limits()
             mean_b, invstd_b = batch_stats(input, self.eps)
-            ref_invstd = torch.rsqrt(self.running_var + self.eps)  # type: ignore[operator]
-            # r = sigma_B / sigma, d = (mu_B - mu) / sigma, clipped; sigma from the running variance (before this step)
-            r = ref_invstd.div(invstd_b).clamp_(min=r_max.reciprocal(), max=r_max)
-            d = (mean_b - self.running_mean).mul_(ref_invstd).clamp_(min=-d_max, max=d_max)
+            # under torch.compile through an opaque op, so the backward reuses the forward's r and d (see _FACTORS_OP)
+            factors = _FACTORS_OP if _FACTORS_OP is not None and compiling() else _factors
+            r, d = factors(
+                self.num_batches_tracked,  # type: ignore[arg-type]
+                self.running_mean,  # type: ignore[arg-type]
+                self.running_var,  # type: ignore[arg-type]
+                mean_b,
+                invstd_b,
+                self.eps,
+                self.r_max,
+                self.d_max,
+                self.warmup_steps,
+            )
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
         # the BN kernel takes the running statistics' EMA step itself (momentum, unbiased variance)
         running = (self.running_mean, self.running_var, self.momentum)
@@ -91,3 +90,75 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r_max={self.r_max:g}, d_max={self.d_max:g}, warmup_steps={self.warmup_steps}"
+
+
+def _ramp(tracked: torch.Tensor, r_max: float, d_max: float, warmup: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_max, d_max) after ``tracked`` training forwards of a linear warm-up, computed on the device."""
+    if warmup == 0:
+        done = torch.ones_like(tracked, dtype=torch.float32)
+    else:  # an int64 count times a float: float32
+        done = tracked.mul(1.0 / warmup).clamp_(max=1.0)
+    return done.mul(r_max - 1.0).add_(1.0), done.mul(d_max)
+
+
+def _factors(
+    tracked: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean_b: torch.Tensor,
+    invstd_b: torch.Tensor,
+    eps: float,
+    r_max: float,
+    d_max: float,
+    warmup: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch Renorm's clipped ``r = sigma_B / sigma``, ``d = (mu_B - mu) / sigma``; sigma from the running variance."""
+    limit_r, limit_d = _ramp(tracked, r_max, d_max, warmup)
+    ref_invstd = torch.rsqrt(running_var + eps)
+    r = ref_invstd.div(invstd_b).clamp_(min=limit_r.reciprocal(), max=limit_r)
+    d = (mean_b - running_mean).mul_(ref_invstd).clamp_(min=-limit_d, max=limit_d)
+    return r, d
+
+
+def _register_factors_op() -> Any:
+    """:func:`_factors` as a custom op (torch >= 2.4), for torch.compile only; ``None`` where unavailable.
+
+    r and d are read from buffers that the same forward then updates (the step
+    count, and the running statistics through the BN kernel). AOTAutograd's
+    partitioner may recompute cheap pointwise values in the backward instead of
+    saving them, and a recomputation reads the buffers after the update: the
+    compiled gradients were silently wrong (pytorch/pytorch PR #197039, open in
+    torch 2.13). The partitioner never recomputes a custom op, so its outputs
+    are saved from the forward. Eager mode calls :func:`_factors` directly
+    (a custom op costs a Python dispatch per call).
+    """
+    custom_op = getattr(torch.library, "custom_op", None)
+    if custom_op is None:
+        return None
+    name = "bndoctor::batch_renorm_factors"
+    if hasattr(torch.ops.bndoctor, "batch_renorm_factors"):  # a second import of this module
+        return torch.ops.bndoctor.batch_renorm_factors
+
+    @custom_op(name, mutates_args=())
+    def batch_renorm_factors(
+        tracked: torch.Tensor,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        mean_b: torch.Tensor,
+        invstd_b: torch.Tensor,
+        eps: float,
+        r_max: float,
+        d_max: float,
+        warmup: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _factors(tracked, running_mean, running_var, mean_b, invstd_b, eps, r_max, d_max, warmup)
+
+    @batch_renorm_factors.register_fake
+    def _(tracked, running_mean, running_var, mean_b, invstd_b, eps, r_max, d_max, warmup):  # type: ignore[no-untyped-def]
+        dtype = torch.promote_types(torch.promote_types(running_var.dtype, invstd_b.dtype), running_mean.dtype)
+        return torch.empty_like(invstd_b, dtype=dtype), torch.empty_like(invstd_b, dtype=dtype)
+
+    return batch_renorm_factors
+
+
+_FACTORS_OP = _register_factors_op()
