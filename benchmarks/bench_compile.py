@@ -1,5 +1,8 @@
 """Step time under torch.compile (default backend): accumulation-aware BN / plain BN, both compiled (target <= 1.03).
 
+Batch Renorm beside it (no target; under compile it reads its buffers through
+copies the backward partitioner saves, see bndoctor/layers/renorm.py).
+
 The tiny ResNet and the ResNet-18-sized network at micro-batch 2, forward +
 backward per micro-batch, an SGD step every 8; each model compiled once
 (compile time excluded: the first window warms up), then interleaved windows,
@@ -23,6 +26,11 @@ from _publish import publish
 from bndoctor.models import resnet18, tiny_resnet
 
 MICRO, ACCUM = 2, 8
+LAYERS = {
+    "plain BN": lambda model: model,
+    "AccumBN renorm": bndoctor.to_accum_bn,
+    "BatchRenorm": bndoctor.to_batch_renorm,
+}
 MODELS = {
     "tiny-resnet (77k params, 1x8x8)": (tiny_resnet, (1, 8, 8)),
     "resnet18 (ours, 11M params, 3x64x64)": (lambda: resnet18(num_classes=10), (3, 64, 64)),
@@ -62,19 +70,14 @@ def main() -> None:
         xs = [torch.randn(MICRO, *shape, generator=gen).to(device) for _ in range(ACCUM)]
         ys = [torch.randint(0, 10, (MICRO,), generator=gen).to(device) for _ in range(ACCUM)]
         runs = {}
-        for name in ("plain BN", "AccumBN renorm"):
-            torch.manual_seed(0)
-            model = (factory() if name == "plain BN" else bndoctor.to_accum_bn(factory())).to(device)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01)
-            if name != "plain BN":
-                bndoctor.accumulate_bn(model, opt)
-            runs[(name, "eager")] = (model.train(), opt)
-            torch.manual_seed(0)
-            twin = (factory() if name == "plain BN" else bndoctor.to_accum_bn(factory())).to(device)
-            opt2 = torch.optim.SGD(twin.parameters(), lr=0.01)
-            if name != "plain BN":
-                bndoctor.accumulate_bn(twin, opt2)
-            runs[(name, "compiled")] = (torch.compile(twin.train()), opt2)
+        for name, convert in LAYERS.items():
+            for kind in ("eager", "compiled"):
+                torch.manual_seed(0)
+                model = convert(factory()).to(device).train()
+                opt = torch.optim.SGD(model.parameters(), lr=0.01)
+                if name.startswith("AccumBN"):
+                    bndoctor.accumulate_bn(model, opt)
+                runs[(name, kind)] = (torch.compile(model) if kind == "compiled" else model, opt)
         for step, opt in runs.values():
             _window(step, opt, xs, ys)  # compiles
         times = {k: [] for k in runs}
@@ -82,7 +85,7 @@ def main() -> None:
             for key, (step, opt) in runs.items():
                 times[key].append(_window(step, opt, xs, ys))
         base = statistics.median(times[("plain BN", "compiled")])
-        for name in ("plain BN", "AccumBN renorm"):
+        for name in LAYERS:
             eager = statistics.median(times[(name, "eager")])
             compiled = statistics.median(times[(name, "compiled")])
             lines.append(f"| {label} | {name} | {eager * 1e3:.2f} | {compiled * 1e3:.2f} | {compiled / base:.3f} |")

@@ -7,9 +7,9 @@ the graph. The window state of accumulation-aware BN lives in tensors updated
 in place, so the compiler neither specialises on a count nor misses an update.
 Synced layers (accumulation-aware BN with ``sync=True``, SyncBatchNorm) too, on
 2 gloo ranks: their all_gather is traced into the graph. Batch Renorm reads r
-and d from buffers the same forward updates; it goes through a custom op under
-compile, so the backward cannot recompute them from the updated buffers
-(without it the compiled gradients were wrong from the first step).
+and d from buffers the same forward updates; under compile it reads them
+through copies the backward cannot recompute from the updated buffers
+(without them the compiled gradients were wrong from the first step).
 """
 
 import copy

@@ -70,12 +70,13 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
             return _BatchNorm.forward(self, input)
         with torch.no_grad():
             mean_b, invstd_b = batch_stats(input, self.eps)
-            # under torch.compile through an opaque op, so the backward reuses the forward's r and d (see _FACTORS_OP)
-            factors = _FACTORS_OP if _FACTORS_OP is not None and compiling() else _factors
-            r, d = factors(
-                self.num_batches_tracked,  # type: ignore[arg-type]
-                self.running_mean,  # type: ignore[arg-type]
-                self.running_var,  # type: ignore[arg-type]
+            tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+            if compiling():  # read the buffers through copies the backward cannot recompute (see _snapshot)
+                tracked, running_mean, running_var = map(_snapshot, (tracked, running_mean, running_var))
+            r, d = _factors(
+                tracked,  # type: ignore[arg-type]
+                running_mean,  # type: ignore[arg-type]
+                running_var,  # type: ignore[arg-type]
                 mean_b,
                 invstd_b,
                 self.eps,
@@ -120,45 +121,19 @@ def _factors(
     return r, d
 
 
-def _register_factors_op() -> Any:
-    """:func:`_factors` as a custom op (torch >= 2.4), for torch.compile only; ``None`` where unavailable.
+def _snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that torch.compile's backward partitioner saves rather than recomputes.
 
-    r and d are read from buffers that the same forward then updates (the step
-    count, and the running statistics through the BN kernel). AOTAutograd's
-    partitioner may recompute cheap pointwise values in the backward instead of
-    saving them, and a recomputation reads the buffers after the update: the
-    compiled gradients were silently wrong (pytorch/pytorch PR #197039, open in
-    torch 2.13). The partitioner never recomputes a custom op, so its outputs
-    are saved from the forward. Eager mode calls :func:`_factors` directly
-    (a custom op costs a Python dispatch per call).
+    Batch Renorm reads r and d from buffers that the same forward then updates
+    (the step count; the running statistics, through the BN kernel).
+    AOTAutograd's min-cut partitioner may recompute cheap pointwise values in
+    the backward instead of saving them, and such a recomputation reads the
+    buffers after the update: compiled gradients were silently wrong from the
+    first step (pytorch/pytorch PR #197039, open for torch 2.13). A flip is not
+    on the partitioner's list of ops it recomputes, so its output — here a
+    copy, flipping a dimension of size 1 — is saved from the forward, and r and
+    d in the backward are the forward's. tests/layers/test_compile.py checks
+    the outcome (eager's gradients over 24 steps), so a torch that starts
+    recomputing flips fails there, not silently.
     """
-    custom_op = getattr(torch.library, "custom_op", None)
-    if custom_op is None:
-        return None
-    name = "bndoctor::batch_renorm_factors"
-    if hasattr(torch.ops.bndoctor, "batch_renorm_factors"):  # a second import of this module
-        return torch.ops.bndoctor.batch_renorm_factors
-
-    @custom_op(name, mutates_args=())
-    def batch_renorm_factors(
-        tracked: torch.Tensor,
-        running_mean: torch.Tensor,
-        running_var: torch.Tensor,
-        mean_b: torch.Tensor,
-        invstd_b: torch.Tensor,
-        eps: float,
-        r_max: float,
-        d_max: float,
-        warmup: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _factors(tracked, running_mean, running_var, mean_b, invstd_b, eps, r_max, d_max, warmup)
-
-    @batch_renorm_factors.register_fake
-    def _(tracked, running_mean, running_var, mean_b, invstd_b, eps, r_max, d_max, warmup):  # type: ignore[no-untyped-def]
-        dtype = torch.promote_types(torch.promote_types(running_var.dtype, invstd_b.dtype), running_mean.dtype)
-        return torch.empty_like(invstd_b, dtype=dtype), torch.empty_like(invstd_b, dtype=dtype)
-
-    return batch_renorm_factors
-
-
-_FACTORS_OP = _register_factors_op()
+    return t.unsqueeze(0).flip(0).squeeze(0)
