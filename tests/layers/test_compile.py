@@ -108,6 +108,34 @@ def compare_compiled_with_eager(name, device):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.parametrize("name", ["accum-renorm", "batch-renorm"])
+def test_compiled_layer_follows_changing_micro_batch_sizes(name):
+    """A last, smaller micro-batch (or a varying one) recompiles with a dynamic batch size: numbers stay eager's."""
+    torch._dynamo.reset()
+    base = VARIANTS[name]()
+    eager, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, compiled_model)]
+    if name.startswith("accum"):
+        for model, optimizer in zip((eager, compiled_model), optimizers):
+            bd.accumulate_bn(model, optimizer)
+    compiled = torch.compile(compiled_model)
+    gen = torch.Generator().manual_seed(1)
+    for sizes in ([2, 2, 2, 2], [2, 3, 2, 1], [4, 2, 5, 2]):
+        for size in sizes:
+            x, y = torch.randn(size, 1, 8, 8, generator=gen), torch.randint(0, 10, (size,), generator=gen)
+            loss_e, loss_c = F.cross_entropy(eager(x), y), F.cross_entropy(compiled(x), y)
+            torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+            loss_e.backward()
+            loss_c.backward()
+        for (pname, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=pname)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    for (bname, a), b in zip(eager.named_buffers(), compiled_model.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=bname)
+
+
 def _synced_rank(rank, world, name):
     """Compiled against eager on each of 2 gloo ranks; returns the largest differences and the graph breaks."""
     torch._dynamo.reset()
