@@ -141,8 +141,9 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         self._warned = False
         # the open window: count, mean and sum of squared deviations per channel, as tensors on the layer's
         # device, updated in place (no host read in the training step; torch.compile sees tensors, not numbers)
-        window = torch.zeros(2 * num_features + 1, device=self.running_mean.device, dtype=torch.float32)  # type: ignore[union-attr]
-        self._window = window
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        self._window = torch.zeros(2 * num_features + 1, device=device, dtype=wide)
+        self._match_window()
         self._has_data = False  # a training forward has run since the last close or reset (host-side flag)
         self._collected: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # two passes
         self._previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # blend: the last window
@@ -166,12 +167,15 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         super()._apply(fn, recurse)
-        # .to(device) moves the window too; its dtype stays float32 (float64 with float64 layers)
+        self._match_window()
+        return self
+
+    def _match_window(self) -> None:
+        """Put the window on the layer's device: float32, or float64 with float64 layers (as the forward wants it)."""
         reference = self.running_mean if self.running_mean is not None else self.weight
         if reference is not None:
             dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
             self._window = self._window.to(device=reference.device, dtype=dtype)
-        return self
 
     def reset_window(self) -> None:
         """Forget the open window's statistics (and collected ones) without committing them."""

@@ -80,8 +80,17 @@ def to_accum_bn(
     def make(record: Any) -> AccumBatchNorm:
         synced = pools_ranks(record.module) if sync is None else sync
         group = process_group if process_group is not None else getattr(record.module, "process_group", None)
+        # built where the layer lives, so the open window starts on its device (float64 for a float64 layer)
+        source = next(
+            (t for t in (getattr(record.module, "running_mean", None), record.module.weight) if t is not None), None
+        )
         return AccumBatchNorm(
-            int(record.num_features or 0), mode=mode, sync=synced, process_group=group if synced else None
+            int(record.num_features or 0),
+            mode=mode,
+            sync=synced,
+            process_group=group if synced else None,
+            device=None if source is None else source.device,
+            dtype=None if source is None else source.dtype,
         )
 
     return swap_layers(model, make, modules=modules, inplace=inplace, operation="to_accum_bn")
