@@ -134,6 +134,25 @@ def compiling() -> bool:
     return bool(check()) if check is not None else False
 
 
+def snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that torch.compile's backward partitioner saves rather than recomputes.
+
+    Layers read buffers that the same forward updates in place (Batch Renorm:
+    the step count and the running statistics; accumulation-aware BN: the open
+    window). AOTAutograd's min-cut partitioner may recompute cheap pointwise
+    values in the backward instead of saving them, and such a recomputation
+    reads the buffers after the update: Batch Renorm's compiled gradients were
+    silently wrong from the first step (pytorch/pytorch PR #197039, open for
+    torch 2.13). A flip is not on the partitioner's list of ops it recomputes,
+    so its output — here a copy, flipping a dimension of size 1 — is saved
+    from the forward, and what the backward derives from it is the forward's.
+    Only traced code uses it (eager autograd saves what it needs).
+    tests/layers/test_compile.py checks the outcome, so a torch that starts
+    recomputing flips fails there, not silently.
+    """
+    return t.unsqueeze(0).flip(0).squeeze(0)
+
+
 def pools_ranks(module: nn.Module) -> bool:
     """Whether the layer's training statistics span several ranks (torch's SyncBatchNorm included)."""
     return isinstance(module, nn.SyncBatchNorm) or bool(getattr(module, "pools_ranks", False))

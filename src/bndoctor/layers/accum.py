@@ -54,7 +54,7 @@ from .. import distributed
 from ..distributed import HasProcessGroup
 from ..errors import BNDoctorError, BNDoctorWarning, caller_stacklevel
 from ..moments import pool_two
-from ._base import BNDoctorLayer, compiling
+from ._base import BNDoctorLayer, compiling, snapshot
 from ._ema import batch_moments, batch_stats, ema_step, pool_over_ranks, renormalize
 
 __all__ = ["AccumBatchNorm", "AccumMode"]
@@ -159,8 +159,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         cached = self.__dict__.get("_parts")
         if cached is not None and cached[0] is self._window and not compiling():
             return cached[1]
-        c = (self._window.numel() - 1) // 2
-        count, mean, m2 = self._window.split([1, c, c])
+        count, mean, m2 = _split(self._window)
         if not compiling():
             self.__dict__["_parts"] = (self._window, (count, mean, m2))
         return count, mean, m2
@@ -336,16 +335,17 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         with torch.no_grad():
             mean, var, step_n, step_mean, step_var = self._step_statistics(x, n)
             # pool the micro-step into the window (Chan et al. 1979), in place and on the device
-            w_count, w_mean, w_m2 = self._window_parts()
+            window = self._window_parts()
+            # traced: read the window through a copy the backward cannot recompute after the update (see snapshot)
+            w_count, w_mean, w_m2 = _split(snapshot(self._window)) if compiling() else window
             total = w_count + step_n
             safe = total.clamp(min=1.0)  # every rank may have been empty so far
             share = (step_n / safe).to(w_mean.dtype)  # this micro-step's weight in the pooled mean
             delta = step_mean - w_mean
             pooled_m2 = torch.addcmul(w_m2 + step_var * step_n, delta, delta * (w_count * share))
             pooled_mean = torch.lerp(w_mean, step_mean, share)
-            w_count.copy_(total)
-            w_mean.copy_(pooled_mean)
-            w_m2.copy_(pooled_m2)
+            for part, value in zip(window, (total, pooled_mean, pooled_m2)):
+                part.copy_(value)
             self._has_data = True
             if n == 0:  # nothing to normalise here (the other ranks' statistics are pooled all the same)
                 return x.clone()
@@ -373,6 +373,9 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             spread = mean - w_mean  # the micro-batch's mean against the pooled one
             w_m2.addcmul_(delta, spread, value=n)
             self._has_data = True
+            if compiling():  # traced: read the updated window through a copy the backward cannot recompute
+                w_count, w_mean, w_m2 = _split(snapshot(self._window))
+                spread = mean - w_mean
             if self.mode == "renorm" and self._collected is None:
                 # r = sigma_B / sigma, d = (mu_B - mu) / sigma against the window, eps inside both (Ioffe 2017)
                 ref_invstd = torch.div(w_m2, w_count).add_(self.eps).rsqrt_()
@@ -415,3 +418,10 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mode={self.mode}" + (", sync=True" if self.sync else "")
+
+
+def _split(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of a window tensor ``[count, mean (C), M2 (C)]``."""
+    c = (window.numel() - 1) // 2
+    count, mean, m2 = window.split([1, c, c])
+    return count, mean, m2

@@ -21,7 +21,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError
-from ._base import BNDoctorLayer, compiling
+from ._base import BNDoctorLayer, compiling, snapshot
 from ._ema import batch_stats, renormalize
 
 __all__ = ["BatchRenorm"]
@@ -71,8 +71,8 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
         with torch.no_grad():
             mean_b, invstd_b = batch_stats(input, self.eps)
             tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
-            if compiling():  # read the buffers through copies the backward cannot recompute (see _snapshot)
-                tracked, running_mean, running_var = map(_snapshot, (tracked, running_mean, running_var))
+            if compiling():  # read the buffers through copies the backward cannot recompute (see snapshot)
+                tracked, running_mean, running_var = map(snapshot, (tracked, running_mean, running_var))
             r, d = _factors(
                 tracked,  # type: ignore[arg-type]
                 running_mean,  # type: ignore[arg-type]
@@ -119,21 +119,3 @@ def _factors(
     r = ref_invstd.div(invstd_b).clamp_(min=limit_r.reciprocal(), max=limit_r)
     d = (mean_b - running_mean).mul_(ref_invstd).clamp_(min=-limit_d, max=limit_d)
     return r, d
-
-
-def _snapshot(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` that torch.compile's backward partitioner saves rather than recomputes.
-
-    Batch Renorm reads r and d from buffers that the same forward then updates
-    (the step count; the running statistics, through the BN kernel).
-    AOTAutograd's min-cut partitioner may recompute cheap pointwise values in
-    the backward instead of saving them, and such a recomputation reads the
-    buffers after the update: compiled gradients were silently wrong from the
-    first step (pytorch/pytorch PR #197039, open for torch 2.13). A flip is not
-    on the partitioner's list of ops it recomputes, so its output — here a
-    copy, flipping a dimension of size 1 — is saved from the forward, and r and
-    d in the backward are the forward's. tests/layers/test_compile.py checks
-    the outcome (eager's gradients over 24 steps), so a torch that starts
-    recomputing flips fails there, not silently.
-    """
-    return t.unsqueeze(0).flip(0).squeeze(0)
