@@ -60,8 +60,16 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
 
     def limits(self) -> tuple[float, float]:
         """The current (r_max, d_max) of the warm-up ramp (reads the step count from the device)."""
-        r_max, d_max = _ramp(self.num_batches_tracked, self.r_max, self.d_max, self.warmup_steps)  # type: ignore[arg-type]
+        r_max, d_max = self._limits(self.num_batches_tracked)  # type: ignore[arg-type]
         return float(r_max), float(d_max)
+
+    def _limits(self, tracked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_max, d_max) after ``tracked`` training forwards, computed on the device."""
+        if self.warmup_steps == 0:
+            done = torch.ones_like(tracked, dtype=torch.float32)
+        else:  # an int64 count times a float: float32
+            done = tracked.mul(1.0 / self.warmup_steps).clamp_(max=1.0)
+        return done.mul(self.r_max - 1.0).add_(1.0), done.mul(self.d_max)
 
     def _normalise(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -70,20 +78,15 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
             return _BatchNorm.forward(self, input)
         with torch.no_grad():
             mean_b, invstd_b = batch_stats(input, self.eps)
-            tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
-            if compiling():  # read the buffers through copies the backward cannot recompute (see snapshot)
-                tracked, running_mean, running_var = map(snapshot, (tracked, running_mean, running_var))
-            r, d = _factors(
-                tracked,  # type: ignore[arg-type]
-                running_mean,  # type: ignore[arg-type]
-                running_var,  # type: ignore[arg-type]
-                mean_b,
-                invstd_b,
-                self.eps,
-                self.r_max,
-                self.d_max,
-                self.warmup_steps,
-            )
+            buffers = (self.num_batches_tracked, self.running_mean, self.running_var)
+            if compiling():  # traced: read the buffers through copies the backward cannot recompute (see snapshot)
+                buffers = tuple(map(snapshot, buffers))  # type: ignore[arg-type]
+            tracked, running_mean, running_var = buffers
+            r_max, d_max = self._limits(tracked)  # type: ignore[arg-type]
+            ref_invstd = torch.rsqrt(running_var + self.eps)  # type: ignore[operator]
+            # r = sigma_B / sigma, d = (mu_B - mu) / sigma, clipped; sigma from the running variance (before this step)
+            r = ref_invstd.div(invstd_b).clamp_(min=r_max.reciprocal(), max=r_max)
+            d = (mean_b - running_mean).mul_(ref_invstd).clamp_(min=-d_max, max=d_max)
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
         # the BN kernel takes the running statistics' EMA step itself (momentum, unbiased variance)
         running = (self.running_mean, self.running_var, self.momentum)
@@ -91,31 +94,3 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r_max={self.r_max:g}, d_max={self.d_max:g}, warmup_steps={self.warmup_steps}"
-
-
-def _ramp(tracked: torch.Tensor, r_max: float, d_max: float, warmup: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_max, d_max) after ``tracked`` training forwards of a linear warm-up, computed on the device."""
-    if warmup == 0:
-        done = torch.ones_like(tracked, dtype=torch.float32)
-    else:  # an int64 count times a float: float32
-        done = tracked.mul(1.0 / warmup).clamp_(max=1.0)
-    return done.mul(r_max - 1.0).add_(1.0), done.mul(d_max)
-
-
-def _factors(
-    tracked: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    mean_b: torch.Tensor,
-    invstd_b: torch.Tensor,
-    eps: float,
-    r_max: float,
-    d_max: float,
-    warmup: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch Renorm's clipped ``r = sigma_B / sigma``, ``d = (mu_B - mu) / sigma``; sigma from the running variance."""
-    limit_r, limit_d = _ramp(tracked, r_max, d_max, warmup)
-    ref_invstd = torch.rsqrt(running_var + eps)
-    r = ref_invstd.div(invstd_b).clamp_(min=limit_r.reciprocal(), max=limit_r)
-    d = (mean_b - running_mean).mul_(ref_invstd).clamp_(min=-limit_d, max=limit_d)
-    return r, d
