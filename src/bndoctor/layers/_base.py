@@ -137,18 +137,19 @@ def compiling() -> bool:
 def snapshot(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` that torch.compile's backward partitioner saves rather than recomputes.
 
-    Layers read buffers that the same forward updates in place (Batch Renorm:
-    the step count and the running statistics; accumulation-aware BN: the open
-    window). AOTAutograd's min-cut partitioner may recompute cheap pointwise
-    values in the backward instead of saving them, and such a recomputation
-    reads the buffers after the update: Batch Renorm's compiled gradients were
+    The layers derive what their backward needs (Batch Renorm's r and d, the
+    pooled statistics of accumulation-aware BN) from buffers that the same
+    forward then updates in place (the step count, the running statistics, the
+    open window). AOTAutograd's min-cut partitioner may recompute such cheap
+    values in the backward instead of saving them, and a recomputation reads
+    the buffers after the update: Batch Renorm's compiled gradients were
     silently wrong from the first step (pytorch/pytorch PR #197039, open for
     torch 2.13). A flip is not on the partitioner's list of ops it recomputes,
-    so its output — here a copy, flipping a dimension of size 1 — is saved
-    from the forward, and what the backward derives from it is the forward's.
-    Only traced code uses it (eager autograd saves what it needs).
-    tests/layers/test_compile.py checks the outcome, so a torch that starts
-    recomputing flips fails there, not silently.
+    so its output — here a copy, flipping a dimension of size 1 — is saved from
+    the forward: the layers pass the values their backward needs through it
+    when traced (eager autograd saves what it needs). tests/layers/test_compile.py
+    checks the outcome, so a torch that starts recomputing flips fails there,
+    not silently.
     """
     return t.unsqueeze(0).flip(0).squeeze(0)
 

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._base import compiling, snapshot
+
 
 @torch.no_grad()
 def ema_step(
@@ -55,6 +57,8 @@ def renormalize(
     """
     if r.requires_grad or d.requires_grad:  # constants in the backward (an aten op each: skipped when not needed)
         r, d = r.detach(), d.detach()
+    if compiling():  # traced: the backward must use these r and d, not recompute them (see snapshot)
+        r, d = snapshot(r), snapshot(d)
     if weight is None:
         w, b = r, (d if bias is None else d + bias)
     else:

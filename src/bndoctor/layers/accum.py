@@ -335,9 +335,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         with torch.no_grad():
             mean, var, step_n, step_mean, step_var = self._step_statistics(x, n)
             # pool the micro-step into the window (Chan et al. 1979), in place and on the device
-            window = self._window_parts()
-            # traced: read the window through a copy the backward cannot recompute after the update (see snapshot)
-            w_count, w_mean, w_m2 = _split(snapshot(self._window)) if compiling() else window
+            window = w_count, w_mean, w_m2 = self._window_parts()
             total = w_count + step_n
             safe = total.clamp(min=1.0)  # every rank may have been empty so far
             share = (step_n / safe).to(w_mean.dtype)  # this micro-step's weight in the pooled mean
@@ -354,7 +352,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
                 r, d = self._renorm_factors(mean, torch.rsqrt(var + self.eps), use_mean, use_var)
         if self.mode == "renorm":
             return renormalize(x, self.weight, self.bias, r, d, eps=self.eps)
-        return _PooledNorm.apply(x, self.weight, self.bias, use_mean, use_var, n / use_count, self.eps)
+        return self._pooled_norm(x, use_mean, use_var, n / use_count)
 
     def _local_window_forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """The window forward without sync: few tensor operations per micro-step (each one costs a kernel launch).
@@ -373,9 +371,6 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             spread = mean - w_mean  # the micro-batch's mean against the pooled one
             w_m2.addcmul_(delta, spread, value=n)
             self._has_data = True
-            if compiling():  # traced: read the updated window through a copy the backward cannot recompute
-                w_count, w_mean, w_m2 = _split(snapshot(self._window))
-                spread = mean - w_mean
             if self.mode == "renorm" and self._collected is None:
                 # r = sigma_B / sigma, d = (mu_B - mu) / sigma against the window, eps inside both (Ioffe 2017)
                 ref_invstd = torch.div(w_m2, w_count).add_(self.eps).rsqrt_()
@@ -388,7 +383,14 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
                     r, d = self._renorm_factors(mean, invstd, use_mean, use_var)
         if self.mode == "renorm":
             return renormalize(x, self.weight, self.bias, r, d, eps=self.eps)
-        return _PooledNorm.apply(x, self.weight, self.bias, use_mean, use_var, n / use_count, self.eps)
+        return self._pooled_norm(x, use_mean, use_var, n / use_count)
+
+    def _pooled_norm(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, ratio: Any) -> torch.Tensor:
+        """The progressive/blend output; traced, its saved statistics are copies the backward keeps (see snapshot)."""
+        if compiling():
+            mean, var = snapshot(mean), snapshot(var)
+            ratio = snapshot(ratio) if isinstance(ratio, torch.Tensor) else ratio
+        return _PooledNorm.apply(x, self.weight, self.bias, mean, var, ratio, self.eps)
 
     def _renorm_factors(
         self, mean: torch.Tensor, invstd: torch.Tensor, ref_mean: torch.Tensor, ref_var: torch.Tensor

@@ -21,7 +21,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError
-from ._base import BNDoctorLayer, compiling, snapshot
+from ._base import BNDoctorLayer
 from ._ema import batch_stats, renormalize
 
 __all__ = ["BatchRenorm"]
@@ -78,15 +78,11 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
             return _BatchNorm.forward(self, input)
         with torch.no_grad():
             mean_b, invstd_b = batch_stats(input, self.eps)
-            buffers = (self.num_batches_tracked, self.running_mean, self.running_var)
-            if compiling():  # traced: read the buffers through copies the backward cannot recompute (see snapshot)
-                buffers = tuple(map(snapshot, buffers))  # type: ignore[arg-type]
-            tracked, running_mean, running_var = buffers
-            r_max, d_max = self._limits(tracked)  # type: ignore[arg-type]
-            ref_invstd = torch.rsqrt(running_var + self.eps)  # type: ignore[operator]
+            r_max, d_max = self._limits(self.num_batches_tracked)  # type: ignore[arg-type]
+            ref_invstd = torch.rsqrt(self.running_var + self.eps)  # type: ignore[operator]
             # r = sigma_B / sigma, d = (mu_B - mu) / sigma, clipped; sigma from the running variance (before this step)
             r = ref_invstd.div(invstd_b).clamp_(min=r_max.reciprocal(), max=r_max)
-            d = (mean_b - running_mean).mul_(ref_invstd).clamp_(min=-d_max, max=d_max)
+            d = (mean_b - self.running_mean).mul_(ref_invstd).clamp_(min=-d_max, max=d_max)
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
         # the BN kernel takes the running statistics' EMA step itself (momentum, unbiased variance)
         running = (self.running_mean, self.running_var, self.momentum)
