@@ -1,5 +1,7 @@
 """AccumBatchNorm's two-pass variant (collect_window) and pooling across ranks (sync)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -201,3 +203,43 @@ def test_the_window_starts_in_the_layers_dtype_and_without_running_statistics():
         torch.testing.assert_close(model(x), reference(x))
         optimizer.step()
         assert model[0].running_mean is None
+
+
+def test_closing_windows_together_equals_closing_them_one_by_one():
+    """The batched close (optimizer hook, close_windows) commits exactly what close_window commits, layer by layer.
+
+    Mixed on purpose: NaN and Inf windows and an empty-count window (not committed), another momentum, momentum
+    None, a float64 layer, blend mode, a layer without running statistics and one whose window is not open.
+    """
+    from bndoctor.layers.accum import close_windows_together
+
+    torch.manual_seed(0)
+    layers = [bd.AccumBatchNorm(c) for c in (3, 5, 4, 6, 2, 3, 4, 3)]
+    layers[3].momentum = 0.3
+    layers[4].momentum = None
+    layers[5] = bd.AccumBatchNorm(6, dtype=torch.float64)
+    layers[6].mode = "blend"
+    layers[7] = bd.AccumBatchNorm(3, track_running_stats=False)
+    for layer in layers:
+        if layer.running_mean is not None:
+            randomize_bn(layer)
+        layer.acquire_control()
+        layer.train()
+        for _ in range(3):
+            layer(torch.randn(2, layer.num_features, 3, dtype=layer.weight.dtype) * 2 + 1)
+    extra = bd.AccumBatchNorm(4)  # no forward: nothing open
+    extra.acquire_control()
+    layers.append(extra)
+    with torch.no_grad():
+        layers[0]._window_parts()[1][1] = float("nan")
+        layers[1]._window_parts()[2][0] = float("inf")
+        layers[2]._window_parts()[0].zero_()  # an all-empty global window (possible with sync)
+    one_by_one = copy.deepcopy(layers)
+    for layer in one_by_one:
+        layer.close_window()
+    close_windows_together(layers)
+    for index, (a, b) in enumerate(zip(one_by_one, layers)):
+        for (name, x), y in zip(a.named_buffers(), b.buffers()):
+            assert torch.equal(x, y), (index, name)
+        assert not b.window_open and b.window_statistics() is None
+    assert int(layers[0].num_batches_tracked) == 0 and int(layers[3].num_batches_tracked) == 1

@@ -45,6 +45,7 @@ In eval mode it is plain BatchNorm with its running statistics.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -57,7 +58,7 @@ from ..moments import pool_two
 from ._base import BNDoctorLayer, compiling, snapshot
 from ._ema import batch_moments, batch_stats, ema_step, pool_over_ranks, renormalize
 
-__all__ = ["AccumBatchNorm", "AccumMode"]
+__all__ = ["AccumBatchNorm", "AccumMode", "close_windows_together"]
 
 AccumMode = Literal["progressive", "renorm", "blend"]
 
@@ -427,3 +428,54 @@ def _split(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     c = (window.numel() - 1) // 2
     count, mean, m2 = window.split([1, c, c])
     return count, mean, m2
+
+
+@torch.no_grad()
+def close_windows_together(layers: Sequence[AccumBatchNorm]) -> None:
+    """``layer.close_window()`` for every layer, the usual case in a few operations for all layers at once.
+
+    Closed one by one, a window costs about 20 tensor operations (183 for the
+    9 layers of the tiny ResNet: about 0.8 ms on this CPU, and as many kernel
+    launches on a GPU), paid once per optimizer step — the larger part of what
+    a compiled model pays for the remedy, since the close runs eagerly in the
+    optimizer hook. Layers with an open window, running statistics, a numeric
+    momentum and not in ``blend`` mode are closed together with ``torch._foreach_*``
+    operations (grouped by device, dtypes and momentum): the same arithmetic as
+    :meth:`AccumBatchNorm.close_window` — a window with NaN or Inf (or no
+    samples) is not committed — in about 16 operations plus two per layer.
+    The others close one by one.
+    """
+    groups: dict[tuple[Any, ...], list[AccumBatchNorm]] = {}
+    for layer in layers:
+        running_mean = layer.running_mean
+        if (
+            layer._has_data
+            and layer.track_running_stats
+            and running_mean is not None
+            and layer.mode != "blend"
+            and isinstance(layer.momentum, float)
+        ):
+            key = (layer._window.device, layer._window.dtype, running_mean.dtype, layer.momentum)
+            groups.setdefault(key, []).append(layer)
+        else:
+            layer.close_window()
+    for (_, window_dtype, dtype, momentum), group in groups.items():
+        counts, means, m2s = (list(part) for part in zip(*(layer._window_parts() for layer in group)))
+        unbiased = list(torch._foreach_div(m2s, torch._foreach_clamp_min(torch._foreach_sub(counts, 1.0), 1.0)))
+        stats = torch.cat(means + unbiased)
+        # NaN or Inf anywhere makes a float64 sum of absolute values non-finite (finite float32 values cannot)
+        checks = torch.stack(torch._foreach_norm(means + unbiased, 1, dtype=torch.float64))
+        valid = torch.isfinite(checks).view(2, len(group)).all(0) & (torch.cat(counts) > 0)
+        tracked = [layer.num_batches_tracked for layer in group]
+        torch._foreach_add_(tracked, valid.to(tracked[0].dtype).unbind())  # type: ignore[arg-type, union-attr]
+        # an invalid window gets the factor 0, and its NaN/Inf are zeroed first: lerp(r, s, 0) is exactly r
+        factors = valid.to(dtype).mul_(momentum).unbind() * 2
+        stats = stats.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        if window_dtype != dtype:
+            stats = stats.to(dtype)
+        runnings = [layer.running_mean for layer in group] + [layer.running_var for layer in group]
+        torch._foreach_lerp_(runnings, stats.split([t.numel() for t in runnings]), factors)  # type: ignore[arg-type]
+        torch._foreach_zero_([layer._window for layer in group])
+        for layer in group:
+            layer._has_data = False
+            layer._collected = None

@@ -30,6 +30,7 @@ from .._walk import ModuleSelection
 from ..errors import BNDoctorError, require_module
 from ..findings import Action
 from ..layers import AccumBatchNorm, AccumMode, pools_ranks
+from ..layers.accum import close_windows_together
 from ..training import TrainingSetup, torch_optimizer
 from ._registry import FixStep, Prescription, Remedy, register_remedy
 from ._swap import revert_layers, swap_layers
@@ -119,10 +120,9 @@ def _layers(model: nn.Module) -> list[AccumBatchNorm]:
 
 def close_windows(model: nn.Module) -> int:
     """Commit every open window of ``model`` (one running-statistics update each); returns how many."""
-    closed = 0
-    for layer in _layers(model):
-        closed += layer.window_open
-        layer.close_window()
+    layers = _layers(model)
+    closed = sum(layer.window_open for layer in layers)
+    close_windows_together(layers)
     return closed
 
 
@@ -161,8 +161,7 @@ def accumulate_bn(model: nn.Module, optimizer: torch.optim.Optimizer) -> Accumul
 
     def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         handle.steps += 1
-        for layer in layers:
-            layer.close_window()
+        close_windows_together(layers)
 
     handle._hook = optimizer.register_step_post_hook(after_step)
     for layer in layers:
@@ -206,10 +205,10 @@ def accumulation_window(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer in acquired:
             layer.release_control(block=True)
-            if ok:
-                layer.close_window()
-            else:
+            if not ok:
                 layer.reset_window()
+        if ok:
+            close_windows_together(acquired)
 
 
 def collect_window(model: nn.Module, batches: Iterable[Any], *, forward: Forward | None = None) -> int:
