@@ -1,7 +1,7 @@
 """No host-device synchronisation in a training micro-step of bndoctor's layers.
 
 A ``TorchDispatchMode`` records every aten op of one micro-step (forward and
-backward, window closing excluded: that is the optimizer step's hook); none may
+backward; and, separately, the optimizer step whose hook closes the windows); none may
 read a tensor back to the host (``_local_scalar_dense`` is what ``.item()``,
 ``float(t)``, ``bool(t)`` and ``if t:`` run). On a GPU each such read would
 stall the stream. With sync, on 2 gloo ranks.
@@ -77,3 +77,23 @@ def test_the_recorder_sees_a_host_read():
     with recorder:
         float(torch.ones(1).sum())
     assert any(op.startswith(HOST_READS) for op in recorder.ops)
+
+
+@pytest.mark.parametrize("mode", ["renorm", "blend"])
+def test_no_host_read_when_the_optimizer_step_closes_the_windows(mode):
+    """The hook's close (all layers together; blend one by one) decides validity on the device too."""
+    torch.manual_seed(0)
+    model = bd.to_accum_bn(
+        nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4), nn.Flatten()),
+        mode=mode,
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    bd.accumulate_bn(model, optimizer)
+    for _ in range(2):
+        model(torch.randn(2, 1, 8, 8)).square().mean().backward()
+    recorder = Recorder()
+    with recorder:
+        optimizer.step()
+    assert not [op for op in recorder.ops if op.startswith(HOST_READS)]
+    assert not any(m.window_open for m in model.modules() if isinstance(m, bd.AccumBatchNorm))
+    assert all(int(m.num_batches_tracked) == 1 for m in model.modules() if isinstance(m, bd.AccumBatchNorm))
