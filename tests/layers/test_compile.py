@@ -63,18 +63,25 @@ def test_compiled_layer_equals_eager_over_three_windows(name):
     compare_compiled_with_eager(name, "cpu")
 
 
-def compare_compiled_with_eager(name, device):
-    """Eager and compiled copies of ``VARIANTS[name]`` on ``device`` agree over three windows (also tests/test_gpu)."""
+def eager_and_compiled(base):
+    """Two copies of ``base``, each with its SGD optimizer (and window control where it has AccumBatchNorm).
+
+    Returns ``(eager, compiled_model, compiled, optimizers)``: ``compiled`` is ``torch.compile(compiled_model)``.
+    """
     torch._dynamo.reset()
-    build = VARIANTS[name]
-    base = build().to(device)
     eager, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, compiled_model)]
-    accumulating = name.startswith("accum")
-    if accumulating:
+    if any(isinstance(m, bd.AccumBatchNorm) for m in base.modules()):
         for model, optimizer in zip((eager, compiled_model), optimizers):
             bd.accumulate_bn(model, optimizer)
-    compiled = torch.compile(compiled_model)
+    return eager, compiled_model, torch.compile(compiled_model), optimizers
+
+
+def compare_compiled_with_eager(name, device):
+    """Eager and compiled copies of ``VARIANTS[name]`` on ``device`` agree over three windows (also tests/test_gpu)."""
+    build = VARIANTS[name]
+    eager, compiled_model, compiled, optimizers = eager_and_compiled(build().to(device))
+    accumulating = name.startswith("accum")
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         batches = [
@@ -111,14 +118,7 @@ def compare_compiled_with_eager(name, device):
 @pytest.mark.parametrize("name", ["accum-renorm", "batch-renorm"])
 def test_compiled_layer_follows_changing_micro_batch_sizes(name):
     """A last, smaller micro-batch (or a varying one) recompiles with a dynamic batch size: numbers stay eager's."""
-    torch._dynamo.reset()
-    base = VARIANTS[name]()
-    eager, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, compiled_model)]
-    if name.startswith("accum"):
-        for model, optimizer in zip((eager, compiled_model), optimizers):
-            bd.accumulate_bn(model, optimizer)
-    compiled = torch.compile(compiled_model)
+    eager, compiled_model, compiled, optimizers = eager_and_compiled(VARIANTS[name]())
     gen = torch.Generator().manual_seed(1)
     for sizes in ([2, 2, 2, 2], [2, 3, 2, 1], [4, 2, 5, 2]):
         for size in sizes:
@@ -138,14 +138,8 @@ def test_compiled_layer_follows_changing_micro_batch_sizes(name):
 
 def _synced_rank(rank, world, name):
     """Compiled against eager on each of 2 gloo ranks; returns the largest differences and the graph breaks."""
-    torch._dynamo.reset()
     base = bd.to_accum_bn(_net(), sync=True) if name == "accum-sync" else bd.to_sync_bn(_net())
-    eager, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, compiled_model)]
-    if name == "accum-sync":
-        for model, optimizer in zip((eager, compiled_model), optimizers):
-            bd.accumulate_bn(model, optimizer)
-    compiled = torch.compile(compiled_model)
+    eager, compiled_model, compiled, optimizers = eager_and_compiled(base)
     gen = torch.Generator().manual_seed(1 + rank)  # each rank its own data: the statistics must cross ranks
     losses = grads = 0.0
     for _ in range(3):

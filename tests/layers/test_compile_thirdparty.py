@@ -12,14 +12,13 @@ more) fails loudly.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import bndoctor as bd
 from tests import _thirdparty
+from tests.layers.test_compile import eager_and_compiled
 
 pytestmark = pytest.mark.slow
 
@@ -47,18 +46,11 @@ def _logits(model, x):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_compiled_third_party_model_equals_eager(case):
-    torch._dynamo.reset()
     build, convert = CASES[case]
     torch.manual_seed(0)
     base = convert(build().double())
-    eager, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, compiled_model)]
-    accumulating = any(isinstance(m, bd.AccumBatchNorm) for m in base.modules())
-    assert accumulating or any(isinstance(m, bd.BatchRenorm) for m in base.modules())
-    if accumulating:
-        for model, optimizer in zip((eager, compiled_model), optimizers):
-            bd.accumulate_bn(model, optimizer)
-    compiled = torch.compile(compiled_model)
+    assert any(isinstance(m, (bd.AccumBatchNorm, bd.BatchRenorm)) for m in base.modules())
+    eager, compiled_model, compiled, optimizers = eager_and_compiled(base)
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):  # two windows of 4 micro-batches; Batch Renorm's warm-up ends in the second
         for _ in range(4):
