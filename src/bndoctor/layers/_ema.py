@@ -32,65 +32,168 @@ def ema_step(
         running.lerp_(stat, factor)  # type: ignore[union-attr]
 
 
+class _Renormalize(torch.autograd.Function):
+    """Batch Renormalization's output with the batch statistics computed once (eager calls).
+
+    Forward: torch's eval-mode BN kernel with the batch's own statistics and the
+    affine parameters folded (``gamma r``, ``beta + gamma d``), an elementwise
+    pass. Backward: torch's training-mode BN backward kernel with those folded
+    parameters and the batch's ``1/sigma_B`` (the input gradient through the
+    batch statistics, times r), and ``dL/dgamma = r sum(dL/dy x_hat_B) + d
+    sum(dL/dy)``. Folding into one training-mode BN call instead (what traced
+    code does, see :func:`renormalize`) lets autograd derive the same, but that
+    kernel computes the statistics a second time.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, factors, eps: float):  # type: ignore[override]
+        # factors = (mean, var, invstd, r, d): no-grad tensors made for this call, kept on ctx (fewer
+        # arguments for apply to walk; only x, an input, needs save_for_backward's version check)
+        mean, var, invstd, r, d = factors
+        w, b = _fold(weight, bias, r, d)
+        ctx.save_for_backward(x)
+        ctx.kept = w, mean, invstd, r, d
+        ctx.eps = eps
+        return torch.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad):  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True: the folded parameters carry no graph to gamma
+            raise RuntimeError(
+                f"bndoctor's Batch Renorm / accumulation-aware BN (renorm) backward is not twice differentiable in "
+                f"eager mode on inputs of {ONE_PASS_FROM} values or more; compile the model (torch.compile traces "
+                f"a twice-differentiable form) or set bndoctor.layers._ema.ONE_PASS_FROM above your inputs' size"
+            )
+        (x,) = ctx.saved_tensors
+        w, mean, invstd, r, d = ctx.kept
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            grad, x, w, None, None, mean, invstd, True, ctx.eps, [need_x, need_weight, need_weight or need_bias]
+        )
+        dweight = dw.mul_(r).addcmul_(db, d) if need_weight else None  # dL/dgamma = r dL/dw + d dL/db
+        return dx, dweight, db if need_bias else None, None, None
+
+
+def _fold(
+    weight: torch.Tensor | None, bias: torch.Tensor | None, r: torch.Tensor, d: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine parameters of ``gamma (r x_hat + d) + beta`` as one affine step: (``gamma r``, ``beta + gamma d``)."""
+    if weight is None:
+        return r, (d if bias is None else d + bias)
+    return weight * r, (torch.addcmul(bias, weight, d) if bias is not None else weight * d)
+
+
 def renormalize(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     r: torch.Tensor,
     d: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
     *,
     eps: float,
     running: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Batch Renormalization's output ``gamma (r x_hat_B + d) + beta`` (Ioffe 2017).
 
-    ``x_hat_B = (x - mu_B) / sqrt(var_B + eps)`` with the batch's own statistics;
-    r and d (per channel) are constants in the backward: the input gradient is
-    BN's gradient (through the batch statistics) times r, and ``dL/dgamma``
-    sums ``dL/dy (r x_hat_B + d)``. One training-mode BN call with the affine
-    parameters folded (``gamma r``, ``beta + gamma d``) gives exactly that
-    through torch's own autograd: no Python backward, whose per-call cost on
-    CPU (about 0.1 ms) exceeds the kernel's second statistics pass on the sizes
-    measured (BENCHMARKS.md). ``running`` = ``(running_mean, running_var,
-    momentum)``: the same kernel also takes the EMA step of those buffers with
-    the batch statistics (unbiased variance), as ``nn.BatchNorm`` does.
+    ``x_hat_B = (x - mu_B) / sqrt(var_B + eps)`` with the batch's own
+    statistics ``stats`` = (mean, biased var, ``1/sqrt(var + eps)``), from
+    :func:`batch_stats`; r and d (per channel) are constants in the backward:
+    the input gradient is BN's gradient (through the batch statistics) times r,
+    and ``dL/dgamma`` sums ``dL/dy (r x_hat_B + d)``.
+
+    On inputs with spatial dimensions and at least :data:`ONE_PASS_FROM`
+    values, one autograd node computes it from ``stats``, with no second
+    statistics pass (not twice differentiable). Otherwise — small inputs, where
+    a Python autograd node costs more than the pass it saves (measured on CPU:
+    BENCHMARKS.md), ``(N, C)`` inputs, and traced code, where the compiler
+    fuses the pass — one training-mode BN call with the affine parameters
+    folded gives the same through torch's own autograd; ``running`` =
+    ``(running_mean, running_var, momentum)`` there lets that call take the EMA
+    step of those buffers (unbiased variance), as ``nn.BatchNorm`` does (the
+    one-pass path has ``batch_stats`` take it: see :func:`fused`).
     """
     if r.requires_grad or d.requires_grad:  # constants in the backward (an aten op each: skipped when not needed)
         r, d = r.detach(), d.detach()
-    if compiling():  # traced: the backward must use these r and d, not recompute them (see snapshot)
+    if fused(x):
+        if running is not None or stats[1] is None:
+            raise AssertionError("the one-pass path takes the variance from batch_stats, which takes the EMA step")
+        require_batch(x)
+        return _Renormalize.apply(x, weight, bias, (*stats, r, d), eps)
+    if compiling():  # the backward must use these r and d, not recompute them (see snapshot)
         r, d = snapshot(r), snapshot(d)
-    if weight is None:
-        w, b = r, (d if bias is None else d + bias)
-    else:
-        w, b = weight * r, torch.addcmul(bias, weight, d) if bias is not None else weight * d
+    w, b = _fold(weight, bias, r, d)
     mean, var, momentum = running if running is not None else (None, None, 0.0)
     return torch.nn.functional.batch_norm(x, mean, var, w, b, True, momentum, eps)
 
 
-@torch.no_grad()
-def batch_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and ``1 / sqrt(var + eps)`` (biased variance) of ``x`` (N, C, ...), float32 or wider.
+#: Inputs with at least this many values (and spatial dimensions) take :func:`renormalize`'s one-pass node.
+ONE_PASS_FROM = 8192
 
-    One kernel: torch's fused statistics kernel on CUDA (``batch_norm_stats``,
-    Welford), its training-mode BN kernel elsewhere (faster on CPU than
-    ``torch.var_mean``: 2-4x on the shapes of BENCHMARKS.md's networks).
+
+def one_pass(x: torch.Tensor) -> bool:
+    """Whether eager :func:`renormalize` computes ``x``'s statistics once (see there)."""
+    return x.dim() > 2 and x.numel() >= ONE_PASS_FROM
+
+
+def fused(x: torch.Tensor) -> bool:
+    """Whether :func:`renormalize` will take its one-pass path for ``x`` in this call (eager, large enough)."""
+    return not compiling() and one_pass(x)
+
+
+def require_batch(x: torch.Tensor) -> None:
+    """Refuse one value per channel in training, in torch's BatchNorm's words (its variance is no statistic)."""
+    if x.numel() == x.shape[1]:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+
+
+def batch_stats(
+    x: torch.Tensor,
+    eps: float,
+    running: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    *,
+    variance: bool = True,
+) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """Per-channel mean, biased variance and ``1 / sqrt(var + eps)`` of ``x`` (N, C, ...), float32 or wider.
+
+    One statistics kernel (torch's ``batch_norm_update_stats``, Welford on
+    CUDA; faster on CPU than ``torch.var_mean``: 2-4x on the shapes of
+    BENCHMARKS.md's networks) and two small operations. ``variance=False``:
+    the variance comes back as None, and the kernel is torch's training-mode BN
+    kernel, which gives ``1/sigma`` itself (one operation in all). Traced, that
+    kernel always (the compiler decomposes and fuses it). Call it under
+    ``torch.no_grad()`` (the statistics are constants to the layers).
+    ``running`` = ``(running_mean, running_var, momentum)``: the kernel also
+    takes the EMA step of those buffers (unbiased variance), as
+    ``nn.BatchNorm`` does.
     """
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
-    if x.is_cuda:
-        return torch.batch_norm_stats(x, eps)
-    _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
-    return mean, invstd
+    if running is not None and running[0].dtype != x.dtype:  # e.g. a bfloat16 layer: the step in its dtype
+        mean, var, invstd = batch_stats(x, eps, variance=variance)
+        running_mean, running_var, momentum = running
+        n = x.numel() // x.shape[1]
+        biased = var if var is not None else invstd.pow(-2).sub(eps).clamp(min=0.0)
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((biased * (n / max(n - 1, 1))).to(running_var.dtype), momentum)
+        return mean, var, invstd
+    running_mean, running_var, momentum = running if running is not None else (None, None, 0.0)
+    if compiling() or not variance:
+        _, mean, invstd = torch.native_batch_norm(x, None, None, running_mean, running_var, True, momentum, eps)
+        return mean, (invstd.pow(-2).sub(eps).clamp(min=0.0) if variance else None), invstd
+    mean, var = torch.batch_norm_update_stats(x, running_mean, running_var, momentum)
+    return mean, var, (var + eps).rsqrt_()
 
 
 @torch.no_grad()
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of ``x`` (N, C, ...), in float32 or wider (see :func:`batch_stats`).
-
-    The kernels' ``1/std`` output is inf for a constant channel: read back as a variance of 0 there.
-    """
-    mean, invstd = batch_stats(x, 0.0)
-    return mean, invstd.pow(-2).nan_to_num_(posinf=0.0)
+    """Per-channel mean and biased variance of ``x`` (N, C, ...), in float32 or wider (see :func:`batch_stats`)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    if compiling():
+        _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 0.0)
+        return mean, invstd.pow(-2).nan_to_num(posinf=0.0)  # 1/std is inf for a constant channel: variance 0
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
 
 
 def pool_over_ranks(

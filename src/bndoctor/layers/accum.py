@@ -56,7 +56,7 @@ from ..distributed import HasProcessGroup
 from ..errors import BNDoctorError, BNDoctorWarning, caller_stacklevel
 from ..moments import pool_two
 from ._base import BNDoctorLayer, compiling, snapshot
-from ._ema import batch_moments, batch_stats, ema_step, pool_over_ranks, renormalize
+from ._ema import batch_moments, batch_stats, ema_step, pool_over_ranks, renormalize, require_batch
 
 __all__ = ["AccumBatchNorm", "AccumMode", "close_windows_together"]
 
@@ -354,9 +354,10 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
                 return x.clone()
             use_count, use_mean, use_var = self._reference(safe, pooled_mean, pooled_m2)
             if self.mode == "renorm":
-                r, d = self._renorm_factors(mean, torch.rsqrt(var + self.eps), use_mean, use_var)
+                stats = mean, var, torch.rsqrt(var + self.eps)
+                r, d = self._renorm_factors(mean, stats[2], use_mean, use_var)
         if self.mode == "renorm":
-            return renormalize(x, self.weight, self.bias, r, d, eps=self.eps)
+            return renormalize(x, self.weight, self.bias, r, d, stats, eps=self.eps)
         return self._pooled_norm(x, use_mean, use_var, n / use_count)
 
     def _local_window_forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -365,9 +366,14 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         The window is updated in place, Welford-style: ``count += n``, ``mean += (m - mean) n / count``,
         ``M2 += n v + n (m - mean_old)(m - mean_new)`` (Chan et al.'s update written with the new mean).
         """
+        renorm = self.mode == "renorm"
+        if renorm:
+            require_batch(x)  # as torch's BN, and before the window takes the micro-batch in
         with torch.no_grad():
-            mean, invstd = batch_stats(x, self.eps)  # this micro-batch's mean and 1/sqrt(var + eps)
-            var = invstd.pow(-2).sub_(self.eps).clamp_(min=0.0)
+            if renorm:  # this micro-batch's mean, biased var and 1/sqrt(var + eps)
+                stats = mean, var, invstd = batch_stats(x, self.eps)
+            else:
+                mean, var = batch_moments(x)
             w_count, w_mean, w_m2 = self._window_parts()
             w_count.add_(n)
             delta = mean - w_mean
@@ -375,8 +381,9 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             w_m2.add_(var, alpha=n)
             spread = mean - w_mean  # the micro-batch's mean against the pooled one
             w_m2.addcmul_(delta, spread, value=n)
-            self._has_data = True
-            if self.mode == "renorm" and self._collected is None:
+            if not self._has_data:  # (a module attribute write costs more than the check)
+                self._has_data = True
+            if renorm and self._collected is None:
                 # r = sigma_B / sigma, d = (mu_B - mu) / sigma against the window, eps inside both (Ioffe 2017)
                 ref_invstd = torch.div(w_m2, w_count).add_(self.eps).rsqrt_()
                 r = ref_invstd.div(invstd)
@@ -384,10 +391,10 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             else:
                 # the mean may be kept (the pooled gradient saves it) while the window moves on: a copy
                 use_count, use_mean, use_var = self._reference(w_count, w_mean.clone(), w_m2)
-                if self.mode == "renorm":  # two passes: against the collected window
+                if renorm:  # two passes: against the collected window
                     r, d = self._renorm_factors(mean, invstd, use_mean, use_var)
-        if self.mode == "renorm":
-            return renormalize(x, self.weight, self.bias, r, d, eps=self.eps)
+        if renorm:
+            return renormalize(x, self.weight, self.bias, r, d, stats, eps=self.eps)
         return self._pooled_norm(x, use_mean, use_var, n / use_count)
 
     def _pooled_norm(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, ratio: Any) -> torch.Tensor:

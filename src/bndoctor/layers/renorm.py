@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError
 from ._base import BNDoctorLayer
-from ._ema import batch_stats, renormalize
+from ._ema import batch_stats, fused, renormalize, require_batch
 
 __all__ = ["BatchRenorm"]
 
@@ -76,17 +76,35 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
         if not self.training or not self.track_running_stats or self.running_mean is None:
             # eval: the running statistics; no running statistics kept: plain BN, buffers untouched
             return _BatchNorm.forward(self, input)
-        with torch.no_grad():
-            mean_b, invstd_b = batch_stats(input, self.eps)
-            r_max, d_max = self._limits(self.num_batches_tracked)  # type: ignore[arg-type]
-            ref_invstd = torch.rsqrt(self.running_var + self.eps)  # type: ignore[operator]
-            # r = sigma_B / sigma, d = (mu_B - mu) / sigma, clipped; sigma from the running variance (before this step)
-            r = ref_invstd.div(invstd_b).clamp_(min=r_max.reciprocal(), max=r_max)
-            d = (mean_b - self.running_mean).mul_(ref_invstd).clamp_(min=-d_max, max=d_max)
-            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
-        # the BN kernel takes the running statistics' EMA step itself (momentum, unbiased variance)
+        require_batch(input)  # before the EMA step below
+        one_pass = fused(input)
         running = (self.running_mean, self.running_var, self.momentum)
-        return renormalize(input, self.weight, self.bias, r, d, eps=self.eps, running=running)  # type: ignore[arg-type]
+        with torch.no_grad():
+            r_max, d_max = self._limits(self.num_batches_tracked)  # type: ignore[arg-type]
+            # r = sigma_B / sigma, d = (mu_B - mu) / sigma, clipped; sigma and mu from the running statistics
+            # before this step's EMA step (momentum, unbiased variance), which the statistics kernel takes
+            # on the one-pass path and the BN call in renormalize otherwise
+            ref_invstd = torch.rsqrt(self.running_var + self.eps)  # type: ignore[operator]
+            if one_pass:
+                ref_mean = self.running_mean.clone()  # type: ignore[union-attr]
+                stats = batch_stats(input, self.eps, running)  # type: ignore[arg-type]
+            else:
+                ref_mean = self.running_mean
+                stats = batch_stats(input, self.eps, variance=False)
+            mean_b, _, invstd_b = stats
+            r = ref_invstd.div(invstd_b).clamp_(min=r_max.reciprocal(), max=r_max)
+            d = (mean_b - ref_mean).mul_(ref_invstd).clamp_(min=-d_max, max=d_max)
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr]
+        return renormalize(
+            input,
+            self.weight,
+            self.bias,
+            r,
+            d,
+            stats,
+            eps=self.eps,
+            running=None if one_pass else running,  # type: ignore[arg-type]
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r_max={self.r_max:g}, d_max={self.d_max:g}, warmup_steps={self.warmup_steps}"
