@@ -8,6 +8,12 @@ the two-pass variant: ``collect_window`` over the window first) and with
 ``--device cuda`` times the same on a GPU (synchronised before each clock
 read; oneDNN does not apply there).
 
+A second table times the BN layers of the ResNet-18-sized network alone: its
+20 layers at the shapes the network feeds them (micro-batch 2), forward and
+backward, each variant against plain BN. On CPU the convolutions' run-to-run
+spread (several per cent of the step) hides differences of a per cent or two
+in the whole-network table; this one measures what the layers add.
+
     python benchmarks/bench_accum.py --update BENCHMARKS.md
     python benchmarks/bench_accum.py --device cuda --update BENCHMARKS.md   # its own section
 """
@@ -71,6 +77,61 @@ def _window(model, opt, xs, ys, two_pass: bool = False) -> float:
     return (clock(xs[0].device) - start) / ACCUM
 
 
+def _bn_shapes(factory, shape) -> list[tuple[int, ...]]:
+    """The input shape of every BatchNorm2d of the network at micro-batch ``MICRO``, in forward order."""
+    shapes: list[tuple[int, ...]] = []
+    model = factory()
+    hooks = [
+        m.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    ]
+    with torch.no_grad():
+        model.train()(torch.randn(MICRO, *shape))
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+def _layers_alone(factory, shape, device, rounds: int) -> dict[str, float]:
+    """ms per micro-step of the network's BN layers alone (forward + backward), per variant; windows of ACCUM."""
+    shapes = _bn_shapes(factory, shape)
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(s, generator=gen).to(device).requires_grad_(True) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    stacks = {}
+    for name in ("plain BN", "AccumBN renorm", "BatchRenorm"):
+        layers = []
+        for s in shapes:
+            if name == "plain BN":
+                layer = torch.nn.BatchNorm2d(s[1])
+            elif name == "BatchRenorm":
+                layer = bndoctor.BatchRenorm(s[1])
+            else:
+                layer = bndoctor.AccumBatchNorm(s[1])
+                layer.acquire_control()
+            layers.append(layer.to(device).train())
+        stacks[name] = layers
+
+    def window(layers) -> float:
+        start = clock(device)
+        for _ in range(ACCUM):
+            for layer, x, g in zip(layers, xs, grads):
+                layer(x).backward(g)
+        for layer in layers:
+            if isinstance(layer, bndoctor.AccumBatchNorm):
+                layer.close_window()
+        return (clock(device) - start) / ACCUM
+
+    for layers in stacks.values():
+        window(layers)
+    times: dict[str, list[float]] = {name: [] for name in stacks}
+    for _ in range(rounds):
+        for name, layers in stacks.items():
+            times[name].append(window(layers))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
@@ -89,6 +150,7 @@ def main() -> None:
     ]
     # oneDNN off: as the harness runs (native kernels are faster at batch 2); on: torch's default
     settings = (False, True) if device.type == "cpu" else (None,)
+    whole: dict[tuple[str, object], float] = {}  # plain BN's step per (model, oneDNN), for the second table
     for (label, (factory, shape)), onednn in [(m, o) for m in MODELS.items() for o in settings]:
         if onednn is not None:
             torch.backends.mkldnn.enabled = onednn
@@ -103,10 +165,32 @@ def main() -> None:
             for name, (model, opt) in variants.items():
                 times[name].append(_window(model, opt, xs, ys, "two passes" in name))
         base = statistics.median(times["plain BN"])
+        whole[(label, onednn)] = base
         for name in variants:
             t = statistics.median(times[name])
             dnn = "n/a" if onednn is None else ("on" if onednn else "off")
             lines.append(f"| {label} | {dnn} | {name} | {t * 1e3:.2f} | {t / base:.2f} |")
+    label, (factory, shape) = list(MODELS.items())[1]
+    alone = _layers_alone(factory, shape, device, args.rounds)
+    steps = {dnn: t for (name, dnn), t in whole.items() if name == label}
+    against = ", ".join(
+        f"{t * 1e3:.0f} ms" + ("" if dnn is None else f" with oneDNN {'on' if dnn else 'off'}")
+        for dnn, t in steps.items()
+    )
+    lines += [
+        "",
+        f"BN layers of the ResNet-18-sized network alone ({len(_bn_shapes(factory, shape))} layers at the shapes "
+        f"the network feeds them at micro-batch {MICRO}, forward + backward, median of {args.rounds} interleaved "
+        f"windows of {ACCUM}); the last column puts what a layer type adds over plain BN against the whole "
+        f"network's plain-BN step in the table above ({against}).",
+        "",
+        "| layer | ms per micro-step, all BN layers | added over plain BN, ms | added / whole plain-BN step |",
+        "|---|---|---|---|",
+    ]
+    for name, t in alone.items():
+        added = t - alone["plain BN"]
+        share = " / ".join(f"{added / step:+.1%}" for step in steps.values())
+        lines.append(f"| {name} | {t * 1e3:.2f} | {added * 1e3:+.2f} | {share} |")
     text = "\n".join(lines)
     command = f"python benchmarks/bench_accum.py --rounds {args.rounds}{command_suffix(args)}"
     title = "Accumulation-aware BN and Batch Renorm: step time" + (" on CUDA" if device.type == "cuda" else "")
