@@ -107,22 +107,50 @@ LAYERS = {
 }
 
 
-def _cuda_setup(name):
+def _cuda_setup(name, side=8):
     torch.manual_seed(0)
     model = LAYERS[name](tiny_resnet()).cuda().train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, foreach=True)
     if name.startswith("accum"):
         bd.accumulate_bn(model, optimizer)
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(2, 1, 8, 8, generator=gen).cuda(), torch.randint(0, 10, (2,), generator=gen).cuda())]
+    x = torch.randn(2, 1, side, side, generator=gen)
+    batches = [(x.cuda(), torch.randint(0, 10, (2,), generator=gen).cuda())]
     _micro_steps_and_step(model, optimizer, batches * 2, sync_mode_for=())  # lazy set-up (handles, window state)
     return model, optimizer, batches * 4
 
 
+@pytest.mark.parametrize("side", [8, 64], ids=["folded", "one-pass"])  # the stem's BN input: 2 x 16 x side x side
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_no_host_device_sync_in_a_cuda_micro_step(name):
-    model, optimizer, batches = _cuda_setup(name)
+def test_no_host_device_sync_in_a_cuda_micro_step(name, side):
+    model, optimizer, batches = _cuda_setup(name, side)
     _micro_steps_and_step(model, optimizer, batches, sync_mode_for=("micro",))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("path", ["one-pass", "folded"])
+def test_renormalize_on_cuda_equals_the_float64_formula(path, dtype, monkeypatch):
+    from bndoctor.layers import _ema
+    from tests.layers.test_renormalize import EPS, _inputs, _oracle, _run
+
+    monkeypatch.setattr(_ema, "one_pass", lambda x: path == "one-pass")
+    x, r, d, weight, bias = _inputs((4, 8, 16, 16), seed=3)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x_in, grad_in = x.to(dtype), grad.to(dtype)
+
+    def on_cuda(x, weight, bias, r, d):
+        with torch.no_grad():
+            stats = _ema.batch_stats(x, EPS)
+        return _ema.renormalize(x, weight, bias, r, d, stats, eps=EPS)
+
+    cuda = [t.float().cuda() if t is not None else None for t in (weight, bias, r, d)]
+    out, grads = _run(on_cuda, x_in.cuda(), *cuda[:2], *cuda[2:], grad_in.cuda())
+    ref, ref_grads = _run(_oracle, x_in.double(), weight, bias, r, d, grad_in.double())
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 1e-2}
+    assert out.dtype == dtype and grads[0].dtype == dtype
+    torch.testing.assert_close(out.double().cpu(), ref, **tol)
+    for ours, expected in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(ours.double().cpu(), expected, **tol)
 
 
 @pytest.mark.parametrize("name", ["accum-renorm", "batch-renorm"])

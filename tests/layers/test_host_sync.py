@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bndoctor as bd
+from bndoctor.layers import _ema
 from tests._dist import run_ranks
 
 HOST_READS = ("aten._local_scalar_dense", "aten.item", "aten.equal", "aten.is_nonzero")
@@ -29,25 +30,31 @@ class Recorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _net():
+def _net(side=8):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * side * side, 10)
+    )
 
 
-def _build(name, sync=False):
+def _build(name, sync=False, side=8):
     if name.startswith("accum"):
-        return bd.to_accum_bn(_net(), mode=name.split("-")[1], sync=sync)
+        return bd.to_accum_bn(_net(side), mode=name.split("-")[1], sync=sync)
     if name == "batch-renorm":
-        return bd.to_batch_renorm(_net(), warmup_steps=10)
-    return bd.to_sync_bn(_net())
+        return bd.to_batch_renorm(_net(side), warmup_steps=10)
+    return bd.to_sync_bn(_net(side))
 
 
-def _host_reads(name, sync=False):
-    model = _build(name, sync).train()
+#: Input sides whose BN input (2 x 8 x side x side) takes the folded and the one-pass renorm path.
+SIDES = {"folded": 8, "one-pass": 32}
+
+
+def _host_reads(name, sync=False, side=8):
+    model = _build(name, sync, side).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     if name.startswith("accum"):
         bd.accumulate_bn(model, optimizer)
-    x, y = torch.randn(2, 1, 8, 8), torch.randint(0, 10, (2,))
+    x, y = torch.randn(2, 1, side, side), torch.randint(0, 10, (2,))
     F.cross_entropy(model(x), y).backward()  # first micro-batch of the window (and lazy set-up) outside
     recorder = Recorder()
     with recorder:
@@ -56,19 +63,22 @@ def _host_reads(name, sync=False):
     return [op for op in recorder.ops if op.startswith(HOST_READS)], len(recorder.ops)
 
 
+@pytest.mark.parametrize("path", list(SIDES))
 @pytest.mark.parametrize("name", ["accum-renorm", "accum-progressive", "accum-blend", "batch-renorm"])
-def test_no_host_read_in_a_micro_step(name):
-    reads, ops = _host_reads(name)
+def test_no_host_read_in_a_micro_step(name, path):
+    assert _ema.one_pass(torch.empty(2, 8, SIDES[path], SIDES[path])) == (path == "one-pass")
+    reads, ops = _host_reads(name, side=SIDES[path])
     assert ops > 10 and reads == []
 
 
-def _on_ranks(rank, world, name):
-    return _host_reads(name, sync=True)
+def _on_ranks(rank, world, name, side):
+    return _host_reads(name, sync=True, side=side)
 
 
+@pytest.mark.parametrize("path", list(SIDES))
 @pytest.mark.parametrize("name", ["accum-renorm", "sync-bn"])
-def test_no_host_read_in_a_synced_micro_step(name):
-    for reads, ops in run_ranks(_on_ranks, 2, name, timeout=30):
+def test_no_host_read_in_a_synced_micro_step(name, path):
+    for reads, ops in run_ranks(_on_ranks, 2, name, SIDES[path], timeout=30):
         assert ops > 10 and reads == []
 
 
