@@ -63,6 +63,17 @@ def test_compiled_layer_equals_eager_over_three_windows(name):
     compare_compiled_with_eager(name, "cpu")
 
 
+@pytest.mark.parametrize("name", ["accum-renorm", "accum-renorm-two-passes", "batch-renorm"])
+def test_compiled_layer_equals_eager_on_the_one_pass_path(name, monkeypatch):
+    """Eager on the one-pass path (large inputs; forced here) against the compiled folded form, three windows."""
+    from bndoctor.layers import _ema
+
+    calls = []
+    monkeypatch.setattr(_ema, "one_pass", lambda x: calls.append(x.shape) or True)
+    compare_compiled_with_eager(name, "cpu")
+    assert calls  # eager took the one-pass path
+
+
 def eager_and_compiled(base):
     """Two copies of ``base``, each with its SGD optimizer (and window control where it has AccumBatchNorm).
 

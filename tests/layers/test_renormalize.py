@@ -153,19 +153,20 @@ def test_one_value_per_channel_is_refused_as_torch_refuses_it(path):
         renormalize(x, weight, bias, r, d, stats, eps=EPS)
 
 
-def test_twice_differentiating_the_one_pass_node_fails_loudly_rather_than_silently(path):
+def test_both_paths_are_twice_differentiable(path):
+    """Second-order gradients (MAML, gradient penalties) equal the formula's, on the one-pass path too."""
     x, r, d, weight, bias = _inputs((4, 3, 2, 2), seed=6)
-    x.requires_grad_(True)
-    with torch.no_grad():
-        stats = batch_stats(x, EPS)
-    out = renormalize(x, weight, bias, r, d, stats, eps=EPS)
-    if path == "folded":  # torch's own autograd: twice differentiable, as the formula
-        (grad,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
-        (expected,) = torch.autograd.grad(_oracle(x, weight, bias, r, d).pow(2).sum(), x, create_graph=True)
-        torch.testing.assert_close(torch.autograd.grad(grad.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0])
-        return
-    with pytest.raises(RuntimeError, match="not twice differentiable"):
-        torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    results = []
+    for fn in (_ours, _oracle):
+        xg = x.clone().requires_grad_(True)
+        w, b = weight.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
+        out = fn(xg, w, b, r, d)
+        gx, gw = torch.autograd.grad(
+            (out.pow(3) * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), (xg, w), create_graph=True
+        )
+        results.append(torch.autograd.grad(gx.pow(2).sum() + gw.pow(2).sum(), (xg, w, b)))
+    for ours, expected in zip(*results, strict=True):
+        torch.testing.assert_close(ours, expected)
 
 
 def test_the_path_follows_the_input_size():

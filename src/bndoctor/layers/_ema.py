@@ -48,30 +48,34 @@ class _Renormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, factors, eps: float):  # type: ignore[override]
         # factors = (mean, var, invstd, r, d): no-grad tensors made for this call, kept on ctx (fewer
-        # arguments for apply to walk; only x, an input, needs save_for_backward's version check)
+        # arguments for apply to walk); the inputs go through save_for_backward (its version check)
         mean, var, invstd, r, d = factors
         w, b = _fold(weight, bias, r, d)
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, weight, bias)
         ctx.kept = w, mean, invstd, r, d
         ctx.eps = eps
         return torch.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)[0]
 
     @staticmethod
     def backward(ctx: Any, grad):  # type: ignore[override]
-        if torch.is_grad_enabled():  # create_graph=True: the folded parameters carry no graph to gamma
-            raise RuntimeError(
-                f"bndoctor's Batch Renorm / accumulation-aware BN (renorm) backward is not twice differentiable in "
-                f"eager mode on inputs of {ONE_PASS_FROM} values or more; compile the model (torch.compile traces "
-                f"a twice-differentiable form) or set bndoctor.layers._ema.ONE_PASS_FROM above your inputs' size"
-            )
-        (x,) = ctx.saved_tensors
+        x, weight, bias = ctx.saved_tensors
         w, mean, invstd, r, d = ctx.kept
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: the same gradient from a differentiable form
+            return (*_differentiable_grads(x, weight, bias, r, d, ctx.eps, grad, ctx.needs_input_grad[:3]), None, None)
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             grad, x, w, None, None, mean, invstd, True, ctx.eps, [need_x, need_weight, need_weight or need_bias]
         )
         dweight = dw.mul_(r).addcmul_(db, d) if need_weight else None  # dL/dgamma = r dL/dw + d dL/db
         return dx, dweight, db if need_bias else None, None, None
+
+
+def _differentiable_grads(x, weight, bias, r, d, eps, grad, needed) -> list[torch.Tensor | None]:
+    """The one-pass node's input gradients with a graph (double backward): the folded form, differentiated."""
+    inputs = [t for t, need in zip((x, weight, bias), needed) if need]
+    out = torch.nn.functional.batch_norm(x, None, None, *_fold(weight, bias, r, d), True, 0.0, eps)
+    grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
+    return [next(grads) if need else None for need in needed]
 
 
 def _fold(
@@ -104,7 +108,8 @@ def renormalize(
 
     On inputs with spatial dimensions and at least :data:`ONE_PASS_FROM`
     values, one autograd node computes it from ``stats``, with no second
-    statistics pass (not twice differentiable). Otherwise — small inputs, where
+    statistics pass (a double backward differentiates the folded form below
+    instead). Otherwise — small inputs, where
     a Python autograd node costs more than the pass it saves (measured on CPU:
     BENCHMARKS.md), ``(N, C)`` inputs, and traced code, where the compiler
     fuses the pass — one training-mode BN call with the affine parameters
