@@ -109,14 +109,14 @@ def renormalize(
     On inputs with spatial dimensions and at least :data:`ONE_PASS_FROM`
     values, one autograd node computes it from ``stats``, with no second
     statistics pass (a double backward differentiates the folded form below
-    instead). Otherwise — small inputs, where
-    a Python autograd node costs more than the pass it saves (measured on CPU:
-    BENCHMARKS.md), ``(N, C)`` inputs, and traced code, where the compiler
-    fuses the pass — one training-mode BN call with the affine parameters
-    folded gives the same through torch's own autograd; ``running`` =
-    ``(running_mean, running_var, momentum)`` there lets that call take the EMA
-    step of those buffers (unbiased variance), as ``nn.BatchNorm`` does (the
-    one-pass path has ``batch_stats`` take it: see :func:`fused`).
+    instead). Otherwise — small inputs, where a Python autograd node costs
+    more than the pass it saves (measured on CPU: BENCHMARKS.md), ``(N, C)``
+    inputs, and traced code, where the compiler fuses the pass — one
+    training-mode BN call with the affine parameters folded gives the same
+    through torch's own autograd; ``running`` = ``(running_mean, running_var,
+    momentum)`` lets that call take the EMA step of those buffers (unbiased
+    variance), as ``nn.BatchNorm`` does. On the one-pass path (:func:`fused`
+    tells which path a call takes) ``batch_stats`` takes that step instead.
     """
     if r.requires_grad or d.requires_grad:  # constants in the backward (an aten op each: skipped when not needed)
         r, d = r.detach(), d.detach()
