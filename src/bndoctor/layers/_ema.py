@@ -190,9 +190,12 @@ def batch_stats(
     return mean, var, (var + eps).rsqrt_()
 
 
-@torch.no_grad()
 def batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of ``x`` (N, C, ...), in float32 or wider (see :func:`batch_stats`)."""
+    """Per-channel mean and biased variance of ``x`` (N, C, ...), in float32 or wider (see :func:`batch_stats`).
+
+    Call it under ``torch.no_grad()``, as its callers in the layers do (a decorator would cost a grad-mode
+    switch per layer and micro-step).
+    """
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()
     if compiling():
