@@ -115,12 +115,13 @@ def renormalize(
     training-mode BN call with the affine parameters folded gives the same
     through torch's own autograd; ``running`` = ``(running_mean, running_var,
     momentum)`` lets that call take the EMA step of those buffers (unbiased
-    variance), as ``nn.BatchNorm`` does. On the one-pass path (:func:`fused`
-    tells which path a call takes) ``batch_stats`` takes that step instead.
+    variance), as ``nn.BatchNorm`` does. On the one-pass path
+    (:func:`takes_one_pass` tells which path a call takes) ``batch_stats``
+    takes that step instead.
     """
     if r.requires_grad or d.requires_grad:  # constants in the backward (an aten op each: skipped when not needed)
         r, d = r.detach(), d.detach()
-    if fused(x):
+    if takes_one_pass(x):
         if running is not None or stats[1] is None:
             raise AssertionError("the one-pass path takes the variance from batch_stats, which takes the EMA step")
         require_batch(x)
@@ -141,7 +142,7 @@ def one_pass(x: torch.Tensor) -> bool:
     return x.dim() > 2 and x.numel() >= ONE_PASS_FROM
 
 
-def fused(x: torch.Tensor) -> bool:
+def takes_one_pass(x: torch.Tensor) -> bool:
     """Whether :func:`renormalize` will take its one-pass path for ``x`` in this call (eager, large enough)."""
     return not compiling() and one_pass(x)
 

@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError
 from ._base import BNDoctorLayer
-from ._ema import batch_stats, fused, renormalize, require_batch
+from ._ema import batch_stats, renormalize, require_batch, takes_one_pass
 
 __all__ = ["BatchRenorm"]
 
@@ -77,7 +77,7 @@ class BatchRenorm(BNDoctorLayer, _BatchNorm):
             # eval: the running statistics; no running statistics kept: plain BN, buffers untouched
             return _BatchNorm.forward(self, input)
         require_batch(input)  # before the EMA step below
-        one_pass = fused(input)
+        one_pass = takes_one_pass(input)
         running = (self.running_mean, self.running_var, self.momentum)
         with torch.no_grad():
             r_max, d_max = self._limits(self.num_batches_tracked)  # type: ignore[arg-type]
