@@ -88,6 +88,23 @@ def eager_and_compiled(base):
     return eager, compiled_model, torch.compile(compiled_model), optimizers
 
 
+def assert_same_gradients_then_step(eager, compiled_model, optimizers, *, rtol=1e-4, atol=1e-6):
+    """The compiled copy's gradients equal eager's (a parameter without one in eager has none compiled); one step."""
+    for (pname, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
+        if a.grad is None:
+            assert b.grad is None, pname
+        else:
+            torch.testing.assert_close(b.grad, a.grad, rtol=rtol, atol=atol, msg=pname)
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def assert_same_buffers(eager, compiled_model, *, rtol=1e-5, atol=1e-6):
+    for (bname, a), b in zip(eager.named_buffers(), compiled_model.buffers()):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=bname)
+
+
 def compare_compiled_with_eager(name, device):
     """Eager and compiled copies of ``VARIANTS[name]`` on ``device`` agree over three windows (also tests/test_gpu)."""
     build = VARIANTS[name]
@@ -112,14 +129,8 @@ def compare_compiled_with_eager(name, device):
             for a, b in zip(eager.modules(), compiled_model.modules()):
                 if isinstance(a, bd.AccumBatchNorm):
                     torch.testing.assert_close(b.window_statistics()[1], a.window_statistics()[1], rtol=1e-5, atol=1e-6)
-        for (pname, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
-            if a.grad is not None:
-                torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=pname)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-    for (bname, a), b in zip(eager.named_buffers(), compiled_model.buffers()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=bname)
+        assert_same_gradients_then_step(eager, compiled_model, optimizers)
+    assert_same_buffers(eager, compiled_model)
     assert int(eager[1].num_batches_tracked) > 0 or name == "frozen"
     # one graph for the whole model: no break inside the layers
     explanation = torch._dynamo.explain(compiled_model)(torch.randn(2, 1, 8, 8, device=device))
@@ -138,13 +149,8 @@ def test_compiled_layer_follows_changing_micro_batch_sizes(name):
             torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
             loss_e.backward()
             loss_c.backward()
-        for (pname, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=pname)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-    for (bname, a), b in zip(eager.named_buffers(), compiled_model.buffers()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=bname)
+        assert_same_gradients_then_step(eager, compiled_model, optimizers)
+    assert_same_buffers(eager, compiled_model)
 
 
 def _synced_rank(rank, world, name):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import bndoctor as bd
 from tests import _thirdparty
-from tests.layers.test_compile import eager_and_compiled
+from tests.layers.test_compile import assert_same_buffers, assert_same_gradients_then_step, eager_and_compiled
 
 pytestmark = pytest.mark.slow
 
@@ -61,13 +61,7 @@ def test_compiled_third_party_model_equals_eager(case):
             (loss_e / 4).backward()
             (loss_c / 4).backward()
         scale = max(p.grad.abs().max() for p in eager.parameters() if p.grad is not None)
-        for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
-            if a.grad is not None:
-                torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-6 * float(scale), msg=name)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-    for (name, a), b in zip(eager.named_buffers(), compiled_model.buffers()):
-        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9, msg=name)
+        assert_same_gradients_then_step(eager, compiled_model, optimizers, rtol=0, atol=1e-6 * float(scale))
+    assert_same_buffers(eager, compiled_model, rtol=1e-7, atol=1e-9)
     explanation = torch._dynamo.explain(compiled_model)(torch.randn(2, 3, 64, 64, dtype=torch.float64))
     assert explanation.graph_break_count == 0, explanation.break_reasons
