@@ -26,7 +26,7 @@ def test_conversions_keep_cuda_device_and_outputs():
 def test_converted_accum_bn_opens_its_window_on_the_gpu():
     """The window starts where the layer lives (a first compiled call would otherwise move it and recompile)."""
     model = bd.to_accum_bn(tiny_resnet().cuda())
-    windows = [m._window for m in model.modules() if isinstance(m, bd.AccumBatchNorm)]
+    windows = [t for m in model.modules() if isinstance(m, bd.AccumBatchNorm) for t in m._window_parts()]
     assert windows and all(w.device.type == "cuda" and w.dtype == torch.float32 for w in windows)
 
 

@@ -205,7 +205,7 @@ def test_one_value_per_channel_leaves_the_accumulation_window_untouched(path):
     layer = bd.AccumBatchNorm(3).train()
     layer.acquire_control()
     layer(torch.randn(4, 3))
-    window = layer._window.clone()
+    window = [t.clone() for t in layer._window_parts()]
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         layer(torch.randn(1, 3))
-    torch.testing.assert_close(layer._window, window)
+    torch.testing.assert_close(list(layer._window_parts()), window)

@@ -106,12 +106,14 @@ def renormalize(
     the input gradient is BN's gradient (through the batch statistics) times r,
     and ``dL/dgamma`` sums ``dL/dy (r x_hat_B + d)``.
 
-    On inputs with spatial dimensions and at least :data:`ONE_PASS_FROM`
+    On CPU inputs with spatial dimensions and at least :data:`ONE_PASS_FROM`
     values, one autograd node computes it from ``stats``, with no second
     statistics pass (a double backward differentiates the folded form below
     instead). Otherwise — small inputs, where a Python autograd node costs
-    more than the pass it saves (measured on CPU: BENCHMARKS.md), ``(N, C)``
-    inputs, and traced code, where the compiler fuses the pass — one
+    more than the pass it saves, ``(N, C)`` inputs, inputs on a GPU (measured
+    on an H200: never cheaper, the statistics pass is not what a layer's time
+    goes to there; BENCHMARKS.md has both devices' tables), and traced code,
+    where the compiler fuses the pass — one
     training-mode BN call with the affine parameters folded gives the same
     through torch's own autograd; ``running`` = ``(running_mean, running_var,
     momentum)`` lets that call take the EMA step of those buffers (unbiased
@@ -133,13 +135,13 @@ def renormalize(
     return torch.nn.functional.batch_norm(x, mean, var, w, b, True, momentum, eps)
 
 
-#: Inputs with at least this many values (and spatial dimensions) take :func:`renormalize`'s one-pass node.
+#: CPU inputs with at least this many values (and spatial dimensions) take :func:`renormalize`'s one-pass node.
 ONE_PASS_FROM = 8192
 
 
 def one_pass(x: torch.Tensor) -> bool:
     """Whether eager :func:`renormalize` computes ``x``'s statistics once (see there)."""
-    return x.dim() > 2 and x.numel() >= ONE_PASS_FROM
+    return x.device.type == "cpu" and x.dim() > 2 and x.numel() >= ONE_PASS_FROM
 
 
 def takes_one_pass(x: torch.Tensor) -> bool:

@@ -140,30 +140,37 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         self._controllers = 0  # attached accumulate_bn hooks / open accumulation_window blocks
         self._in_block = False  # inside an accumulation_window block
         self._warned = False
-        # the open window: count, mean and sum of squared deviations per channel, as tensors on the layer's
-        # device, updated in place (no host read in the training step; torch.compile sees tensors, not numbers)
+        # the open window: count (shape 1), mean and sum of squared deviations per channel, as tensors on the
+        # layer's device (no host read in the training step; torch.compile sees tensors, not numbers). Eager
+        # updates them in place; traced code puts new tensors in the list instead (see _store_window)
         wide = torch.float64 if dtype == torch.float64 else torch.float32
-        self._window = torch.zeros(2 * num_features + 1, device=device, dtype=wide)
+        self._window = [torch.zeros(size, device=device, dtype=wide) for size in (1, num_features, num_features)]
         self._match_window()
-        self._has_data = False  # a training forward has run since the last close or reset (host-side flag)
+        # whether a training forward has run since the last close or reset: a host-side flag in a list cell, which
+        # the forward sets without reading it, so a compiled forward is one graph (not one per flag value) whose
+        # guards need not check the module's attribute-write path
+        self._opened = [False]
         self._collected: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # two passes
         self._previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # blend: the last window
 
     # ----------------------------------------------------------------- window
 
     def _window_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views of the window tensor: count (shape 1), mean (C) and M2 (C).
-
-        Eager calls reuse the views made for the current window tensor (a split is one more dispatched
-        operation per micro-step); traced code splits afresh, which the compiler folds away.
-        """
-        cached = self.__dict__.get("_parts")
-        if cached is not None and cached[0] is self._window and not compiling():
-            return cached[1]
-        count, mean, m2 = _split(self._window)
-        if not compiling():
-            self.__dict__["_parts"] = (self._window, (count, mean, m2))
+        """The window's tensors: count (shape 1), mean (C) and M2 (C)."""
+        count, mean, m2 = self._window
         return count, mean, m2
+
+    def _store_window(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Traced code's window update: new tensors in the window's list, no in-place write.
+
+        An in-place write makes the window tensors mutated inputs of the compiled graph, and AOTAutograd's
+        partitioner may then recompute a value the backward needs (the progressive gradient's n / count) from
+        such an input after the forward has overwritten it (torch 2.13: progressive and blend gradients off by
+        1e-2 from the first micro-step). Views of one window tensor avoided that but cost a chain of scatters,
+        which a GPU runs as kernels of their own (an H200: 5 more launches per layer and micro-step).
+        """
+        window = self._window
+        window[0], window[1], window[2] = count, mean, m2
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         super()._apply(fn, recurse)
@@ -175,12 +182,20 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         reference = self.running_mean if self.running_mean is not None else self.weight
         if reference is not None:
             dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
-            self._window = self._window.to(device=reference.device, dtype=dtype)
+            self._window = [t.to(device=reference.device, dtype=dtype) for t in self._window]
 
     def reset_window(self) -> None:
         """Forget the open window's statistics (and collected ones) without committing them."""
-        self._window.zero_()
+        torch._foreach_zero_(self._window)
         self._forget_window()
+
+    @property
+    def _has_data(self) -> bool:
+        return self._opened[0]
+
+    @_has_data.setter
+    def _has_data(self, value: bool) -> None:
+        self._opened[0] = value
 
     def _forget_window(self) -> None:
         """The host-side half of :meth:`reset_window` (for a window tensor already zeroed)."""
@@ -320,7 +335,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         if n > 0:
             mean, var = batch_moments(x)
         else:
-            mean = var = torch.zeros(x.shape[1], device=x.device, dtype=self._window.dtype)
+            mean = var = torch.zeros(x.shape[1], device=x.device, dtype=self._window[1].dtype)
         count, step_mean, step_var = pool_over_ranks(mean, var, n, self.process_group)  # all-empty: count 0
         return mean, var, count, step_mean, step_var
 
@@ -333,23 +348,27 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         if n == 0 and not synced:
             return x.clone()
         wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if self._window.device != x.device or self._window.dtype != wide:  # buffers replaced without .to()
-            self._window = self._window.to(device=x.device, dtype=wide)
+        window = self._window[1]
+        if window.device != x.device or window.dtype != wide:  # buffers replaced without .to()
+            self._window = [t.to(device=x.device, dtype=wide) for t in self._window]
         if not synced:
             return self._local_window_forward(x, n)
         with torch.no_grad():
             mean, var, step_n, step_mean, step_var = self._step_statistics(x, n)
             # pool the micro-step into the window (Chan et al. 1979), in place and on the device
-            window = w_count, w_mean, w_m2 = self._window_parts()
+            w_count, w_mean, w_m2 = self._window_parts()
             total = w_count + step_n
             safe = total.clamp(min=1.0)  # every rank may have been empty so far
             share = (step_n / safe).to(w_mean.dtype)  # this micro-step's weight in the pooled mean
             delta = step_mean - w_mean
             pooled_m2 = torch.addcmul(w_m2 + step_var * step_n, delta, delta * (w_count * share))
             pooled_mean = torch.lerp(w_mean, step_mean, share)
-            for part, value in zip(window, (total, pooled_mean, pooled_m2)):
-                part.copy_(value)
-            self._has_data = True
+            if compiling():
+                self._store_window(total, pooled_mean, pooled_m2)
+            else:
+                for part, value in zip((w_count, w_mean, w_m2), (total, pooled_mean, pooled_m2)):
+                    part.copy_(value)
+            self._opened[0] = True
             if n == 0:  # nothing to normalise here (the other ranks' statistics are pooled all the same)
                 return x.clone()
             use_count, use_mean, use_var = self._reference(safe, pooled_mean, pooled_m2)
@@ -375,14 +394,20 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             else:
                 mean, var = batch_moments(x)
             w_count, w_mean, w_m2 = self._window_parts()
-            w_count.add_(n)
             delta = mean - w_mean
-            w_mean.addcdiv_(delta, w_count, value=n)
-            w_m2.add_(var, alpha=n)
-            spread = mean - w_mean  # the micro-batch's mean against the pooled one
-            w_m2.addcmul_(delta, spread, value=n)
-            if not self._has_data:  # (a module attribute write costs more than the check)
-                self._has_data = True
+            if compiling():
+                w_count = w_count + n
+                w_mean = torch.addcdiv(w_mean, delta, w_count, value=n)
+                spread = mean - w_mean  # the micro-batch's mean against the pooled one
+                w_m2 = torch.addcmul(torch.add(w_m2, var, alpha=n), delta, spread, value=n)
+                self._store_window(w_count, w_mean, w_m2)
+            else:
+                w_count.add_(n)
+                w_mean.addcdiv_(delta, w_count, value=n)
+                w_m2.add_(var, alpha=n)
+                spread = mean - w_mean
+                w_m2.addcmul_(delta, spread, value=n)
+            self._opened[0] = True
             if renorm and self._collected is None:
                 # r = sigma_B / sigma, d = (mu_B - mu) / sigma against the window, eps inside both (Ioffe 2017)
                 ref_invstd = torch.div(w_m2, w_count).add_(self.eps).rsqrt_()
@@ -434,13 +459,6 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         return super().extra_repr() + f", mode={self.mode}" + (", sync=True" if self.sync else "")
 
 
-def _split(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Views of a window tensor ``[count, mean (C), M2 (C)]``."""
-    c = (window.numel() - 1) // 2
-    count, mean, m2 = window.split([1, c, c])
-    return count, mean, m2
-
-
 @torch.no_grad()
 def close_windows_together(layers: Sequence[AccumBatchNorm]) -> None:
     """``layer.close_window()`` for every layer, the usual case in a few operations for all layers at once.
@@ -466,7 +484,8 @@ def close_windows_together(layers: Sequence[AccumBatchNorm]) -> None:
             and layer.mode != "blend"
             and isinstance(layer.momentum, float)
         ):
-            key = (layer._window.device, layer._window.dtype, running_mean.dtype, layer.momentum)
+            window = layer._window[1]
+            key = (window.device, window.dtype, running_mean.dtype, layer.momentum)
             groups.setdefault(key, []).append(layer)
         else:
             layer.close_window()
@@ -486,6 +505,6 @@ def close_windows_together(layers: Sequence[AccumBatchNorm]) -> None:
             stats = stats.to(dtype)
         runnings = [layer.running_mean for layer in group] + [layer.running_var for layer in group]
         torch._foreach_lerp_(runnings, stats.split([t.numel() for t in runnings]), factors)  # type: ignore[arg-type]
-        torch._foreach_zero_([layer._window for layer in group])
+        torch._foreach_zero_([t for layer in group for t in layer._window])
         for layer in group:
             layer._forget_window()
