@@ -137,6 +137,31 @@ def compare_compiled_with_eager(name, device):
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.parametrize("name", ["accum-renorm", "accum-progressive", "accum-renorm-two-passes"])
+def test_a_compiled_accumulation_window_is_one_graph(name):
+    """The window's open flag and tensors change every micro-step without a recompile: one graph for all of them.
+
+    (The flag used to be a module attribute the forward read and wrote: two graphs, one for a window's first
+    micro-batch and one for the rest, and the guards of the attribute write checked on every call.)
+    """
+    from torch._dynamo.utils import counters
+
+    build = VARIANTS[name]
+    eager, compiled_model, compiled, optimizers = eager_and_compiled(build())
+    counters.clear()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        xs = [torch.randn(2, 1, 8, 8, generator=gen) for _ in range(3)]
+        if getattr(build, "two_passes", False):
+            bd.collect_window(compiled_model, xs)
+        for x in xs:
+            compiled(x).sum().backward()
+            assert compiled_model[1].window_open  # the flag set in the compiled forward reaches the layer
+        optimizers[1].step()
+        assert not compiled_model[1].window_open
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize("name", ["accum-renorm", "batch-renorm"])
 def test_compiled_layer_follows_changing_micro_batch_sizes(name):
     """A last, smaller micro-batch (or a varying one) recompiles with a dynamic batch size: numbers stay eager's."""

@@ -174,6 +174,7 @@ def test_the_path_follows_the_input_size():
     assert not _ema.one_pass(torch.empty(2, 16, 8, 8))  # the tiny ResNet's first layer: 2048 values
     assert _ema.one_pass(torch.empty(2, 64, 32, 32))  # a ResNet-18 stem at 64x64 input
     assert not _ema.one_pass(torch.empty(4096, 64))  # (N, C): the training-mode kernel is as fast
+    assert not _ema.one_pass(torch.empty(2, 64, 32, 32, device="meta"))  # not a CPU tensor: never cheaper on a GPU
 
 
 def test_bfloat16_input_with_float32_parameters(path):
