@@ -147,7 +147,7 @@ def test_a_compiled_accumulation_window_is_one_graph(name):
     from torch._dynamo.utils import counters
 
     build = VARIANTS[name]
-    eager, compiled_model, compiled, optimizers = eager_and_compiled(build())
+    _, compiled_model, compiled, optimizers = eager_and_compiled(build())
     counters.clear()
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):

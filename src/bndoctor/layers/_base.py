@@ -137,19 +137,24 @@ def compiling() -> bool:
 def snapshot(t: torch.Tensor) -> torch.Tensor:
     """A copy of ``t`` that torch.compile's backward partitioner saves rather than recomputes.
 
-    The layers derive what their backward needs (Batch Renorm's r and d, the
-    pooled statistics of accumulation-aware BN) from buffers that the same
-    forward then updates in place (the step count, the running statistics, the
-    open window). AOTAutograd's min-cut partitioner may recompute such cheap
+    Batch Renorm derives what its backward needs (r and d) from buffers that
+    the same forward then updates in place (the step count, the running
+    statistics). AOTAutograd's min-cut partitioner may recompute such cheap
     values in the backward instead of saving them, and a recomputation reads
     the buffers after the update: Batch Renorm's compiled gradients were
     silently wrong from the first step (pytorch/pytorch PR #197039, open for
-    torch 2.13). A flip is not on the partitioner's list of ops it recomputes,
-    so its output — here a copy, flipping a dimension of size 1 — is saved from
-    the forward: the layers pass the values their backward needs through it
-    when traced (eager autograd saves what it needs). tests/layers/test_compile.py
-    checks the outcome, so a torch that starts recomputing flips fails there,
-    not silently.
+    torch 2.13). A flip is not on the partitioner's list of ops it recomputes
+    freely, so its output — here a copy, flipping a dimension of size 1 — is
+    saved from the forward: the layers pass the values their backward needs
+    through it when traced (eager autograd saves what it needs).
+
+    It is not a guarantee: a value whose only use is in the backward can be
+    computed there, flip included, from the graph's inputs — seen with the
+    progressive gradient's n / count while the accumulation window was written
+    in place. So accumulation-aware BN does not update its window in place
+    when traced (``AccumBatchNorm._store_window``). tests/layers/test_compile.py
+    checks the outcome for every layer and mode, so a torch whose partitioner
+    changes fails there, not silently.
     """
     return t.unsqueeze(0).flip(0).squeeze(0)
 

@@ -198,7 +198,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         self._opened[0] = value
 
     def _forget_window(self) -> None:
-        """The host-side half of :meth:`reset_window` (for a window tensor already zeroed)."""
+        """The host-side half of :meth:`reset_window` (for window tensors already zeroed)."""
         self._has_data = False
         self._collected = None
 
@@ -355,7 +355,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             return self._local_window_forward(x, n)
         with torch.no_grad():
             mean, var, step_n, step_mean, step_var = self._step_statistics(x, n)
-            # pool the micro-step into the window (Chan et al. 1979), in place and on the device
+            # pool the micro-step into the window (Chan et al. 1979), on the device
             w_count, w_mean, w_m2 = self._window_parts()
             total = w_count + step_n
             safe = total.clamp(min=1.0)  # every rank may have been empty so far
@@ -382,8 +382,9 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
     def _local_window_forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """The window forward without sync: few tensor operations per micro-step (each one costs a kernel launch).
 
-        The window is updated in place, Welford-style: ``count += n``, ``mean += (m - mean) n / count``,
-        ``M2 += n v + n (m - mean_old)(m - mean_new)`` (Chan et al.'s update written with the new mean).
+        The window is updated Welford-style: ``count += n``, ``mean += (m - mean) n / count``,
+        ``M2 += n v + n (m - mean_old)(m - mean_new)`` (Chan et al.'s update written with the new mean), in place
+        (traced code stores new tensors instead: :meth:`_store_window`).
         """
         renorm = self.mode == "renorm"
         if renorm:
