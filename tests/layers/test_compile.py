@@ -12,6 +12,7 @@ through copies the backward cannot recompute from the updated buffers
 (without them the compiled gradients were wrong from the first step).
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -212,3 +213,43 @@ def test_compiled_synced_layer_equals_eager_on_two_ranks(name):
         assert losses < 1e-5 and grads < 1e-5 and buffers < 1e-5, (losses, grads, buffers)
         assert breaks == 0
         assert tracked == (3 if name == "accum-sync" else 24)  # one update per window / per micro-step
+
+
+def _ddp_rank(rank, world, mode):
+    """Eager and compiled DDP copies, accumulating with no_sync over 3 windows of 4 micro-batches; the largest gaps."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch._dynamo.reset()
+    torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = 1000  # small buckets: dynamo's DDP optimizer splits the graph
+    base = bd.to_accum_bn(_net(), mode=mode)
+    modules = copy.deepcopy(base), copy.deepcopy(base)
+    wrapped = [DDP(m, bucket_cap_mb=0.002) for m in modules]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in modules]
+    for module, optimizer in zip(modules, optimizers):
+        bd.accumulate_bn(module, optimizer)
+    steps = (wrapped[0], torch.compile(wrapped[1]))
+    gen = torch.Generator().manual_seed(1 + rank)  # each rank its own data
+    grads = 0.0
+    for _ in range(3):
+        for i in range(4):
+            x, y = torch.randn(2, 1, 8, 8, generator=gen), torch.randint(0, 10, (2,), generator=gen)
+            for ddp, step in zip(wrapped, steps):
+                with ddp.no_sync() if i < 3 else contextlib.nullcontext():
+                    (F.cross_entropy(step(x), y) / 4).backward()
+        for a, b in zip(*(m.parameters() for m in modules)):
+            grads = max(grads, (a.grad - b.grad).abs().max().item())
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    buffers = max((a - b).abs().max().item() for a, b in zip(*(m.buffers() for m in modules)) if a.is_floating_point())
+    return grads, buffers, int(modules[0][1].num_batches_tracked)
+
+
+@pytest.mark.parametrize("mode", ["renorm", "progressive"])
+def test_compiled_ddp_model_accumulating_with_no_sync_equals_eager(mode):
+    """torch.compile of a DDP model (its graph split at bucket boundaries), no_sync accumulation, 2 gloo ranks."""
+    from tests._dist import run_ranks
+
+    for grads, buffers, tracked in run_ranks(_ddp_rank, 2, mode, timeout=300):
+        assert grads < 1e-5 and buffers < 1e-5, (grads, buffers)
+        assert tracked == 3  # one running-statistics update per window
