@@ -220,10 +220,9 @@ def _ddp_rank(rank, world, mode):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch._dynamo.reset()
-    torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = 1000  # small buckets: dynamo's DDP optimizer splits the graph
     base = bd.to_accum_bn(_net(), mode=mode)
     modules = copy.deepcopy(base), copy.deepcopy(base)
-    wrapped = [DDP(m, bucket_cap_mb=0.002) for m in modules]
+    wrapped = [DDP(m) for m in modules]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in modules]
     for module, optimizer in zip(modules, optimizers):
         bd.accumulate_bn(module, optimizer)
@@ -247,7 +246,7 @@ def _ddp_rank(rank, world, mode):
 
 @pytest.mark.parametrize("mode", ["renorm", "progressive"])
 def test_compiled_ddp_model_accumulating_with_no_sync_equals_eager(mode):
-    """torch.compile of a DDP model (its graph split at bucket boundaries), no_sync accumulation, 2 gloo ranks."""
+    """torch.compile of a DDP-wrapped model accumulating with no_sync (the usual DDP loop), on 2 gloo ranks."""
     from tests._dist import run_ranks
 
     for grads, buffers, tracked in run_ranks(_ddp_rank, 2, mode, timeout=300):
