@@ -1,10 +1,11 @@
-"""Where a benchmark runs: ``--device`` and ``--key`` options, a clock that waits for the device, a label."""
+"""Where a benchmark runs: ``--device`` and ``--key`` (and the usual options), a clock that waits for the device."""
 
 from __future__ import annotations
 
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,3 +38,19 @@ def command_suffix(args: argparse.Namespace) -> str:
     """What to add to a table's reproduce command so that it names the device and section it was run with."""
     out = "" if torch.device(args.device).type == "cpu" else f" --device {args.device}"
     return out + (f" --key {args.key}" if args.key else "")
+
+
+def timing_run(doc: str | None, key: str, *, rounds: int = 7) -> tuple[argparse.Namespace, torch.device, str]:
+    """The usual options (``--rounds``, ``--update``, ``--device``, ``--key``), one thread and oneDNN off.
+
+    Returns the parsed arguments, the device, and the caption's note on oneDNN (empty on a GPU).
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--update", type=Path)
+    add_arguments(parser, key)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+    return args, device, ", oneDNN off" if device.type == "cpu" else ""

@@ -13,15 +13,13 @@ median, one thread, oneDNN off (as the harness).
 
 from __future__ import annotations
 
-import argparse
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import bndoctor
-from _device import add_arguments, clock, command_suffix, section, where
+from _device import clock, command_suffix, section, timing_run, where
 from _publish import publish
 from bndoctor.models import resnet18, tiny_resnet
 
@@ -47,15 +45,7 @@ def _window(step, opt, xs, ys) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--update", type=Path)
-    add_arguments(parser, "bench_compile")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    dnn = ", oneDNN off" if device.type == "cpu" else ""
+    args, device, dnn = timing_run(__doc__, "bench_compile")
     lines = [
         f"torch {torch.__version__}, {where(device)}{dnn}; micro-batch {MICRO} x {ACCUM} "
         f"accumulation steps; `torch.compile(model)` (inductor); median of {args.rounds} interleaved windows after "

@@ -19,14 +19,12 @@ rounds (CPU: one thread, oneDNN off).
 
 from __future__ import annotations
 
-import argparse
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _device import add_arguments, clock, command_suffix, section, where
+from _device import clock, command_suffix, section, timing_run, where
 from _publish import publish
 from bndoctor.layers import _ema
 
@@ -80,15 +78,7 @@ def _time(fn, device, repeat: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--update", type=Path)
-    add_arguments(parser, "bench_paths")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
-    dnn = ", oneDNN off" if device.type == "cpu" else ""
+    args, device, dnn = timing_run(__doc__, "bench_paths")
     lines = [
         f"torch {torch.__version__}, {where(device)}{dnn}; one layer, forward + backward with statistics, "
         f"microseconds per call, median of {args.rounds} interleaved rounds. The layer takes one pass on this "
