@@ -128,10 +128,15 @@ class BNDoctorLayer:
             )
 
 
+_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+
+
 def compiling() -> bool:
-    """Whether torch.compile is tracing this call (``torch.compiler.is_compiling`` where it exists)."""
-    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(check()) if check is not None else False
+    """Whether torch.compile is tracing this call (``torch.compiler.is_compiling`` where it exists).
+
+    Looked up once: the layers ask several times per forward.
+    """
+    return _IS_COMPILING is not None and bool(_IS_COMPILING())
 
 
 def snapshot(t: torch.Tensor) -> torch.Tensor:
