@@ -245,3 +245,26 @@ def test_closing_windows_together_equals_closing_them_one_by_one():
             assert torch.equal(x, y), (index, name)
         assert not b.window_open and b.window_statistics() is None
     assert int(layers[0].num_batches_tracked) == 0 and int(layers[3].num_batches_tracked) == 1
+
+
+def test_a_layer_pickled_with_the_single_window_tensor_loads_with_its_open_window():
+    """Layers pickled whole before the window became three tensors keep their open window and its flag."""
+    import pickle
+
+    layer = bd.AccumBatchNorm(3).train()
+    layer.acquire_control()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        layer(torch.randn(4, 3, 2, 2, generator=gen))
+    count, mean, var = layer.window_statistics()
+    old = pickle.loads(pickle.dumps(layer))  # the same layer, its state rewritten in the earlier layout
+    old.__dict__["_window"] = torch.cat(layer._window_parts())
+    old.__dict__["_has_data"] = True
+    del old.__dict__["_opened"]
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.window_open
+    loaded_count, loaded_mean, loaded_var = loaded.window_statistics()
+    assert loaded_count == count == 48
+    torch.testing.assert_close((loaded_mean, loaded_var), (mean, var))
+    loaded(torch.randn(4, 3, 2, 2, generator=gen))  # and it trains on
+    assert loaded.window_statistics()[0] == 64

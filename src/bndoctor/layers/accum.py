@@ -172,6 +172,16 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         window = self._window
         window[0], window[1], window[2] = count, mean, m2
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a layer pickled whole before #18's fifth session (bndoctor 0.1.0): one window tensor, an attribute flag
+        window = state.get("_window")
+        if isinstance(window, torch.Tensor):
+            c = (window.numel() - 1) // 2
+            state["_window"] = [part.clone() for part in window.split([1, c, c])]
+            state["_opened"] = [bool(state.pop("_has_data", False))]
+            state.pop("_parts", None)
+        super().__setstate__(state)
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         super()._apply(fn, recurse)
         self._match_window()
