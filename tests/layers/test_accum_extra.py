@@ -268,3 +268,27 @@ def test_a_layer_pickled_with_the_single_window_tensor_loads_with_its_open_windo
     torch.testing.assert_close((loaded_mean, loaded_var), (mean, var))
     loaded(torch.randn(4, 3, 2, 2, generator=gen))  # and it trains on
     assert loaded.window_statistics()[0] == 64
+
+
+@pytest.mark.parametrize("mode", ["renorm", "blend"])
+def test_a_model_built_on_the_meta_device_materialises_with_an_empty_window(mode):
+    """``to_empty`` (large models are built on the meta device, then materialised) gives a fresh window there."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    model = bd.to_accum_bn(model, mode=mode).to_empty(device="cpu")
+    layer = model[1]
+    assert all(t.device.type == "cpu" and not t.any() for t in layer._window_parts())
+    assert not layer.window_open and layer._previous is None
+    for module in model.modules():  # the usual initialisation after to_empty
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    bd.accumulate_bn(model, optimizer)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        for _ in range(3):
+            model(torch.randn(2, 1, 6, 6, generator=gen)).sum().backward()
+        assert layer.window_statistics()[0] == 3 * 2 * 4 * 4  # 3 micro-batches of 2 x 4 x 4 values per channel
+        optimizer.step()
+    assert int(layer.num_batches_tracked) == 2
+    assert torch.isfinite(layer.running_mean).all() and torch.isfinite(layer.running_var).all()

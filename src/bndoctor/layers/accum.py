@@ -145,13 +145,13 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         # updates them in place; traced code puts new tensors in the list instead (see _store_window)
         wide = torch.float64 if dtype == torch.float64 else torch.float32
         self._window = [torch.zeros(size, device=device, dtype=wide) for size in (1, num_features, num_features)]
-        self._match_window()
         # whether a training forward has run since the last close or reset: a host-side flag in a list cell, which
         # the forward sets without reading it, so a compiled forward is one graph (not one per flag value) whose
         # guards need not check the module's attribute-write path
         self._opened = [False]
         self._collected: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # two passes
         self._previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # blend: the last window
+        self._match_window()
 
     # ----------------------------------------------------------------- window
 
@@ -192,7 +192,16 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         reference = self.running_mean if self.running_mean is not None else self.weight
         if reference is not None:
             dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
-            self._window = [t.to(device=reference.device, dtype=dtype) for t in self._window]
+            self._move_window(reference.device, dtype)
+
+    def _move_window(self, device: torch.device, dtype: torch.dtype) -> None:
+        if self._window[1].is_meta and device.type != "meta":
+            # materialised from the meta device (``to_empty``): a meta window holds no statistics, so an empty one
+            self._window = [torch.zeros(t.shape, device=device, dtype=dtype) for t in self._window]
+            self._forget_window()
+            self._previous = None
+        else:
+            self._window = [t.to(device=device, dtype=dtype) for t in self._window]
 
     def reset_window(self) -> None:
         """Forget the open window's statistics (and collected ones) without committing them."""
@@ -360,7 +369,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         wide = torch.float64 if x.dtype == torch.float64 else torch.float32
         window = self._window[1]
         if window.device != x.device or window.dtype != wide:  # buffers replaced without .to()
-            self._window = [t.to(device=x.device, dtype=wide) for t in self._window]
+            self._move_window(x.device, wide)
         if not synced:
             return self._local_window_forward(x, n)
         with torch.no_grad():
