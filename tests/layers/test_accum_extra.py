@@ -292,3 +292,19 @@ def test_a_model_built_on_the_meta_device_materialises_with_an_empty_window(mode
         optimizer.step()
     assert int(layer.num_batches_tracked) == 2
     assert torch.isfinite(layer.running_mean).all() and torch.isfinite(layer.running_var).all()
+
+
+def test_the_held_windows_follow_the_layer_to_another_dtype():
+    """blend's last window and a collected window move with the layer (a later window would mix them otherwise)."""
+    layer = bd.AccumBatchNorm(3, mode="blend").train()
+    layer.acquire_control()
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    layer(x)
+    layer.close_window()
+    layer(x)
+    layer.hold_collected()
+    layer.double()
+    held = [*layer._previous, *layer._collected]
+    assert all(t.dtype == torch.float64 for t in held)
+    eager = layer(x.double())  # normalises with the collected window, in float64 throughout
+    assert eager.dtype == torch.float64 and torch.isfinite(eager).all()

@@ -202,6 +202,11 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             self._previous = None
         else:
             self._window = [t.to(device=device, dtype=dtype) for t in self._window]
+            # the collected window (two passes) and the last window (blend) travel with it
+            for name in ("_collected", "_previous"):
+                held = self.__dict__.get(name)
+                if held is not None:
+                    self.__dict__[name] = tuple(t.to(device=device, dtype=dtype) for t in held)
 
     def reset_window(self) -> None:
         """Forget the open window's statistics (and collected ones) without committing them."""
