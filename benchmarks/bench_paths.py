@@ -41,7 +41,7 @@ SHAPES = (
 )
 
 
-def _layer(shape, device, one_pass: bool):
+def _layer(shape, device, one_pass: bool | None):  # None: plain BN
     gen = torch.Generator().manual_seed(0)
     c = shape[1]
     x = torch.randn(shape, generator=gen).to(device).requires_grad_()
