@@ -532,7 +532,8 @@ _CHANNEL_LAYER: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
 def _channel_layer(device: torch.device, sizes: tuple[int, ...]) -> torch.Tensor:
     index = _CHANNEL_LAYER.get((device, sizes))
     if index is None:
-        index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
+        # filled on the device (a copy from host memory would wait for the device once per configuration)
+        index = torch.cat([torch.full((c,), i, device=device) for i, c in enumerate(sizes)])
         if len(_CHANNEL_LAYER) >= 32:  # models come and go in one process (tests, sweeps): keep it small
             _CHANNEL_LAYER.clear()
         _CHANNEL_LAYER[(device, sizes)] = index
