@@ -6,7 +6,11 @@ plain ``nn.BatchNorm2d``, with ``bndoctor.AccumBatchNorm`` in each mode (and
 the two-pass variant: ``collect_window`` over the window first) and with
 ``bndoctor.BatchRenorm``; interleaved rounds, median per variant, one thread.
 ``--device cuda`` times the same on a GPU (synchronised before each clock
-read; oneDNN does not apply there).
+read; oneDNN does not apply there). On the tiny network two more rows are
+lower bounds, layers written here and no remedy: plain BN after one more
+statistics kernel (what any layer pays in eager mode that needs the batch's
+statistics before it normalises), and that with per-channel factors folded into
+the affine parameters (how Batch Renorm's r and d reach torch's BN kernel).
 
 A second table times the BN layers of the ResNet-18-sized network alone: its
 20 layers at the shapes the network feeds them (micro-batch 2), forward and
@@ -49,12 +53,53 @@ VARIANTS = (
 )
 
 
-def _variants(factory, device) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
+class _StatsThenBN(torch.nn.BatchNorm2d):
+    """Lower bound, not a remedy: plain BN after one more statistics kernel per call (its result unused).
+
+    Any layer that needs the micro-batch's statistics before it normalises (Batch Renorm's r and d, the
+    accumulation window) pays at least this in eager mode, unless one native kernel does both.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            torch.batch_norm_update_stats(x, None, None, 0.0)
+        return super().forward(x)
+
+
+class _StatsFoldBN(torch.nn.BatchNorm2d):
+    """Lower bound, not a remedy: the statistics kernel, then BN with per-channel factors folded into gamma, beta."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        weight, bias = self.weight * var, torch.addcmul(self.bias, self.weight, mean)
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, True, 0.1, self.eps)
+
+
+FLOORS = {
+    "lower bound: plain BN + a statistics kernel": _StatsThenBN,
+    "lower bound: + r, d folded into gamma, beta": _StatsFoldBN,
+}
+
+
+def _with_floor_layers(model: torch.nn.Module, cls: type) -> torch.nn.Module:
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is torch.nn.BatchNorm2d:
+                layer = cls(child.num_features)
+                layer.load_state_dict(child.state_dict())
+                setattr(module, name, layer)
+    return model
+
+
+def _variants(factory, device, floors: bool = False) -> dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]]:
     out = {}
-    for name in VARIANTS:
+    for name in VARIANTS + (tuple(FLOORS) if floors else ()):
         torch.manual_seed(0)
         model = factory()
-        if name == "BatchRenorm":
+        if name in FLOORS:
+            model = _with_floor_layers(model, FLOORS[name])
+        elif name == "BatchRenorm":
             model = bndoctor.to_batch_renorm(model)
         elif name != "plain BN":
             model = bndoctor.to_accum_bn(model, mode=name.split(",")[0].split()[-1])
@@ -157,7 +202,7 @@ def main() -> None:
         gen = torch.Generator().manual_seed(0)
         xs = [torch.randn(MICRO, *shape, generator=gen).to(device) for _ in range(ACCUM)]
         ys = [torch.randint(0, 10, (MICRO,), generator=gen).to(device) for _ in range(ACCUM)]
-        variants = _variants(factory, device)
+        variants = _variants(factory, device, floors=factory is tiny_resnet)
         for name, (model, opt) in variants.items():
             _window(model, opt, xs, ys, "two passes" in name)
         times = {k: [] for k in variants}
