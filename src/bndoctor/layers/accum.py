@@ -223,10 +223,6 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
     def _has_data(self) -> bool:
         return self._opened[0]
 
-    @_has_data.setter
-    def _has_data(self, value: bool) -> None:
-        self._opened[0] = value
-
     def _forget_window(self) -> None:
         """The host-side half of :meth:`reset_window` (for window tensors already zeroed)."""
         self._opened[0] = False
