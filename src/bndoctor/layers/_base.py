@@ -156,7 +156,7 @@ def snapshot(t: torch.Tensor) -> torch.Tensor:
     It is not a guarantee: a value whose only use is in the backward can be
     computed there, flip included, from the graph's inputs — seen with the
     progressive gradient's n / count while the accumulation window was written
-    in place. So accumulation-aware BN's progressive and blend modes do not
+    in place. So accumulation-aware BN's progressive and blend modes (and its synced path) do not
     update the window in place when traced (``AccumBatchNorm._store_window``;
     renorm, whose backward needs only r and d, does). tests/layers/test_compile.py
     checks the outcome for every layer and mode, so a torch whose partitioner

@@ -142,7 +142,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         self._warned = False
         # the open window: count (shape 1), mean and sum of squared deviations per channel, as tensors on the
         # layer's device (no host read in the training step; torch.compile sees tensors, not numbers). Eager
-        # updates them in place; traced progressive/blend code puts new tensors in the list instead (_store_window)
+        # updates them in place; traced progressive/blend (and synced) code puts new tensors in the list (_store_window)
         wide = torch.float64 if dtype == torch.float64 else torch.float32
         self._window = [torch.zeros(size, device=device, dtype=wide) for size in (1, num_features, num_features)]
         # whether a training forward has run since the last close or reset: a host-side flag in a list cell, which
@@ -161,7 +161,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         return count, mean, m2
 
     def _store_window(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        """Traced code's window update in ``progressive`` and ``blend`` modes: new tensors in the list.
+        """Traced code's window update in ``progressive`` and ``blend`` modes, and with sync in every mode: new tensors.
 
         Written in place, the window tensors are mutated inputs of the compiled graph, and AOTAutograd's
         partitioner may then recompute a value the backward needs from such an input after the forward has
@@ -169,11 +169,12 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         1e-2 from the first micro-step). Views of one window tensor avoided that but cost a chain of scatters,
         which a GPU runs as kernels of their own (an H200: 5 more launches per layer and micro-step).
 
-        ``renorm`` (the default) writes the window in place when traced too: its backward needs only r and d,
-        which it takes through :func:`~bndoctor.layers._base.snapshot`, and a graph whose outputs include the
-        new window (three tensors per layer) cost 0.34 ms more per window of 8 micro-steps on the tiny ResNet
-        on CPU (1.10 against 1.07 x compiled plain BN). tests/layers/test_compile.py compares every mode's
-        compiled gradients with eager ones over three windows.
+        ``renorm`` (the default) without sync writes the window in place when traced too: its backward needs
+        only r and d, which it takes through :func:`~bndoctor.layers._base.snapshot`, and a graph whose outputs
+        include the new window (three tensors per layer) cost 0.34 ms more per window of 8 micro-steps on the
+        tiny ResNet on CPU (1.10 against 1.07 x compiled plain BN). The synced path stores in every mode (its
+        collectives, not the window's outputs, are what a micro-step pays for). tests/layers/test_compile.py
+        compares every mode's compiled gradients with eager ones over three windows.
         """
         window = self._window
         window[0], window[1], window[2] = count, mean, m2
