@@ -1,7 +1,7 @@
 """Which renormalize path is cheaper at which size: one statistics pass or the folded BN call.
 
 Batch Renorm and accumulation-aware BN (``renorm``) normalise with r and d.
-``bndoctor.layers._ema.renormalize`` has two ways to do it: the folded call
+``bndoctor.layers._renormalize.renormalize`` has two ways to do it: the folded call
 (a statistics kernel for r and d, then training-mode BN with r and d folded
 into the affine parameters, which computes the statistics again) and the
 one-pass node (the statistics kernel's output reused: eval-mode BN forward,
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from _device import clock, command_suffix, section, timing_run, where
 from _publish import publish
-from bndoctor.layers import _ema
+from bndoctor.layers import _batch, _renormalize
 
 EPS = 1e-5
 SHAPES = (
@@ -56,16 +56,16 @@ def _layer(shape, device, one_pass: bool | None):  # None: plain BN
 
     def renorm():
         with torch.no_grad():
-            stats = _ema.batch_stats(x, EPS)
-        _ema.renormalize(x, w, b, r, d, stats, eps=EPS).backward(grad)
+            stats = _batch.batch_stats(x, EPS)
+        _renormalize.renormalize(x, w, b, r, d, stats, eps=EPS).backward(grad)
 
     def chosen():
-        saved = _ema.one_pass
-        _ema.one_pass = lambda _x: one_pass
+        saved = _renormalize.one_pass
+        _renormalize.one_pass = lambda _x: one_pass
         try:
             renorm()
         finally:
-            _ema.one_pass = saved
+            _renormalize.one_pass = saved
 
     return plain if one_pass is None else chosen
 
@@ -98,7 +98,7 @@ def main() -> None:
             for kind, fn in runs.items():
                 times[kind].append(_time(fn, device, repeat))
         plain, folded, one = (statistics.median(times[k]) * 1e6 for k in (None, False, True))
-        mark = " *" if _ema.one_pass(torch.empty(shape, device=device)) else ""
+        mark = " *" if _renormalize.one_pass(torch.empty(shape, device=device)) else ""
         lines.append(
             f"| {'x'.join(map(str, shape))}{mark} | {numel} | {plain:.1f} | {folded:.1f} | {one:.1f} | "
             f"{one - folded:+.1f} |"

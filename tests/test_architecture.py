@@ -132,3 +132,59 @@ def test_the_rule_catches_what_the_old_tree_did(tmp_path, source, target):
         assert _violations(fake)
     finally:
         PACKAGE = saved
+
+
+def _import_graph(package: Path) -> dict[str, set[str]]:
+    """module -> the bndoctor modules it imports (a name that is not a module resolves to its package)."""
+    modules = {_module_name(p): p for p in sorted(package.rglob("*.py"))}
+
+    def resolve(target: str) -> str:
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        return target
+
+    return {name: {r for _, t in _imports(path) if (r := resolve(t)) and r != name} for name, path in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import loop a depth-first walk meets, as the modules along it."""
+    found: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                found.append([*path[path.index(target) :], target])
+            elif target not in state:
+                visit(target)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return found
+
+
+def test_no_import_loops_inside_or_between_packages():
+    loops = _cycles(_import_graph(PACKAGE))
+    assert not loops, "import loops (imports inside functions count):\n" + "\n".join(" -> ".join(c) for c in loops)
+
+
+def test_the_loop_rule_catches_a_command_module_that_imports_its_dispatcher(tmp_path):
+    # the shape the CLI once had: _app imports each command inside a function, each command imports _app
+    cli = tmp_path / "bndoctor" / "cli"
+    cli.mkdir(parents=True)
+    (tmp_path / "bndoctor" / "__init__.py").write_text("")
+    (cli / "__init__.py").write_text("")
+    (cli / "_app.py").write_text("def commands():\n    from . import check\n    return [check.COMMAND]\n")
+    (cli / "check.py").write_text("from ._app import Command\n")
+    global PACKAGE
+    saved, PACKAGE = PACKAGE, tmp_path / "bndoctor"
+    try:
+        assert _cycles(_import_graph(PACKAGE)) == [["bndoctor.cli._app", "bndoctor.cli.check", "bndoctor.cli._app"]]
+    finally:
+        PACKAGE = saved

@@ -26,7 +26,7 @@ def test_conversions_keep_cuda_device_and_outputs():
 def test_converted_accum_bn_opens_its_window_on_the_gpu():
     """The window starts where the layer lives (a first compiled call would otherwise move it and recompile)."""
     model = bd.to_accum_bn(tiny_resnet().cuda())
-    windows = [t for m in model.modules() if isinstance(m, bd.AccumBatchNorm) for t in m._window_parts()]
+    windows = [t for m in model.modules() if isinstance(m, bd.AccumBatchNorm) for t in m.window_parts()]
     assert windows and all(w.device.type == "cuda" and w.dtype == torch.float32 for w in windows)
 
 
@@ -124,9 +124,9 @@ def _cuda_setup(name, side=8):
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_no_host_device_sync_in_a_cuda_micro_step(name, path, monkeypatch):
     """Both renormalize paths; CUDA inputs take the folded one, so the one-pass node is forced for its run."""
-    from bndoctor.layers import _ema
+    from bndoctor.layers import _renormalize
 
-    monkeypatch.setattr(_ema, "one_pass", lambda x: path == "one-pass")
+    monkeypatch.setattr(_renormalize, "one_pass", lambda x: path == "one-pass")
     model, optimizer, batches = _cuda_setup(name, 64 if path == "one-pass" else 8)
     _micro_steps_and_step(model, optimizer, batches, sync_mode_for=("micro",))
 
@@ -134,18 +134,18 @@ def test_no_host_device_sync_in_a_cuda_micro_step(name, path, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("path", ["one-pass", "folded"])
 def test_renormalize_on_cuda_equals_the_float64_formula(path, dtype, monkeypatch):
-    from bndoctor.layers import _ema
+    from bndoctor.layers import _batch, _renormalize
     from tests.layers.test_renormalize import EPS, _inputs, _oracle, _run
 
-    monkeypatch.setattr(_ema, "one_pass", lambda x: path == "one-pass")
+    monkeypatch.setattr(_renormalize, "one_pass", lambda x: path == "one-pass")
     x, r, d, weight, bias = _inputs((4, 8, 16, 16), seed=3)
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     x_in, grad_in = x.to(dtype), grad.to(dtype)
 
     def on_cuda(x, weight, bias, r, d):
         with torch.no_grad():
-            stats = _ema.batch_stats(x, EPS)
-        return _ema.renormalize(x, weight, bias, r, d, stats, eps=EPS)
+            stats = _batch.batch_stats(x, EPS)
+        return _renormalize.renormalize(x, weight, bias, r, d, stats, eps=EPS)
 
     cuda = [t.float().cuda() if t is not None else None for t in (weight, bias, r, d)]
     out, grads = _run(on_cuda, x_in.cuda(), *cuda[:2], *cuda[2:], grad_in.cuda())

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .moments import pool_columns
+
 __all__ = [
     "GroupRef",
     "HasProcessGroup",
@@ -20,6 +22,7 @@ __all__ = [
     "all_ok",
     "all_reduce_sum",
     "gather_rows",
+    "pool_over_ranks",
     "rank",
     "subgroup",
     "world_size",
@@ -128,6 +131,32 @@ _FLAT_GATHER_UNSUPPORTED: list[bool] = []
 # how backends say so: gloo before torch 2.6 "no support for _allgather_base in Gloo process group"; others
 # "... does not support ..." or "unsupported device type"
 _UNSUPPORTED = re.compile(r"no support|not support|unsupported", re.IGNORECASE)
+
+
+def pool_over_ranks(
+    mean: torch.Tensor, var: torch.Tensor, n: int, group: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pool per-channel statistics of ``n`` local samples across the ranks of ``group``.
+
+    One ``all_gather`` of every rank's ``[mean, var, n]``, then :func:`bndoctor.moments.pool_columns` on every
+    rank, in the dtype of ``mean``.
+
+    Args:
+        mean, var: this rank's per-channel mean and biased variance (ignored when ``n`` is 0).
+        n: this rank's sample count per channel (0 for an empty local batch).
+        group: the process group (None: the world).
+
+    Returns:
+        The global count (a 0-d tensor: no host read), mean and biased variance; with every rank empty the
+        count is 0 and the statistics are 0.
+    """
+    channels = mean.numel()
+    if n == 0:  # an empty local batch contributes nothing (its moments may be NaN)
+        mean = var = torch.zeros_like(mean)
+    rows = gather_rows(torch.cat([mean, var, mean.new_full((1,), float(n))]), group)  # (world, 2C + 1)
+    total, pooled, m2 = pool_columns(rows[:, -1], rows[:, :channels], rows[:, channels:-1], dtype=None)
+    count = total[0]
+    return count, pooled, m2 / count.clamp(min=1.0)
 
 
 def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:

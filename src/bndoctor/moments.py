@@ -18,10 +18,11 @@ group means, which is large exactly when groups are correlated.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["Moments", "merge", "pool", "pool_columns", "pool_two"]
+__all__ = ["Moments", "merge", "pool", "pool_columns", "pool_step", "pool_two"]
 
 
 @dataclass(frozen=True)
@@ -42,15 +43,23 @@ class Moments:
 
 
 def pool_columns(
-    counts: torch.Tensor, means: torch.Tensor, variances: torch.Tensor
+    counts: torch.Tensor, means: torch.Tensor, variances: torch.Tensor, *, dtype: torch.dtype | None = torch.float64
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pool the rows of ``(B, C)`` moments; ``counts`` is ``(B,)`` or ``(B, C)`` (zero rows are ignored).
 
-    Returns per-column ``(N, mean, M2)`` in float64.
+    Args:
+        counts: samples per row, ``(B,)`` or per row and column ``(B, C)``.
+        means: per-row means ``(B, C)``.
+        variances: per-row biased variances ``(B, C)``.
+        dtype: the dtype to pool in (``None``: the dtype of ``means``).
+
+    Returns:
+        Per-column ``(N, mean, M2)``; a column with no samples has mean and M2 zero.
     """
-    means = means.to(torch.float64)
-    variances = variances.to(torch.float64)
-    counts = counts.to(torch.float64)
+    dtype = dtype or means.dtype
+    means = means.to(dtype)
+    variances = variances.to(dtype)
+    counts = counts.to(dtype)
     if counts.dim() == 1:
         counts = counts.unsqueeze(-1).expand_as(means)
     total = counts.sum(0)
@@ -85,3 +94,50 @@ def pool_two(
     total = count_a + count_b
     delta = mean_b - mean_a
     return total, mean_a + delta * (count_b / total), m2_a + m2_b + delta * delta * (count_a * count_b / total)
+
+
+def pool_step(
+    count: torch.Tensor,
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+    n: int | torch.Tensor,
+    batch_mean: torch.Tensor,
+    batch_var: torch.Tensor,
+    *,
+    inplace: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pool one batch into a running group held as tensors (Chan et al.'s update in Welford's form).
+
+    With ``delta = m - mean`` and the new mean ``mean' = mean + delta n / (count + n)``::
+
+        count' = count + n
+        M2'    = M2 + n (v + delta (m - mean'))
+
+    which is ``M2 + n v + delta^2 count n / count'``, with no cancellation. All on the device: no host read.
+
+    Args:
+        count, mean, m2: the running group's count (shape 1), per-channel mean and sum of squared deviations.
+        n: the batch's count, a positive int, or a tensor (a count pooled over ranks) that may be 0, with
+            ``count`` 0 too: the group then stays as it is.
+        batch_mean, batch_var: the batch's per-channel mean and biased variance.
+        inplace: write the new values into ``count``, ``mean`` and ``m2``; else return new tensors.
+
+    Returns:
+        ``(count', mean', M2', m - mean')``: the last is the batch mean against the pooled one.
+    """
+    delta = batch_mean - mean
+    total = count.add_(n) if inplace else count + n
+    if isinstance(n, torch.Tensor):
+        weight: Any = n.to(mean.dtype)
+        step = delta * (weight / total.clamp(min=1.0))
+        new_mean = mean.add_(step) if inplace else mean + step
+    else:
+        weight = n
+        new_mean = mean.addcdiv_(delta, total, value=n) if inplace else torch.addcdiv(mean, delta, total, value=n)
+    spread = batch_mean - new_mean
+    gain = torch.addcmul(batch_var, delta, spread)  # v + (m - mean)(m - mean')
+    if isinstance(weight, torch.Tensor):
+        new_m2 = m2.addcmul_(gain, weight) if inplace else torch.addcmul(m2, gain, weight)
+    else:
+        new_m2 = m2.add_(gain, alpha=weight) if inplace else torch.add(m2, gain, alpha=weight)
+    return total, new_mean, new_m2, spread

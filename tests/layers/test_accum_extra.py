@@ -186,7 +186,7 @@ def test_the_window_starts_in_the_layers_dtype_and_without_running_statistics():
     """The open window is float64 for float64 layers (built, converted or cast); no running stats: plain BN."""
 
     def dtypes(layer):
-        return {t.dtype for t in layer._window_parts()}
+        return {t.dtype for t in layer.window_parts()}
 
     assert dtypes(bd.AccumBatchNorm(4, dtype=torch.float64)) == {torch.float64}
     assert dtypes(bd.AccumBatchNorm(4, affine=False, track_running_stats=False, dtype=torch.float64)) == {torch.float64}
@@ -233,9 +233,9 @@ def test_closing_windows_together_equals_closing_them_one_by_one():
     extra.acquire_control()
     layers.append(extra)
     with torch.no_grad():
-        layers[0]._window_parts()[1][1] = float("nan")
-        layers[1]._window_parts()[2][0] = float("inf")
-        layers[2]._window_parts()[0].zero_()  # an all-empty global window (possible with sync)
+        layers[0].window_parts()[1][1] = float("nan")
+        layers[1].window_parts()[2][0] = float("inf")
+        layers[2].window_parts()[0].zero_()  # an all-empty global window (possible with sync)
     one_by_one = copy.deepcopy(layers)
     for layer in one_by_one:
         layer.close_window()
@@ -247,29 +247,6 @@ def test_closing_windows_together_equals_closing_them_one_by_one():
     assert int(layers[0].num_batches_tracked) == 0 and int(layers[3].num_batches_tracked) == 1
 
 
-def test_a_layer_pickled_with_the_single_window_tensor_loads_with_its_open_window():
-    """Layers pickled whole before the window became three tensors keep their open window and its flag."""
-    import pickle
-
-    layer = bd.AccumBatchNorm(3).train()
-    layer.acquire_control()
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        layer(torch.randn(4, 3, 2, 2, generator=gen))
-    count, mean, var = layer.window_statistics()
-    old = pickle.loads(pickle.dumps(layer))  # the same layer, its state rewritten in the earlier layout
-    old.__dict__["_window"] = torch.cat(layer._window_parts())
-    old.__dict__["_has_data"] = True
-    del old.__dict__["_opened"]
-    loaded = pickle.loads(pickle.dumps(old))
-    assert loaded.window_open
-    loaded_count, loaded_mean, loaded_var = loaded.window_statistics()
-    assert loaded_count == count == 48
-    torch.testing.assert_close((loaded_mean, loaded_var), (mean, var))
-    loaded(torch.randn(4, 3, 2, 2, generator=gen))  # and it trains on
-    assert loaded.window_statistics()[0] == 64
-
-
 @pytest.mark.parametrize("mode", ["renorm", "blend"])
 def test_a_model_built_on_the_meta_device_materialises_with_an_empty_window(mode):
     """``to_empty`` (large models are built on the meta device, then materialised) gives a fresh window there."""
@@ -277,7 +254,7 @@ def test_a_model_built_on_the_meta_device_materialises_with_an_empty_window(mode
         model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
     model = bd.to_accum_bn(model, mode=mode).to_empty(device="cpu")
     layer = model[1]
-    assert all(t.device.type == "cpu" and not t.any() for t in layer._window_parts())
+    assert all(t.device.type == "cpu" and not t.any() for t in layer.window_parts())
     assert not layer.window_open and layer._previous is None
     for module in model.modules():  # the usual initialisation after to_empty
         if hasattr(module, "reset_parameters"):

@@ -67,10 +67,10 @@ def test_compiled_layer_equals_eager_over_three_windows(name):
 @pytest.mark.parametrize("name", ["accum-renorm", "accum-renorm-two-passes", "batch-renorm"])
 def test_compiled_layer_equals_eager_on_the_one_pass_path(name, monkeypatch):
     """Eager on the one-pass path (large inputs; forced here) against the compiled folded form, three windows."""
-    from bndoctor.layers import _ema
+    from bndoctor.layers import _renormalize
 
     calls = []
-    monkeypatch.setattr(_ema, "one_pass", lambda x: calls.append(x.shape) or True)
+    monkeypatch.setattr(_renormalize, "one_pass", lambda x: calls.append(x.shape) or True)
     compare_compiled_with_eager(name, "cpu")
     assert calls  # eager took the one-pass path
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bndoctor as bd
-from bndoctor.layers import _ema
+from bndoctor.layers import _renormalize
 from tests._dist import run_ranks
 
 HOST_READS = ("aten._local_scalar_dense", "aten.item", "aten.equal", "aten.is_nonzero")
@@ -66,7 +66,7 @@ def _host_reads(name, sync=False, side=8):
 @pytest.mark.parametrize("path", list(SIDES))
 @pytest.mark.parametrize("name", ["accum-renorm", "accum-progressive", "accum-blend", "batch-renorm"])
 def test_no_host_read_in_a_micro_step(name, path):
-    assert _ema.one_pass(torch.empty(2, 8, SIDES[path], SIDES[path])) == (path == "one-pass")
+    assert _renormalize.one_pass(torch.empty(2, 8, SIDES[path], SIDES[path])) == (path == "one-pass")
     reads, ops = _host_reads(name, side=SIDES[path])
     assert ops > 10 and reads == []
 

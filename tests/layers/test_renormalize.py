@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import bndoctor as bd
-from bndoctor.layers import _ema
-from bndoctor.layers._ema import batch_moments, batch_stats, renormalize
+from bndoctor.layers import _renormalize
+from bndoctor.layers._batch import batch_moments, batch_stats
+from bndoctor.layers._renormalize import renormalize
 
 EPS = 1e-5
 
@@ -21,7 +22,7 @@ EPS = 1e-5
 @pytest.fixture(params=["one-pass", "folded"])
 def path(request, monkeypatch):
     """Force renormalize's path whatever the input's size."""
-    monkeypatch.setattr(_ema, "one_pass", lambda x: request.param == "one-pass")
+    monkeypatch.setattr(_renormalize, "one_pass", lambda x: request.param == "one-pass")
     return request.param
 
 
@@ -171,10 +172,10 @@ def test_both_paths_are_twice_differentiable(path):
 
 
 def test_the_path_follows_the_input_size():
-    assert not _ema.one_pass(torch.empty(2, 16, 8, 8))  # the tiny ResNet's first layer: 2048 values
-    assert _ema.one_pass(torch.empty(2, 64, 32, 32))  # a ResNet-18 stem at 64x64 input
-    assert not _ema.one_pass(torch.empty(4096, 64))  # (N, C): the training-mode kernel is as fast
-    assert not _ema.one_pass(torch.empty(2, 64, 32, 32, device="meta"))  # not a CPU tensor: never cheaper on a GPU
+    assert not _renormalize.one_pass(torch.empty(2, 16, 8, 8))  # the tiny ResNet's first layer: 2048 values
+    assert _renormalize.one_pass(torch.empty(2, 64, 32, 32))  # a ResNet-18 stem at 64x64 input
+    assert not _renormalize.one_pass(torch.empty(4096, 64))  # (N, C): the training-mode kernel is as fast
+    assert not _renormalize.one_pass(torch.empty(2, 64, 32, 32, device="meta"))  # not a CPU tensor
 
 
 def test_bfloat16_input_with_float32_parameters(path):
@@ -206,7 +207,7 @@ def test_one_value_per_channel_leaves_the_accumulation_window_untouched(path):
     layer = bd.AccumBatchNorm(3).train()
     layer.acquire_control()
     layer(torch.randn(4, 3))
-    window = [t.clone() for t in layer._window_parts()]
+    window = [t.clone() for t in layer.window_parts()]
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         layer(torch.randn(1, 3))
-    torch.testing.assert_close(list(layer._window_parts()), window)
+    torch.testing.assert_close(list(layer.window_parts()), window)

@@ -127,8 +127,8 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _wants_mkldnn(scenario: Scenario) -> bool:
-    """oneDNN convolutions cost about 1 ms of set-up per call; for tiny batches the native
-    kernels are about 1.7x faster per step (measured, batch 2: 1.7 vs 3.0 ms)."""
+    """Whether oneDNN convolutions pay off: their set-up per call outweighs their speed at tiny batches
+    (BENCHMARKS.md, "oneDNN at tiny batches")."""
     return scenario.micro_batch > MKLDNN_MIN_BATCH
 
 

@@ -2,8 +2,8 @@
 
 A scenario fixes the model's norm layer, the micro-batch, the accumulation
 steps, the sampler, the schedule and optionally a pretrained start and a
-remedy applied to the model before training. Later features register their
-remedies here with :func:`register`, so that every fix is measured against
+remedy applied to the model before training. Every remedy registers its
+scenarios here with :func:`register`, so that every fix is measured against
 the same references.
 """
 
@@ -190,7 +190,7 @@ register(
 register(
     Scenario(
         "bn-eval-2x32-corr",
-        "BN layers kept in eval mode while the rest trains (the seeds' diagnostic ablation), 2 x 32 correlated",
+        "BN layers kept in eval mode while the rest trains (training without batch statistics), 2 x 32 correlated",
         micro_batch=2,
         accum_steps=32,
         sampler="correlated",

@@ -1,8 +1,8 @@
 """Argument parsing and dispatch for the ``bndoctor`` command.
 
-Each command is a plain function ``run(args) -> Result`` registered in
-:data:`COMMANDS`; a result knows how to print itself as text and as JSON.
-Exceptions are turned into one line plus a hint by :mod:`._errors`.
+Each command is a :class:`~._command.Command` (a plain function ``run(args) -> Result``), listed in
+:func:`_commands`; a result knows how to print itself as text and as JSON. Exceptions are turned into one
+line plus a hint by :mod:`._errors`.
 """
 
 from __future__ import annotations
@@ -11,27 +11,13 @@ import argparse
 import json
 import sys
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any
 
 from .._version import __version__
 from ..errors import BNDoctorError
+from ._command import Command
 from ._errors import EXIT_OK, EXIT_USAGE, describe
-
-
-class Result(Protocol):
-    def to_json(self) -> Any: ...
-
-    def to_text(self) -> str: ...
-
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], Result]
 
 
 def _commands() -> list[Command]:
@@ -47,17 +33,6 @@ def _commands() -> list[Command]:
         report.COMMAND,
         watch.COMMAND,
     ]
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts (seeds, epochs, batch sizes): an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (got {value})")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):

@@ -12,7 +12,7 @@ from typing import Any
 
 from .._progress import ProgressBar
 from ..errors import BNDoctorError
-from ._app import Command, positive_int
+from ._command import Command, positive_int
 
 
 @dataclass

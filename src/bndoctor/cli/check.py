@@ -13,7 +13,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..diagnose import Report, TrainingSetup, check
-from ._app import Command, positive_int
+from ._command import Command, positive_int
 from ._config import load_settings
 from ._errors import EXIT_FINDINGS, EXIT_OK
 from ._model import ModelSpecError, add_model_arguments, load_model, load_weights

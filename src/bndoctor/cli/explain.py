@@ -12,7 +12,7 @@ import inspect
 from dataclasses import dataclass
 
 from ..errors import BNDoctorError
-from ._app import Command
+from ._command import Command
 
 RUNTIME_CODES = {
     "BN501": (

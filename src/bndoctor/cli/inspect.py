@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .. import _table
 from .._walk import find_bn
-from ._app import Command
+from ._command import Command
 from ._model import ModelSpecError, add_model_arguments, load_model, load_weights
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import _table
 from ..findings import Finding
-from ._app import Command, positive_int
+from ._command import Command, positive_int
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._app import Command
+from ._command import Command
 
 
 @dataclass

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BNDoctorError
-from ._app import Command, positive_int
+from ._command import Command, positive_int
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The built-in checks: the seeds' checklist and the pitfalls of the peer tools as findings.
+"""The built-in checks: the small-batch checklist and the known pitfalls of BN tooling, as findings.
 
 Codes are stable: BN1xx batch size and statistics regime, BN2xx layer
 configuration, BN3xx distributed setup, GN1xx GroupNorm, BN9xx what bndoctor

@@ -146,21 +146,20 @@ def snapshot(t: torch.Tensor) -> torch.Tensor:
     the same forward then updates in place (the step count, the running
     statistics). AOTAutograd's min-cut partitioner may recompute such cheap
     values in the backward instead of saving them, and a recomputation reads
-    the buffers after the update: Batch Renorm's compiled gradients were
-    silently wrong from the first step (pytorch/pytorch PR #197039, open for
-    torch 2.13). A flip is not on the partitioner's list of ops it recomputes
-    freely, so its output — here a copy, flipping a dimension of size 1 — is
-    saved from the forward: the layers pass the values their backward needs
-    through it when traced (eager autograd saves what it needs).
+    the buffers after the update, which makes the compiled gradients wrong
+    (pytorch/pytorch PR #197039). A flip is not on the partitioner's list of
+    ops it recomputes freely, so its output — here a copy, flipping a
+    dimension of size 1 — is saved from the forward: the layers pass the values
+    their backward needs through it when traced (eager autograd saves what it
+    needs).
 
     It is not a guarantee: a value whose only use is in the backward can be
-    computed there, flip included, from the graph's inputs — seen with the
-    progressive gradient's n / count while the accumulation window was written
-    in place. So accumulation-aware BN's progressive and blend modes (and its synced path) do not
-    update the window in place when traced (``AccumBatchNorm._store_window``;
-    renorm, whose backward needs only r and d, does). tests/layers/test_compile.py
-    checks the outcome for every layer and mode, so a torch whose partitioner
-    changes fails there, not silently.
+    computed there, flip included, from the graph's inputs, such as the
+    progressive gradient's n / count from a window written in place. So
+    accumulation-aware BN replaces its window instead of writing it where its
+    backward needs such a value (``AccumBatchNorm._writes_window_in_place``).
+    tests/layers/test_compile.py checks the outcome for every layer and mode,
+    so a torch whose partitioner changes fails there, not silently.
     """
     return t.unsqueeze(0).flip(0).squeeze(0)
 

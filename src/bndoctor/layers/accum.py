@@ -54,9 +54,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .. import distributed
 from ..distributed import HasProcessGroup
 from ..errors import BNDoctorError, BNDoctorWarning, caller_stacklevel
-from ..moments import pool_two
+from ..moments import pool_step, pool_two
 from ._base import BNDoctorLayer, compiling, snapshot
-from ._ema import batch_moments, batch_stats, ema_step, pool_over_ranks, renormalize, require_batch
+from ._batch import batch_moments, batch_stats, require_batch
+from ._commit import commit_windows
+from ._renormalize import renormalize
 
 __all__ = ["AccumBatchNorm", "AccumMode", "close_windows_together"]
 
@@ -141,8 +143,8 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         self._in_block = False  # inside an accumulation_window block
         self._warned = False
         # the open window: count (shape 1), mean and sum of squared deviations per channel, as tensors on the
-        # layer's device (no host read in the training step; torch.compile sees tensors, not numbers). Eager
-        # updates them in place; traced progressive/blend (and synced) code puts new tensors in the list (_store_window)
+        # layer's device (no host read in the training step; torch.compile sees tensors, not numbers), updated
+        # in place or replaced in the list (_writes_window_in_place)
         wide = torch.float64 if dtype == torch.float64 else torch.float32
         self._window = [torch.zeros(size, device=device, dtype=wide) for size in (1, num_features, num_features)]
         # whether a training forward has run since the last close or reset: a host-side flag in a list cell, which
@@ -155,39 +157,12 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
 
     # ----------------------------------------------------------------- window
 
-    def _window_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The window's tensors: count (shape 1), mean (C) and M2 (C)."""
-        count, mean, m2 = self._window
-        return count, mean, m2
+    def window_parts(self) -> list[torch.Tensor]:
+        """The open window's tensors: count (shape 1), mean (C) and sum of squared deviations (C).
 
-    def _store_window(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        """Traced code's window update in ``progressive`` and ``blend`` modes, and with sync in every mode: new tensors.
-
-        Written in place, the window tensors are mutated inputs of the compiled graph, and AOTAutograd's
-        partitioner may then recompute a value the backward needs from such an input after the forward has
-        overwritten it: the progressive gradient's n / count (torch 2.13: progressive and blend gradients off by
-        1e-2 from the first micro-step). Views of one window tensor avoided that but cost a chain of scatters,
-        which a GPU runs as kernels of their own (an H200: 5 more launches per layer and micro-step).
-
-        ``renorm`` (the default) without sync writes the window in place when traced too: its backward needs
-        only r and d, which it takes through :func:`~bndoctor.layers._base.snapshot`, and a graph whose outputs
-        include the new window (three tensors per layer) cost 0.34 ms more per window of 8 micro-steps on the
-        tiny ResNet on CPU (1.10 against 1.07 x compiled plain BN). The synced path stores in every mode (its
-        collectives, not the window's outputs, are what a micro-step pays for). tests/layers/test_compile.py
-        compares every mode's compiled gradients with eager ones over three windows.
+        The layer's own tensors (read, do not modify); :func:`~bndoctor.layers._commit.commit_windows` reads them.
         """
-        window = self._window
-        window[0], window[1], window[2] = count, mean, m2
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # a layer pickled whole before #18's fifth session (bndoctor 0.1.0): one window tensor, an attribute flag
-        window = state.get("_window")
-        if isinstance(window, torch.Tensor):
-            c = (window.numel() - 1) // 2
-            state["_window"] = [part.clone() for part in window.split([1, c, c])]
-            state["_opened"] = [bool(state.pop("_has_data", False))]
-            state.pop("_parts", None)
-        super().__setstate__(state)
+        return self._window
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         super()._apply(fn, recurse)
@@ -205,7 +180,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         if self._window[1].is_meta and device.type != "meta":
             # materialised from the meta device (``to_empty``): a meta window holds no statistics, so an empty one
             self._window = [torch.zeros(t.shape, device=device, dtype=dtype) for t in self._window]
-            self._forget_window()
+            self.forget_window()
             self._previous = None
         else:
             self._window = [t.to(device=device, dtype=dtype) for t in self._window]
@@ -218,13 +193,9 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
     def reset_window(self) -> None:
         """Forget the open window's statistics (and collected ones) without committing them."""
         torch._foreach_zero_(self._window)
-        self._forget_window()
+        self.forget_window()
 
-    @property
-    def _has_data(self) -> bool:
-        return self._opened[0]
-
-    def _forget_window(self) -> None:
+    def forget_window(self) -> None:
         """The host-side half of :meth:`reset_window` (for window tensors already zeroed)."""
         self._opened[0] = False
         # a plain attribute (None or a tuple): nn.Module.__setattr__'s checks would cost more than the rest of this
@@ -237,7 +208,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         following micro-batches are normalised with these statistics until the
         window closes.
         """
-        collected = tuple(t.clone() for t in self._window_parts()) if self._has_data else None
+        collected = tuple(t.clone() for t in self._window) if self.window_open else None
         self.reset_window()
         self._collected = collected  # type: ignore[assignment]
 
@@ -247,7 +218,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
 
     @property
     def window_open(self) -> bool:
-        return self._has_data
+        return self._opened[0]
 
     def window_statistics(self, *, collected: bool = False) -> tuple[float, torch.Tensor, torch.Tensor] | None:
         """``(count, mean, biased var)`` of the open window (``collected=True``: of the collected whole window).
@@ -257,8 +228,8 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         if collected:
             held = self._collected
             return None if held is None else (float(held[0]), held[1], held[2] / held[0])
-        count, mean, m2 = self._window_parts()
-        if not self._has_data or float(count) == 0:
+        count, mean, m2 = self._window
+        if not self.window_open or float(count) == 0:
             return None
         return float(count), mean, m2 / count
 
@@ -301,38 +272,27 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         if self._collected is not None:
             count, w_mean, w_m2 = (t.double() for t in self._collected)
             return count.reshape(()), w_mean, w_m2 / count
-        if not self._has_data:
+        if not self.window_open:
             return float(n), mean, var
-        w_count, w_mean, w_m2 = self._window_parts()
+        w_count, w_mean, w_m2 = self._window
         count, pooled_mean, pooled_m2 = pool_two(
             w_count.double().reshape(()), w_mean.double(), w_m2.double(), n, mean, var * n
         )
         return count, pooled_mean, pooled_m2 / count
 
-    @torch.no_grad()
     def close_window(self) -> None:
         """Commit the window: one EMA update of the running statistics with its pooled statistics.
 
         A window whose statistics hold NaN or Inf is not committed (decided on
         the device: no host synchronisation); :meth:`window_finite` tells.
         """
-        if self._has_data:
-            count, mean, m2 = self._window_parts()
-            if self.track_running_stats and self.running_mean is not None:
-                unbiased = m2 / (count - 1.0).clamp(min=1.0)
-                # NaN or Inf anywhere makes this float64 sum non-finite (finite float32 values cannot overflow it)
-                check = mean.sum(dtype=torch.float64) + unbiased.sum(dtype=torch.float64)
-                valid = ((count > 0) & torch.isfinite(check)).reshape(())
-                ema_step(self, mean, unbiased, valid=valid)
-            if self.mode == "blend":  # only blend reads the last window
-                self._previous = (count.clone(), mean.clone(), m2.clone())
-        self.reset_window()
+        close_windows_together((self,))
 
     def window_finite(self) -> bool:
         """Whether the open window's statistics are finite (reads one flag from the device)."""
-        if not self._has_data:
+        if not self.window_open:
             return True
-        _, mean, m2 = self._window_parts()
+        _, mean, m2 = self._window
         return bool(torch.isfinite(mean).all() & torch.isfinite(m2).all())
 
     # ----------------------------------------------------------------- forward
@@ -354,23 +314,15 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             return _BatchNorm.forward(self, input)
         return self._window_forward(input)
 
-    def _step_statistics(self, x: torch.Tensor, n: int) -> tuple[Any, ...]:
-        """With sync: this micro-batch's (mean, biased var), and the count, mean and var of the micro-step.
-
-        The micro-step spans the ranks: one all_gather of every rank's [mean, M2, n], pooled with
-        Chan's formula; the count stays a tensor (no host read).
-        """
-        if n > 0:
-            mean, var = batch_moments(x)
-        else:
-            mean = var = torch.zeros(x.shape[1], device=x.device, dtype=self._window[1].dtype)
-        count, step_mean, step_var = pool_over_ranks(mean, var, n, self.process_group)  # all-empty: count 0
-        return mean, var, count, step_mean, step_var
-
     def _synced(self) -> bool:
         return self.sync and distributed.active(self.process_group)
 
     def _window_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool the micro-batch (with sync: the micro-step over all ranks) into the window, then normalise.
+
+        The window is updated on the device (:func:`bndoctor.moments.pool_step`), in place, except in traced
+        code where a backward needs a value derived from it (:meth:`_writes_window_in_place`).
+        """
         n = x.numel() // x.shape[1]
         synced = self._synced()
         if n == 0 and not synced:
@@ -379,77 +331,48 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         window = self._window[1]
         if window.device != x.device or window.dtype != wide:  # buffers replaced without .to()
             self._move_window(x.device, wide)
-        if not synced:
-            return self._local_window_forward(x, n)
-        with torch.no_grad():
-            mean, var, step_n, step_mean, step_var = self._step_statistics(x, n)
-            # pool the micro-step into the window (Chan et al. 1979), on the device
-            w_count, w_mean, w_m2 = self._window_parts()
-            total = w_count + step_n
-            safe = total.clamp(min=1.0)  # every rank may have been empty so far
-            share = (step_n / safe).to(w_mean.dtype)  # this micro-step's weight in the pooled mean
-            delta = step_mean - w_mean
-            pooled_m2 = torch.addcmul(w_m2 + step_var * step_n, delta, delta * (w_count * share))
-            pooled_mean = torch.lerp(w_mean, step_mean, share)
-            if compiling():
-                self._store_window(total, pooled_mean, pooled_m2)
-            else:
-                for part, value in zip((w_count, w_mean, w_m2), (total, pooled_mean, pooled_m2)):
-                    part.copy_(value)
-            self._opened[0] = True
-            if n == 0:  # nothing to normalise here (the other ranks' statistics are pooled all the same)
-                return x.clone()
-            use_count, use_mean, use_var = self._reference(safe, pooled_mean, pooled_m2)
-            if self.mode == "renorm":
-                stats = mean, var, torch.rsqrt(var + self.eps)
-                r, d = self._renorm_factors(mean, stats[2], use_mean, use_var)
-        if self.mode == "renorm":
-            return renormalize(x, self.weight, self.bias, r, d, stats, eps=self.eps)
-        return self._pooled_norm(x, use_mean, use_var, n / use_count)
-
-    def _local_window_forward(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """The window forward without sync: few tensor operations per micro-step (each one costs a kernel launch).
-
-        The window is updated Welford-style: ``count += n``, ``mean += (m - mean) n / count``,
-        ``M2 += n v + n (m - mean_old)(m - mean_new)`` (Chan et al.'s update written with the new mean), in place
-        (traced ``progressive`` and ``blend`` code stores new tensors instead: :meth:`_store_window`).
-        """
         renorm = self.mode == "renorm"
-        if renorm:
+        if renorm and not synced:
             require_batch(x)  # as torch's BN, and before the window takes the micro-batch in
+        in_place = self._writes_window_in_place(synced)
         with torch.no_grad():
-            if renorm:  # this micro-batch's mean, biased var and 1/sqrt(var + eps)
-                stats = mean, var, invstd = batch_stats(x, self.eps)
+            if n == 0:  # nothing to normalise here; the other ranks' statistics are pooled all the same
+                mean = var = invstd = torch.zeros(x.shape[1], device=x.device, dtype=wide)
+            elif renorm:  # this micro-batch's mean, biased var and 1/sqrt(var + eps)
+                mean, var, invstd = batch_stats(x, self.eps)
             else:
                 mean, var = batch_moments(x)
-            w_count, w_mean, w_m2 = self._window_parts()
-            delta = mean - w_mean
-            if compiling() and not renorm:  # see _store_window
-                w_count = w_count + n
-                w_mean = torch.addcdiv(w_mean, delta, w_count, value=n)
-                spread = mean - w_mean  # the micro-batch's mean against the pooled one
-                w_m2 = torch.addcmul(torch.add(w_m2, var, alpha=n), delta, spread, value=n)
-                self._store_window(w_count, w_mean, w_m2)
-            else:
-                w_count.add_(n)
-                w_mean.addcdiv_(delta, w_count, value=n)
-                w_m2.add_(var, alpha=n)
-                spread = mean - w_mean
-                w_m2.addcmul_(delta, spread, value=n)
+            step = distributed.pool_over_ranks(mean, var, n, self.process_group) if synced else (n, mean, var)
+            count, w_mean, w_m2, spread = pool_step(*self._window, *step, inplace=in_place)
+            if not in_place:
+                self._window[:] = count, w_mean, w_m2
             self._opened[0] = True
-            if renorm and self._collected is None:
-                # r = sigma_B / sigma, d = (mu_B - mu) / sigma against the window, eps inside both (Ioffe 2017)
-                ref_invstd = torch.div(w_m2, w_count).add_(self.eps).rsqrt_()
-                r = ref_invstd.div(invstd)
-                d = spread.mul_(ref_invstd)
-            else:
-                # the mean may be kept (the pooled gradient saves it) while the window moves on: a copy
-                use_count, use_mean, use_var = self._reference(w_count, w_mean.clone(), w_m2)
-                if renorm:  # two passes: against the collected window
-                    r, d = self._renorm_factors(mean, invstd, use_mean, use_var)
+            if n == 0:
+                return x.clone()
+            if renorm:
+                if self._collected is None and not synced:  # against the window so far: its spread is m - mean
+                    r, d = self._renorm_factors(invstd, w_m2 / count, spread)
+                else:
+                    _, ref_mean, ref_var = self._reference(count, w_mean, w_m2)
+                    r, d = self._renorm_factors(invstd, ref_var, mean - ref_mean)
+            else:  # the pooled gradient saves the mean, which an in-place window moves on from: a copy then
+                use_count, use_mean, use_var = self._reference(count, w_mean.clone() if in_place else w_mean, w_m2)
         if renorm:
-            return renormalize(x, self.weight, self.bias, r, d, stats, eps=self.eps)
+            return renormalize(x, self.weight, self.bias, r, d, (mean, var, invstd), eps=self.eps)
         return self._pooled_norm(x, use_mean, use_var, n / use_count)
+
+    def _writes_window_in_place(self, synced: bool) -> bool:
+        """Whether this forward updates the window's tensors in place (else it replaces them).
+
+        Eager code always does. In traced code the window's tensors are inputs of the compiled graph, and
+        AOTAutograd's partitioner may recompute a value the backward needs from such an input after the
+        forward has overwritten it: the progressive gradient's n / count (``progressive`` and ``blend``
+        modes). ``renorm`` without sync writes in place when traced too: its backward needs only r and d,
+        which it takes through :func:`~bndoctor.layers._base.snapshot`. The synced path replaces the window in
+        every mode. docs/accumulation.md ("torch.compile and GPUs") has the measurements behind this choice;
+        tests/layers/test_compile.py compares every mode's compiled gradients with eager ones.
+        """
+        return not compiling() or (self.mode == "renorm" and not synced)
 
     def _pooled_norm(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, ratio: Any) -> torch.Tensor:
         """The progressive/blend output; traced, its saved statistics are copies the backward keeps (see snapshot)."""
@@ -459,14 +382,16 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         return _PooledNorm.apply(x, self.weight, self.bias, mean, var, ratio, self.eps)
 
     def _renorm_factors(
-        self, mean: torch.Tensor, invstd: torch.Tensor, ref_mean: torch.Tensor, ref_var: torch.Tensor
+        self, invstd: torch.Tensor, ref_var: torch.Tensor, spread: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """r = sigma_B / sigma and d = (mu_B - mu) / sigma against the reference statistics (Ioffe 2017).
 
-        ``invstd`` is the micro-batch's ``1 / sqrt(var + eps)``; eps sits inside both sigmas.
+        ``invstd`` is the micro-batch's ``1 / sqrt(var + eps)``, ``ref_var`` the reference's biased variance
+        and ``spread`` = mu_B - mu; eps sits inside both sigmas. ``ref_var`` and ``spread`` are taken over
+        (written in place).
         """
-        ref_invstd = torch.rsqrt(ref_var + self.eps)
-        return ref_invstd.div(invstd), (mean - ref_mean).mul_(ref_invstd)
+        ref_invstd = ref_var.add_(self.eps).rsqrt_()
+        return ref_invstd.div(invstd), spread.mul_(ref_invstd)
 
     def _reference(
         self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
@@ -490,79 +415,14 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
 
 @torch.no_grad()
 def close_windows_together(layers: Sequence[AccumBatchNorm]) -> None:
-    """``layer.close_window()`` for every layer, the usual case in a few operations for all layers at once.
+    """``layer.close_window()`` for every layer, in a few operations for all layers at once.
 
-    Closed one by one, a window costs about 20 tensor operations (183 for the
-    9 layers of the tiny ResNet: about 0.8 ms on this CPU, and as many kernel
-    launches on a GPU), paid once per optimizer step — the larger part of what
-    a compiled model pays for the remedy, since the close runs eagerly in the
-    optimizer hook. Layers with an open window, running statistics, a numeric
-    momentum and not in ``blend`` mode are closed together (grouped by device,
-    dtypes and momentum; :func:`_close_group`): the same arithmetic as
-    :meth:`AccumBatchNorm.close_window` — a window with NaN or Inf (or no
-    samples) is not committed — in about 25 operations whatever the number of
-    layers (0.24 ms for the tiny ResNet on this CPU). The others close one by one.
+    ``blend`` layers keep their window as the last one first; then
+    :func:`~bndoctor.layers._commit.commit_windows` commits every window (one
+    EMA step each; a window with NaN or Inf, or no samples, is not committed)
+    and empties them.
     """
-    groups: dict[tuple[Any, ...], list[AccumBatchNorm]] = {}
     for layer in layers:
-        running_mean = layer.running_mean
-        if (
-            layer._has_data
-            and layer.track_running_stats
-            and running_mean is not None
-            and layer.mode != "blend"
-            and isinstance(layer.momentum, float)
-        ):
-            window = layer._window[1]
-            key = (window.device, window.dtype, running_mean.dtype, layer.momentum)
-            groups.setdefault(key, []).append(layer)
-        else:
-            layer.close_window()
-    for (device, window_dtype, dtype, momentum), group in groups.items():
-        _close_group(group, device, window_dtype, dtype, momentum)
-
-
-#: per (device, channel counts): the layer index of each channel of the concatenated windows
-_CHANNEL_LAYER: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
-
-
-def _channel_layer(device: torch.device, sizes: tuple[int, ...]) -> torch.Tensor:
-    index = _CHANNEL_LAYER.get((device, sizes))
-    if index is None:
-        # filled on the device (a copy from host memory would wait for the device once per configuration)
-        index = torch.cat([torch.full((c,), i, device=device) for i, c in enumerate(sizes)])
-        if len(_CHANNEL_LAYER) >= 32:  # models come and go in one process (tests, sweeps): keep it small
-            _CHANNEL_LAYER.clear()
-        _CHANNEL_LAYER[(device, sizes)] = index
-    return index
-
-
-def _close_group(
-    group: list[AccumBatchNorm], device: torch.device, window_dtype: torch.dtype, dtype: torch.dtype, momentum: float
-) -> None:
-    """Close the windows of ``group`` (one device, dtypes and momentum) on their concatenation.
-
-    Each elementwise step is one operation for all layers; only the writes to the layers' own buffers loop
-    (``torch._foreach_*``: in C++ on CPU, one kernel per few tensors on a GPU). Per-tensor foreach arithmetic
-    instead cost about 0.4 ms for the tiny ResNet's 9 layers on this CPU.
-    """
-    counts, means, m2s = (torch.cat(part) for part in zip(*(layer._window_parts() for layer in group)))
-    sizes = tuple(layer.num_features for layer in group)
-    channel_layer = _channel_layer(device, sizes)
-    unbiased = m2s / counts.sub(1.0).clamp_(min=1.0)[channel_layer]
-    # NaN or Inf in a layer makes its float64 sum non-finite (finite float32 values cannot overflow it)
-    check = torch.zeros(len(group), device=device, dtype=torch.float64)
-    check.index_add_(0, channel_layer, means.to(torch.float64, copy=True).add_(unbiased))
-    valid = check.isfinite().logical_and_(counts > 0)
-    tracked = [layer.num_batches_tracked for layer in group]
-    torch._foreach_add_(tracked, valid.to(tracked[0].dtype).unbind())  # type: ignore[arg-type, union-attr]
-    # an invalid window gets the factor 0, and its NaN/Inf are zeroed first: lerp(r, s, 0) is exactly r
-    factors = valid.to(dtype).mul_(momentum).unbind() * 2
-    stats = torch.cat([means, unbiased]).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    if window_dtype != dtype:
-        stats = stats.to(dtype)
-    runnings = [layer.running_mean for layer in group] + [layer.running_var for layer in group]
-    torch._foreach_lerp_(runnings, stats.split(sizes * 2), factors)  # type: ignore[arg-type]
-    torch._foreach_zero_([t for layer in group for t in layer._window])
-    for layer in group:
-        layer._forget_window()
+        if layer.mode == "blend" and layer.window_open:  # only blend reads the last window
+            layer._previous = tuple(t.clone() for t in layer._window)  # type: ignore[assignment]
+    commit_windows(layers)

@@ -22,7 +22,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BNDoctorError
 from ._base import BNDoctorLayer
-from ._ema import batch_stats, renormalize, require_batch, takes_one_pass
+from ._batch import batch_stats, require_batch
+from ._renormalize import renormalize, takes_one_pass
 
 __all__ = ["BatchRenorm"]
 

@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..distributed import GroupRef, HasProcessGroup, gather_rows, world_size
+from ..distributed import GroupRef, HasProcessGroup, gather_rows, pool_over_ranks, world_size
 from ..errors import BNDoctorError
 from ._base import BNDoctorLayer
-from ._ema import batch_moments, ema_step, pool_over_ranks
+from ._batch import batch_moments
+from ._commit import ema_step
 
 __all__ = ["SyncBatchNorm"]
 

@@ -4,7 +4,7 @@ A frozen layer keeps its object, parameters, buffers and state_dict keys; its
 class is swapped for a frozen subclass (:mod:`bndoctor.layers.frozen`) that
 pins ``training`` to ``False``, so ``model.train()`` cannot switch it back to
 batch statistics. Also registers the ``freeze_bn`` fixer and prescription
-(fine-tuning at a small batch: freeze, the seeds' first rule).
+(fine-tuning a pretrained model at a small batch: freeze its statistics).
 """
 
 from __future__ import annotations
