@@ -64,6 +64,10 @@ class Snapshot:
         """Remove this hook when the block ends."""
         self.handles.append(handle)
 
+    def set_mode(self, module: nn.Module, training: bool) -> None:
+        """Set one module's training flag until the block ends (frozen layers too, whose ``train()`` pins it)."""
+        module.__dict__["training"] = training
+
     def patch(self, module: nn.Module, attr: str, value: Any) -> None:
         """Set an instance attribute (e.g. ``forward``) until the block ends."""
         self.patches.set(module, attr, value)

@@ -13,7 +13,7 @@ How the pass runs:
   later layers see the activations they see during training;
 * per layer and per forward the count ``n`` (batch x spatial positions), the
   batch mean and the biased batch variance are recorded, and pooled in float64
-  with :func:`bndoctor.stats.moments.pool` — weighted by ``n``, including the
+  with :func:`bndoctor.moments.pool` — weighted by ``n``, including the
   spread of the batch means (``torch.optim.swa_utils.update_bn`` averages the
   batch variances instead and comes out too low when batches differ);
 * by default the batch statistics are the ones torch's BN kernel computes
@@ -42,7 +42,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -50,7 +50,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import distributed
 from .._batches import Forward, batch_size, default_forward, model_device, to_device
-from .._state import preserved
+from .._state import Snapshot, preserved
 from .._table import render
 from .._validate import positive_int
 from .._walk import BNInfo, ModuleSelection, find_bn, require_running_stats, select, warn_unsupported
@@ -145,6 +145,48 @@ def _values_per_channel(x: torch.Tensor) -> int:
     return x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
 
 
+class _Sample(NamedTuple):
+    """One call's batch statistics at one layer, in float64."""
+
+    count: int  # values per channel
+    mean: torch.Tensor
+    var: torch.Tensor  # biased
+    batch: int  # the index of the batch whose forward made the call
+
+
+@dataclass(eq=False)
+class _Layer:
+    """One layer during the pass: how it records, and what it recorded."""
+
+    record: BNInfo
+    fast: bool  # read the statistics torch's kernel leaves in the buffers (else compute them, exact)
+    calls: int = 0  # calls over all batches
+    calls_in_batch: int = 0  # calls in the forward of the current batch (fast layers)
+    last_n: int = 0  # values per channel of the last call (fast layers)
+    samples: list[_Sample] = field(default_factory=list)  # exact layers' calls, fast layers' repeated calls
+
+    @property
+    def module(self) -> Any:
+        return self.record.module
+
+    @property
+    def channels(self) -> int:
+        return int(self.record.num_features or 0)
+
+
+def _reads_kernel_statistics(record: BNInfo, exact: bool, device: torch.device) -> bool:
+    """Whether the layer's batch statistics can be read from its buffers after a momentum-1 call (plain torch BN)."""
+    module = record.module
+    return (
+        not exact
+        and isinstance(module, _BatchNorm)
+        and not isinstance(module, nn.SyncBatchNorm)
+        and has_plain_forward(module)
+        and module.running_mean.dtype in (torch.float32, torch.float64)
+        and module.running_mean.device == device
+    )
+
+
 class _Pass:
     """Records, for every selected layer and every call, the count, mean and variance of its batch.
 
@@ -160,31 +202,39 @@ class _Pass:
     """
 
     def __init__(self, records: list[BNInfo], exact: bool) -> None:
-        self.records = records
         device = records[0].module.running_mean.device if records else None
-        self.fast = [
-            not exact
-            and isinstance(r.module, _BatchNorm)
-            and not isinstance(r.module, nn.SyncBatchNorm)
-            and has_plain_forward(r.module)
-            and r.module.running_mean.dtype in (torch.float32, torch.float64)
-            and r.module.running_mean.device == device
-            for r in records
-        ]
-        self.fast_index = [i for i, f in enumerate(self.fast) if f]
-        self.fast_modules = [records[i].module for i in self.fast_index]
-        self.calls = [0] * len(records)  # all batches
-        self.batch_calls = [0] * len(records)
-        self.last_n = [0] * len(records)
+        self.layers = [_Layer(r, _reads_kernel_statistics(r, exact, device)) for r in records]
+        self.fast = [layer for layer in self.layers if layer.fast]
+        self.fast_buffers = [layer.module.running_mean for layer in self.fast]
+        self.fast_buffers += [layer.module.running_var for layer in self.fast]
         self.batch = 0  # index of the batch being fed
-        # per layer: (values per channel, mean, biased var, batch index)
-        self.extra: list[list[tuple[int, torch.Tensor, torch.Tensor, int]]] = [[] for _ in records]
+        # per batch, for all fast layers: values per channel of each, concatenated means and unbiased variances
         self.fast_counts: list[list[int]] = []
         self.fast_means: list[torch.Tensor] = []
-        self.fast_vars: list[torch.Tensor] = []  # unbiased, as torch stores them
+        self.fast_vars: list[torch.Tensor] = []
 
-    def wrapper(self, index: int) -> Callable[..., Any]:
-        module = self.records[index].module
+    def patch(self, snapshot: Snapshot, model: nn.Module) -> None:
+        """Prepare the model for the pass: eval mode but the recorded layers, which record each call."""
+        for module in model.modules():
+            snapshot.set_mode(module, False)  # dropout off; frozen layers included
+        for layer in self.layers:
+            module = layer.module
+            if layer.fast:
+                snapshot.set_mode(module, True)
+                module.momentum = 1.0  # running buffers receive exactly the batch statistics
+            elif isinstance(module, _BatchNorm):
+                snapshot.set_mode(module, True)
+                module.track_running_stats = False  # batch statistics, buffers untouched
+            snapshot.patch(module, "forward", self._wrapper(layer))
+        self._clear_fast_buffers()
+
+    def _clear_fast_buffers(self) -> None:
+        # momentum 1 keeps 0 x old: zeros, so that a NaN of an earlier batch cannot leak into the next
+        if self.fast_buffers:
+            torch._foreach_zero_(self.fast_buffers)
+
+    def _wrapper(self, layer: _Layer) -> Callable[..., Any]:
+        module = layer.module
         original = type(module).forward.__get__(module)
         if pools_ranks(module):
             # statistics are pooled across ranks once, after the pass: each rank normalises locally (no
@@ -192,14 +242,14 @@ class _Pass:
             def original(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
                 return apply_post_ops(module, _BatchNorm.forward(module, x))
 
-        if self.fast[index]:
+        if layer.fast:
 
             def fast_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-                if self.batch_calls[index]:  # called again in this forward: keep the previous call
-                    self._keep(index)
+                if layer.calls_in_batch:  # called again in this forward: keep the previous call
+                    self._keep(layer)
                 out = original(x, *args, **kwargs)
-                self.batch_calls[index] += 1
-                self.last_n[index] = _values_per_channel(x)
+                layer.calls_in_batch += 1
+                layer.last_n = _values_per_channel(x)
                 return out
 
             return fast_forward
@@ -207,88 +257,86 @@ class _Pass:
         def exact_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             dims = [0, *range(2, x.dim())]
             var, mean = torch.var_mean(x.detach().double(), dim=dims, correction=0)
-            self.extra[index].append((_values_per_channel(x), mean, var, self.batch))
-            self.calls[index] += 1
+            layer.samples.append(_Sample(_values_per_channel(x), mean, var, self.batch))
+            layer.calls += 1
             return original(x, *args, **kwargs)
 
         return exact_forward
 
-    def _keep(self, index: int) -> None:
-        module = self.records[index].module
-        n = self.last_n[index]
+    def _keep(self, layer: _Layer) -> None:
+        module, n = layer.module, layer.last_n
         var = module.running_var.double() * ((n - 1) / n if n > 1 else 0.0)
-        self.extra[index].append((n, module.running_mean.double().clone(), var, self.batch))
+        layer.samples.append(_Sample(n, module.running_mean.double().clone(), var, self.batch))
 
     def end_batch(self) -> None:
         self.batch += 1
-        if not self.fast_modules:
+        if not self.fast:
             return
-        self.fast_means.append(torch.cat([m.running_mean for m in self.fast_modules]))
-        self.fast_vars.append(torch.cat([m.running_var for m in self.fast_modules]))
-        self.fast_counts.append([self.last_n[i] if self.batch_calls[i] else 0 for i in self.fast_index])
-        for i in self.fast_index:
-            self.calls[i] += self.batch_calls[i]
-            self.batch_calls[i] = 0
-        for module in self.fast_modules:  # momentum 1 keeps 0 x old: a NaN batch must not leak into the next
-            module.running_mean.nan_to_num_(0.0, 0.0, 0.0)
-            module.running_var.nan_to_num_(1.0, 1.0, 1.0)
+        self.fast_means.append(torch.cat([layer.module.running_mean for layer in self.fast]))
+        self.fast_vars.append(torch.cat([layer.module.running_var for layer in self.fast]))
+        self.fast_counts.append([layer.last_n if layer.calls_in_batch else 0 for layer in self.fast])
+        for layer in self.fast:
+            layer.calls += layer.calls_in_batch
+            layer.calls_in_batch = 0
+        self._clear_fast_buffers()
 
     def nonfinite_batches(self) -> dict[int, str]:
         """Batch index -> the first layer whose statistics of that batch hold NaN or Inf (one host read per layer)."""
         first: dict[int, int] = {}  # batch -> index of the first bad layer (module order)
+        index = {id(layer): i for i, layer in enumerate(self.layers)}
 
-        def mark(batch: int, layer: int) -> None:
-            first[batch] = min(first.get(batch, layer), layer)
+        def mark(batch: int, layer: _Layer) -> None:
+            first[batch] = min(first.get(batch, index[id(layer)]), index[id(layer)])
 
         if self.fast_means:
             finite = torch.isfinite(torch.stack(self.fast_means)) & torch.isfinite(torch.stack(self.fast_vars))
-            owner = [i for i in self.fast_index for _ in range(int(self.records[i].num_features or 0))]
+            owner = [layer for layer in self.fast for _ in range(layer.channels)]
             for batch, column in (~finite).nonzero().tolist():
                 mark(batch, owner[column])
-        for i, entries in enumerate(self.extra):
-            if entries:
-                means = torch.stack([e[1] for e in entries])
-                variances = torch.stack([e[2] for e in entries])
+        for layer in self.layers:
+            if layer.samples:
+                means = torch.stack([sample.mean for sample in layer.samples])
+                variances = torch.stack([sample.var for sample in layer.samples])
                 rows = (~(torch.isfinite(means) & torch.isfinite(variances))).any(1).tolist()
-                for entry, row_bad in zip(entries, rows):
+                for sample, row_bad in zip(layer.samples, rows):
                     if row_bad:
-                        mark(entry[3], i)
-        return {batch: self.records[first[batch]].name for batch in sorted(first)}
+                        mark(sample.batch, layer)
+        return {batch: self.layers[first[batch]].record.name for batch in sorted(first)}
 
     def moments(self, skip: frozenset[int] = frozenset()) -> list[Moments]:
         """Pooled moments per layer over every batch but those in ``skip``."""
-        out: list[Moments | None] = [None] * len(self.records)
-        keep = [b for b in range(len(self.fast_means)) if b not in skip]
-        if keep:
-            channels = [int(self.records[i].num_features or 0) for i in self.fast_index]
-            means = torch.stack([self.fast_means[b] for b in keep]).double()
-            variances = torch.stack([self.fast_vars[b] for b in keep]).double()
-            counts = torch.tensor([self.fast_counts[b] for b in keep], dtype=torch.float64, device=means.device)
-            counts = counts.repeat_interleave(torch.tensor(channels, device=means.device), dim=1)
-            variances = variances * torch.where(counts > 1, (counts - 1) / counts.clamp(min=1), 0.0)
-            total, mean, m2 = pool_columns(counts, means, variances)
-            start = 0
-            for i, c in zip(self.fast_index, channels):
-                out[i] = Moments(float(total[start]), mean[start : start + c], m2[start : start + c])
-                start += c
-        for i, record in enumerate(self.records):
-            parts = [out[i]] if out[i] is not None else []
-            entries = [e for e in self.extra[i] if e[3] not in skip]
-            if entries:
-                counts = torch.tensor([e[0] for e in entries], dtype=torch.float64)
-                parts.append(
-                    pool(
-                        counts.to(entries[0][1].device),
-                        torch.stack([e[1] for e in entries]),
-                        torch.stack([e[2] for e in entries]),
-                    )
-                )
+        fast = self._fast_moments(skip)
+        out = []
+        for layer in self.layers:
+            parts = [fast[id(layer)]] if id(layer) in fast else []
+            samples = [sample for sample in layer.samples if sample.batch not in skip]
+            if samples:
+                counts = torch.tensor([sample.count for sample in samples], dtype=torch.float64)
+                means = torch.stack([sample.mean for sample in samples])
+                parts.append(pool(counts.to(means.device), means, torch.stack([sample.var for sample in samples])))
             if not parts:
-                channels_i = int(record.num_features or 0)
-                zeros = torch.zeros(channels_i, dtype=torch.float64, device=record.module.running_mean.device)
+                zeros = torch.zeros(layer.channels, dtype=torch.float64, device=layer.module.running_mean.device)
                 parts.append(Moments(0.0, zeros, zeros.clone()))
-            out[i] = merge(parts) if len(parts) > 1 else parts[0]
-        return [m for m in out if m is not None]
+            out.append(merge(parts) if len(parts) > 1 else parts[0])
+        return out
+
+    def _fast_moments(self, skip: frozenset[int]) -> dict[int, Moments]:
+        """id(layer) -> the fast layers' pooled moments over the kept batches, pooled for all layers at once."""
+        keep = [b for b in range(len(self.fast_means)) if b not in skip]
+        if not keep:
+            return {}
+        channels = [layer.channels for layer in self.fast]
+        means = torch.stack([self.fast_means[b] for b in keep]).double()
+        variances = torch.stack([self.fast_vars[b] for b in keep]).double()
+        counts = torch.tensor([self.fast_counts[b] for b in keep], dtype=torch.float64, device=means.device)
+        counts = counts.repeat_interleave(torch.tensor(channels, device=means.device), dim=1)
+        variances = variances * torch.where(counts > 1, (counts - 1) / counts.clamp(min=1), 0.0)  # to biased
+        total, mean, m2 = pool_columns(counts, means, variances)
+        out, start = {}, 0
+        for layer, c in zip(self.fast, channels):
+            out[id(layer)] = Moments(float(total[start]), mean[start : start + c], m2[start : start + c])
+            start += c
+        return out
 
 
 def _require_same_layout(records: list[BNInfo], group: Any) -> None:
@@ -393,37 +441,82 @@ def recalibrate(
 ) -> RecalibrationReport:
     """Replace BN running statistics by the exact statistics of ``data`` under the current weights.
 
-    ``data`` is any iterable of batches: tensors, tuples/lists (input first),
-    dicts (passed as keyword arguments), or anything ``forward(model, batch)``
-    understands; nested tensors are moved to ``device`` (default: the model's
-    device). ``num_samples`` is a budget per process, in whole batches; when the
-    data run out first a :class:`~bndoctor.errors.BNDoctorWarning` says how many
-    samples were used.
+    Works on the model in place (it only changes running statistics). By
+    default every BN layer with running statistics is recalibrated except
+    frozen ones. Layers the forward never reaches keep their statistics and
+    are listed in the report. Distributed: call it on every rank.
 
-    By default every BN layer with running statistics is recalibrated except
-    frozen ones; ``modules=`` selects layers explicitly (frozen ones included).
-    Layers the forward never reaches keep their statistics and are listed in
-    the report. With ``domain="target"`` the new statistics are also stored as
-    a named set, see :func:`bndoctor.use_stats`.
+    Args:
+        model: the model; its modes, momentum, hooks and buffers are restored whatever happens.
+        data: any iterable of batches: tensors, tuples/lists (input first), dicts (passed as keyword
+            arguments), or anything ``forward(model, batch)`` understands; nested tensors are moved to
+            ``device``.
+        num_samples: a budget per process, in whole batches (None: all of ``data``); when the data run out
+            first a :class:`~bndoctor.errors.BNDoctorWarning` says how many samples were used.
+        forward: ``forward(model, batch)``; the default feeds the batch as above.
+        device: where batches are moved (default: the model's device).
+        modules: the layers to recalibrate (frozen ones included when named); default: all but frozen.
+        progress: a ``tqdm`` bar on rank zero (terminal, notebook or log file) counting samples against
+            ``num_samples``, or batches against ``len(data)``; ``False`` for none; a callable
+            ``progress(samples_done, num_samples)`` to report elsewhere.
+        process_group: the ranks to pool over (default: the global group when torch.distributed is
+            initialised).
+        exact: compute every layer's batch moments in float64 from its input instead of reading them from
+            torch's BN kernel (slower; automatic where the kernel's cannot be used).
+        domain: also store the new statistics as a named set (see :func:`bndoctor.use_stats`).
+        nonfinite: a batch whose statistics hold NaN or Inf in any layer is an error with ``"raise"``
+            (nothing is written; the error names the first such batch and layer, on every rank);
+            ``"skip"`` pools the finite batches only, with a warning.
 
-    ``progress``: a ``tqdm`` bar on rank zero (terminal, notebook or log
-    file) counting samples against ``num_samples``, or batches against
-    ``len(data)``; ``False`` for none; a callable ``progress(samples_done,
-    num_samples)`` to report elsewhere. ``exact=True`` computes every layer's
-    batch moments in float64 from its input instead of reading them from
-    torch's BN kernel (slower; automatic where the kernel's cannot be used).
-    ``device``: where batches are moved (default: the model's device).
+    Returns:
+        A :class:`RecalibrationReport`: per layer how far its statistics moved, and the samples used.
 
-    A batch whose statistics hold NaN or Inf in any layer is an error by
-    default (``nonfinite="raise"``: nothing is written, the error names the
-    first such batch and layer, on every rank); ``nonfinite="skip"`` pools
-    the finite batches only, with a warning.
-
-    Works on the model in place (it only changes running statistics) and
-    returns a :class:`RecalibrationReport`. Distributed: call it on every rank;
-    ``process_group`` defaults to the global group when torch.distributed is
-    initialised.
+    Raises:
+        BNDoctorError: bad arguments, no batches, non-finite statistics (``nonfinite="raise"``), a failure
+            on another rank, or ranks whose layers differ.
     """
+    _check_arguments(model, data, num_samples, nonfinite)
+    start = time.perf_counter()
+    targets, skipped = _targets(model, modules)
+    device = torch.device(device) if device is not None else model_device(model)
+    dist_on = distributed.active(process_group)
+    if dist_on:
+        _require_same_layout(targets, process_group)
+    recorder = _Pass(targets, exact)
+    error: BaseException | None = None
+    with preserved(model, [r.module for r in targets]) as snapshot, torch.no_grad():
+        try:
+            recorder.patch(snapshot, model)
+            used, batches = _feed(model, data, recorder, forward or default_forward, device, num_samples, progress)
+            bad = _nonfinite_batches(recorder, nonfinite, batches)
+            local = recorder.moments(frozenset(bad))
+        except BaseException as exc:  # re-raised below, after the ranks agreed
+            error = exc
+    if dist_on:
+        _agree_across_ranks(error, process_group)
+    if error is not None:
+        raise error
+    if bad:
+        first, layer = next(iter(bad.items()))
+        warnings.warn(
+            f"recalibrate skipped {len(bad)} batch(es) with NaN or Inf statistics (first: batch {first} at '{layer}')",
+            BNDoctorWarning,
+            stacklevel=2,
+        )
+    pooled, global_samples = _gather_moments(local, used, process_group) if dist_on else (local, used)
+    _require_samples(global_samples, used, num_samples, dist_on)
+    changes = _write(recorder, pooled)
+    if domain is not None:
+        from .domains import store_stats
+
+        store_stats(model, domain, modules=[r.name for r in targets])
+    world = distributed.world_size(process_group) if dist_on else 1
+    return RecalibrationReport(
+        changes, used, global_samples, batches, world, time.perf_counter() - start, domain, skipped
+    )
+
+
+def _check_arguments(model: Any, data: Any, num_samples: int | None, nonfinite: str) -> None:
     require_module(model)
     if nonfinite not in ("raise", "skip"):
         raise BNDoctorError(f"expected nonfinite='raise' or 'skip' (got {nonfinite!r})", hint="the default refuses")
@@ -433,7 +526,10 @@ def recalibrate(
             f"expected `data` to be an iterable of batches (got {type(data).__name__})",
             hint="pass a DataLoader or a list of batches, e.g. [x[i:i + 64] for i in range(0, len(x), 64)]",
         )
-    start = time.perf_counter()
+
+
+def _targets(model: nn.Module, modules: ModuleSelection) -> tuple[list[BNInfo], list[str]]:
+    """The layers to recalibrate, and those left out by default (frozen, no running statistics) with why."""
     records = select(find_bn(model), modules)
     skipped: list[str] = []
     if modules is None:
@@ -448,79 +544,62 @@ def recalibrate(
     targets = [r for r in records if not r.opaque]
     for record in targets:
         require_running_stats(record, "recalibrate")
-    forward = forward or default_forward
-    device = torch.device(device) if device is not None else model_device(model)
-    dist_on = distributed.active(process_group)
-    world = distributed.world_size(process_group) if dist_on else 1
-    if dist_on:
-        _require_same_layout(targets, process_group)
-    recorder = _Pass(targets, exact)
+    return targets, skipped
+
+
+def _feed(
+    model: nn.Module,
+    data: Iterable[Any],
+    recorder: _Pass,
+    forward: Forward,
+    device: torch.device,
+    num_samples: int | None,
+    progress: bool | Callable[[int, int | None], None],
+) -> tuple[int, int]:
+    """Run the pass over ``data`` until the budget is spent: returns the samples and batches fed."""
     show = _Progress(progress, data, num_samples)
     used = batches = 0
+    try:
+        for batch in data:
+            batch = to_device(batch, device)
+            forward(model, batch)
+            recorder.end_batch()
+            size = batch_size(batch)
+            used += size
+            batches += 1
+            show.update(size, used, num_samples)
+            if num_samples is not None and used >= num_samples:
+                break
+    finally:
+        show.close()
+    return used, batches
 
-    with preserved(model, [r.module for r in targets]) as snapshot, torch.no_grad():
-        error: BaseException | None = None
-        bad: dict[int, str] = {}
-        try:
-            for module in model.modules():
-                module.__dict__["training"] = False  # no __setattr__ round trip; frozen layers included
-            for index, record in enumerate(targets):
-                module = record.module
-                if recorder.fast[index]:
-                    module.__dict__["training"] = True
-                    module.momentum = 1.0  # running buffers receive exactly the batch statistics
-                    module.running_mean.zero_()
-                    module.running_var.fill_(1.0)  # no NaN from earlier statistics can leak in
-                elif isinstance(module, _BatchNorm):
-                    module.__dict__["training"] = True
-                    module.track_running_stats = False  # batch statistics, buffers untouched
-                snapshot.patch(module, "forward", recorder.wrapper(index))
-            for batch in data:
-                batch = to_device(batch, device)
-                forward(model, batch)
-                recorder.end_batch()
-                size = batch_size(batch)
-                used += size
-                batches += 1
-                show.update(size, used, num_samples)
-                if num_samples is not None and used >= num_samples:
-                    break
-            bad = recorder.nonfinite_batches()
-            if bad and nonfinite == "raise":
-                first, layer = next(iter(bad.items()))
-                raise BNDoctorError(
-                    f"batch {first} gives NaN or Inf statistics at '{layer}' ({len(bad)} of {batches} batches "
-                    "non-finite); running statistics left unchanged",
-                    hint="check the data and the model's weights; or pass nonfinite='skip' to pool the finite "
-                    "batches only",
-                )
-            local = recorder.moments(frozenset(bad))
-        except BaseException as exc:  # re-raised below, after the ranks agreed
-            error = exc
-        finally:
-            show.close()
-        if dist_on:
-            flags = distributed.all_ok(error is None, process_group)
-            if error is None and not all(flags):
-                failed = [i for i, ok in enumerate(flags) if not ok]
-                raise BNDoctorError(
-                    f"recalibration failed on rank(s) {failed}; statistics left unchanged on every rank",
-                    hint="see the error raised on those ranks",
-                )
-        if error is not None:
-            raise error
-        if bad:
-            warnings.warn(
-                f"recalibrate skipped {len(bad)} batch(es) with NaN or Inf statistics (first: batch "
-                f"{next(iter(bad))} at '{next(iter(bad.values()))}')",
-                BNDoctorWarning,
-                stacklevel=2,
-            )
-        if dist_on:
-            pooled, global_samples = _gather_moments(local, used, process_group)
-        else:
-            pooled, global_samples = local, used
 
+def _nonfinite_batches(recorder: _Pass, nonfinite: str, batches: int) -> dict[int, str]:
+    """The batches with NaN or Inf statistics (batch -> first layer); with ``"raise"`` any is an error."""
+    bad = recorder.nonfinite_batches()
+    if bad and nonfinite == "raise":
+        first, layer = next(iter(bad.items()))
+        raise BNDoctorError(
+            f"batch {first} gives NaN or Inf statistics at '{layer}' ({len(bad)} of {batches} batches "
+            "non-finite); running statistics left unchanged",
+            hint="check the data and the model's weights; or pass nonfinite='skip' to pool the finite batches only",
+        )
+    return bad
+
+
+def _agree_across_ranks(error: BaseException | None, group: Any) -> None:
+    """Every rank learns whether the pass failed anywhere: a rank that succeeded raises when another failed."""
+    flags = distributed.all_ok(error is None, group)
+    if error is None and not all(flags):
+        failed = [i for i, ok in enumerate(flags) if not ok]
+        raise BNDoctorError(
+            f"recalibration failed on rank(s) {failed}; statistics left unchanged on every rank",
+            hint="see the error raised on those ranks",
+        )
+
+
+def _require_samples(global_samples: int, used: int, num_samples: int | None, dist_on: bool) -> None:
     if global_samples == 0:
         raise BNDoctorError(
             "recalibrate got no batches from `data`" + (" on any rank" if dist_on else ""),
@@ -531,28 +610,22 @@ def recalibrate(
             f"recalibrate: the data ran out after {used} samples (num_samples={num_samples}); "
             f"statistics use those {used}",
             BNDoctorWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    old_means = [r.module.running_mean.detach().clone() for r in targets]
-    old_vars = [r.module.running_var.detach().clone() for r in targets]
-    with torch.no_grad():
-        for record, moments in zip(targets, pooled):
-            if moments.count > 0:
-                module = record.module
-                module.running_mean.copy_(moments.mean.to(module.running_mean.dtype))
-                module.running_var.copy_(moments.var_unbiased.to(module.running_var.dtype))
-    both = _relative_changes(
-        [r.module.running_mean for r in targets] + [r.module.running_var for r in targets], old_means + old_vars
-    )
-    mean_changes, var_changes = both[: len(targets)], both[len(targets) :]
-    changes = [
-        LayerChange(r.name, m.count > 0, int(m.count), recorder.calls[i], mean_changes[i], var_changes[i])
-        for i, (r, m) in enumerate(zip(targets, pooled))
-    ]
-    if domain is not None:
-        from .domains import store_stats
 
-        store_stats(model, domain, modules=[r.name for r in targets])
-    return RecalibrationReport(
-        changes, used, global_samples, batches, world, time.perf_counter() - start, domain, skipped
-    )
+
+@torch.no_grad()
+def _write(recorder: _Pass, pooled: list[Moments]) -> list[LayerChange]:
+    """Write the pooled statistics into the layers the pass reached; report how far each moved."""
+    modules = [layer.module for layer in recorder.layers]
+    old = [m.running_mean.clone() for m in modules] + [m.running_var.clone() for m in modules]
+    for module, moments in zip(modules, pooled):
+        if moments.count > 0:
+            module.running_mean.copy_(moments.mean.to(module.running_mean.dtype))
+            module.running_var.copy_(moments.var_unbiased.to(module.running_var.dtype))
+    both = _relative_changes([m.running_mean for m in modules] + [m.running_var for m in modules], old)
+    mean_changes, var_changes = both[: len(modules)], both[len(modules) :]
+    return [
+        LayerChange(layer.record.name, m.count > 0, int(m.count), layer.calls, dm, dv)
+        for layer, m, dm, dv in zip(recorder.layers, pooled, mean_changes, var_changes)
+    ]
