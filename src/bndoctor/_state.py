@@ -31,19 +31,24 @@ class Patches:
     """
 
     def __init__(self) -> None:
-        self._saved: list[tuple[nn.Module, str, bool, Any]] = []
+        self._saved: list[tuple[dict[str, Any], str, bool, Any]] = []
 
     def set(self, module: nn.Module, attr: str, value: Any) -> None:
-        had = attr in module.__dict__
-        self._saved.append((module, attr, had, module.__dict__.get(attr)))
-        module.__dict__[attr] = value
+        """Set an instance attribute of ``module``."""
+        self.set_item(module.__dict__, attr, value)
+
+    def set_item(self, mapping: dict[str, Any], key: str, value: Any) -> None:
+        """Set ``mapping[key]`` (an instance dict, a module's ``_buffers``)."""
+        had = key in mapping
+        self._saved.append((mapping, key, had, mapping.get(key)))
+        mapping[key] = value
 
     def undo(self) -> None:
-        for module, attr, had, value in reversed(self._saved):
+        for mapping, key, had, value in reversed(self._saved):
             if had:
-                module.__dict__[attr] = value
+                mapping[key] = value
             else:
-                module.__dict__.pop(attr, None)
+                mapping.pop(key, None)
         self._saved.clear()
 
 
@@ -71,6 +76,10 @@ class Snapshot:
     def patch(self, module: nn.Module, attr: str, value: Any) -> None:
         """Set an instance attribute (e.g. ``forward``) until the block ends."""
         self.patches.set(module, attr, value)
+
+    def hide_buffer(self, module: nn.Module, name: str) -> None:
+        """Make a registered buffer ``None`` until the block ends (its tensor comes back, contents restored)."""
+        self.patches.set_item(module._buffers, name, None)
 
     def restore(self) -> None:
         for handle in self.handles:

@@ -86,13 +86,17 @@ def test_matches_float64_oracle_with_uneven_batches_1d_2d_3d(exact, correlated):
 
 
 def test_resnet_oracle_and_num_batches_tracked_kept():
+    """The pass hides num_batches_tracked from torch's BN (nothing to count); the same tensor comes back, unchanged."""
     model = tiny_resnet()
     model.stem[1].num_batches_tracked.fill_(7)
+    tracked = [m.num_batches_tracked for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     capture = Capture(model)
     bd.recalibrate(model, [torch.randn(n, 1, 8, 8) * 2 + 1 for n in (64, 5, 30)], progress=False)
     capture.close()
     _assert_matches_oracle(model, capture)
     assert int(model.stem[1].num_batches_tracked) == 7
+    after = [m.num_batches_tracked for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(a is b for a, b in zip(after, tracked)) and len(after) == len(tracked)
 
 
 def test_modes_momentum_hooks_restored_and_dropout_stays_off():

@@ -207,11 +207,11 @@ class _Pass:
         self.fast = [layer for layer in self.layers if layer.fast]
         self.fast_buffers = [layer.module.running_mean for layer in self.fast]
         self.fast_buffers += [layer.module.running_var for layer in self.fast]
+        self.fast_channels = sum(layer.channels for layer in self.fast)
         self.batch = 0  # index of the batch being fed
-        # per batch, for all fast layers: values per channel of each, concatenated means and unbiased variances
+        # per batch, for all fast layers: values per channel of each; their means then unbiased variances
         self.fast_counts: list[list[int]] = []
-        self.fast_means: list[torch.Tensor] = []
-        self.fast_vars: list[torch.Tensor] = []
+        self.fast_stats: list[torch.Tensor] = []
 
     def patch(self, snapshot: Snapshot, model: nn.Module) -> None:
         """Prepare the model for the pass: eval mode but the recorded layers, which record each call."""
@@ -222,6 +222,8 @@ class _Pass:
             if layer.fast:
                 snapshot.set_mode(module, True)
                 module.momentum = 1.0  # running buffers receive exactly the batch statistics
+                if module.num_batches_tracked is not None:  # torch's BN then counts no calls: work thrown away
+                    snapshot.hide_buffer(module, "num_batches_tracked")
             elif isinstance(module, _BatchNorm):
                 snapshot.set_mode(module, True)
                 module.track_running_stats = False  # batch statistics, buffers untouched
@@ -249,7 +251,7 @@ class _Pass:
                     self._keep(layer)
                 out = original(x, *args, **kwargs)
                 layer.calls_in_batch += 1
-                layer.last_n = _values_per_channel(x)
+                layer.last_n = x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
                 return out
 
             return fast_forward
@@ -272,12 +274,14 @@ class _Pass:
         self.batch += 1
         if not self.fast:
             return
-        self.fast_means.append(torch.cat([layer.module.running_mean for layer in self.fast]))
-        self.fast_vars.append(torch.cat([layer.module.running_var for layer in self.fast]))
-        self.fast_counts.append([layer.last_n if layer.calls_in_batch else 0 for layer in self.fast])
+        self.fast_stats.append(torch.cat(self.fast_buffers))
+        counts = []
         for layer in self.fast:
-            layer.calls += layer.calls_in_batch
+            calls = layer.calls_in_batch
+            counts.append(layer.last_n if calls else 0)
+            layer.calls += calls
             layer.calls_in_batch = 0
+        self.fast_counts.append(counts)
         self._clear_fast_buffers()
 
     def nonfinite_batches(self) -> dict[int, str]:
@@ -288,8 +292,9 @@ class _Pass:
         def mark(batch: int, layer: _Layer) -> None:
             first[batch] = min(first.get(batch, index[id(layer)]), index[id(layer)])
 
-        if self.fast_means:
-            finite = torch.isfinite(torch.stack(self.fast_means)) & torch.isfinite(torch.stack(self.fast_vars))
+        if self.fast_stats:
+            stats = torch.isfinite(torch.stack(self.fast_stats))
+            finite = stats[:, : self.fast_channels] & stats[:, self.fast_channels :]
             owner = [layer for layer in self.fast for _ in range(layer.channels)]
             for batch, column in (~finite).nonzero().tolist():
                 mark(batch, owner[column])
@@ -322,12 +327,12 @@ class _Pass:
 
     def _fast_moments(self, skip: frozenset[int]) -> dict[int, Moments]:
         """id(layer) -> the fast layers' pooled moments over the kept batches, pooled for all layers at once."""
-        keep = [b for b in range(len(self.fast_means)) if b not in skip]
+        keep = [b for b in range(len(self.fast_stats)) if b not in skip]
         if not keep:
             return {}
         channels = [layer.channels for layer in self.fast]
-        means = torch.stack([self.fast_means[b] for b in keep]).double()
-        variances = torch.stack([self.fast_vars[b] for b in keep]).double()
+        stats = torch.stack([self.fast_stats[b] for b in keep]).double()
+        means, variances = stats[:, : self.fast_channels], stats[:, self.fast_channels :]
         counts = torch.tensor([self.fast_counts[b] for b in keep], dtype=torch.float64, device=means.device)
         counts = counts.repeat_interleave(torch.tensor(channels, device=means.device), dim=1)
         variances = variances * torch.where(counts > 1, (counts - 1) / counts.clamp(min=1), 0.0)  # to biased
