@@ -24,6 +24,7 @@ __all__ = [
     "SEVERITIES",
     "WARN_BELOW",
     "Action",
+    "Alert",
     "Finding",
     "Severity",
 ]
@@ -110,3 +111,26 @@ class Finding:
 
     def __str__(self) -> str:
         return f"{self.code} {self.severity} {self.where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A finding code raised while a model trains (the monitor, the noise advice), with its explanation.
+
+    The module that raises it keeps its rule beside it; ``bndoctor explain CODE`` reads ``title`` and
+    :attr:`explanation`. ``fix`` is the advice every finding of the code carries unless the rule gives a
+    more specific one.
+    """
+
+    code: str
+    severity: Severity
+    title: str
+    why: str
+    fix: str
+
+    @property
+    def explanation(self) -> str:
+        return f"Why: {self.why} Fix: {self.fix}"
+
+    def finding(self, module: str | None, message: str, evidence: dict[str, Any], fix: str | None = None) -> Finding:
+        return Finding(self.code, self.severity, module, message, evidence, fix or self.fix)

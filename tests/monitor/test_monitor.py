@@ -182,6 +182,29 @@ def test_nan_and_variance_collapse_alerts():
     assert monitor.alerts == []
 
 
+def test_an_alert_carries_the_fix_that_explain_shows_from_the_same_table(capsys):
+    """The monitor's rules and `bndoctor explain` read one table: a changed fix shows in both."""
+    from bndoctor.cli import main
+    from bndoctor.monitor.alerts import ALERTS
+
+    raised = []
+    for var in (1e-9, 1.0):
+        model = nn.Sequential(_bn(var=var))
+        monitor = BNMonitor(model, every=1)
+        x = torch.randn(4, C, 2, 2, dtype=torch.float64)
+        if var == 1.0:
+            x[0, 0, 0, 0] = math.nan
+        model(x)
+        raised += monitor.alerts
+    assert [f.code for f in raised] == ["BN502", "BN501"]
+    for finding in raised:
+        alert = ALERTS[finding.code]
+        assert finding.fix == alert.fix and finding.severity == alert.severity
+        assert main(["explain", finding.code, "--format", "json"]) == 0
+        assert alert.fix in json.loads(capsys.readouterr().out)["text"]
+    assert set(ALERTS) == {"BN101", "BN501", "BN502", "BN503"}
+
+
 def test_state_dict_resumes_without_repeating_alerts():
     model = nn.Sequential(_bn(var=1e-9))
     first = BNMonitor(model, every=1)

@@ -2,7 +2,8 @@
 
 Codes of ``bndoctor check`` are explained from their registered check (its title and docstring, so a
 check you register yourself is explained too); the codes only a running model shows (the monitor's
-BN5xx, the noise advice's BS1xx) from the table below.
+BN5xx, the noise advice's BS1xx) from the tables their rules sit beside
+(:data:`bndoctor.monitor.alerts.ALERTS`, :data:`bndoctor.noise.advice.ADVICE`).
 """
 
 from __future__ import annotations
@@ -12,50 +13,14 @@ import inspect
 from dataclasses import dataclass
 
 from ..errors import BNDoctorError
+from ..findings import Alert
+from ..monitor.alerts import ALERTS
+from ..noise.advice import ADVICE
 from ._command import Command
 
-RUNTIME_CODES = {
-    "BN501": (
-        "NaN or Inf in a BN layer's input or running statistics (monitor)",
-        "Why: the statistics are lost for every later step. Fix: lower the learning rate, clip gradients, "
-        "check the data, keep BN in float32; recalibrate(model, loader) rebuilds the statistics afterwards.",
-    ),
-    "BN502": (
-        "running variance below eps in a quarter of a layer's channels or more (monitor)",
-        "Why: those channels carry almost no signal (dead units before the layer). Fix: look at the "
-        "activation, the learning rate and the weight decay before this layer.",
-    ),
-    "BN503": (
-        "running statistics differ across DDP ranks (monitor)",
-        "Why: each rank evaluates differently. Fix: to_sync_bn for training, or merge_running_stats(model) "
-        "(the exact pooled merge, not an average of variances) before evaluating and checkpointing.",
-    ),
-    "BS101": (
-        "logical batch far below the gradient noise scale (noise advice)",
-        "Why: McCandlish et al. (2018): steps S = S_min (1 + B_noise / B); far below B_noise a larger batch "
-        "cuts steps almost for free. Fix: more accumulation steps or ranks, learning rate scaled with it.",
-    ),
-    "BS102": (
-        "logical batch far above the gradient noise scale (noise advice)",
-        "Why: samples E = E_min (1 + B / B_noise); far above B_noise each sample helps little. Fix: a logical "
-        "batch near B_simple reaches the same loss with fewer samples.",
-    ),
-    "BS103": (
-        "fine-tuning with a logical batch outside 32-128 (noise advice)",
-        "Why: the range usually chosen for fine-tuning pretrained encoders. Fix: adjust the accumulation "
-        "steps to reach it, or retune the learning rate.",
-    ),
-    "BS104": (
-        "a very large logical batch (noise advice)",
-        "Why: first-order optimizers with one global learning rate degrade there. Fix: a layer-wise adaptive "
-        "optimizer (LARS/LAMB) with warm-up.",
-    ),
-    "BS105": (
-        "heavy-tailed gradient noise (noise advice)",
-        "Why: a tail index alpha well below 2 (Simsekli et al. 2019) means rare large gradient jumps. Fix: "
-        "gradient clipping, a larger batch.",
-    ),
-}
+#: the codes only a running model shows: the monitor's alerts and the noise advice, each from the table kept
+#: beside its rules
+RUNTIME_CODES: dict[str, Alert] = {**ALERTS, **ADVICE}
 
 
 @dataclass
@@ -81,8 +46,8 @@ def run(args: argparse.Namespace) -> Explanation:
         text = inspect.getdoc(check.fn) or "(this check has no docstring)"
         return Explanation(code, check.title, text, "bndoctor check")
     if code in RUNTIME_CODES:
-        title, text = RUNTIME_CODES[code]
-        return Explanation(code, title, text, "found while a model trains")
+        alert = RUNTIME_CODES[code]
+        return Explanation(code, alert.title, alert.explanation, "found while a model trains")
     known = ", ".join(sorted({*CHECKS, *RUNTIME_CODES}))
     raise BNDoctorError(f"unknown finding code {args.code!r}", hint=f"codes: {known}")
 

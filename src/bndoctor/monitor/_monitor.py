@@ -46,6 +46,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +58,75 @@ from .._validate import positive_int
 from .._version import __version__
 from .._walk import ModuleSelection, with_running_stats
 from ..errors import BNDoctorError, require_module
-from ..findings import ERROR_BELOW, Finding
+from ..findings import Finding
 from ..layers import normalisation_statistics
+from . import alerts
+from .alerts import MIN_EFFECTIVE_BATCH
 from .sinks import JsonlSink, Sink
 
 __all__ = ["BNMonitor"]
 
 log = logging.getLogger("bndoctor.monitor")
 
-MIN_EFFECTIVE_BATCH = ERROR_BELOW
-COLLAPSE_FRACTION = 0.25
-DIVERGENCE_ALERT = 0.25
+
+@dataclass
+class _Figures:
+    """One layer's figures of one sample as read from the device; NaN where the sample did not measure one.
+
+    ``check`` is finite exactly when the layer's input and running statistics are; ``window`` is the count
+    the layer normalises with when it pools an accumulation window.
+    """
+
+    check: float
+    window: float
+    shift: float
+    image_spread: float
+    var_ratio: float
+    collapsed: float
+    drift_mean: float
+    drift_var: float
+
+
+#: the order in which a sample stacks its figures on the device (one host read per sample)
+_FIGURES = tuple(f.name for f in fields(_Figures))
+
+
+@dataclass
+class _Measured:
+    """A layer's sample between its forward and the host read: its figures still on the device."""
+
+    n: int  # values per channel of the layer's input
+    frozen: bool
+    figures: torch.Tensor  # stacked in _FIGURES order
+    window: bool  # the layer normalised with an accumulation window
+    drift: bool  # an earlier sample exists to measure drift against
+
+
+@dataclass
+class LayerSample:
+    """What one sample recorded at one layer, in the run file's terms (module docstring).
+
+    ``window`` is None unless the layer normalises with an accumulation window; ``drift_mean`` and
+    ``drift_var`` are None at a layer's first sample; figures that could not be measured are NaN.
+    """
+
+    n: int
+    frozen: bool
+    nonfinite: bool
+    window: float | None
+    shift: float
+    image_spread: float
+    n_eff: float
+    var_ratio: float
+    collapsed: float
+    drift_mean: float | None
+    drift_var: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        if out["window"] is None:
+            del out["window"]
+        return out
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -230,7 +289,7 @@ class BNMonitor:
         self._history: dict[str, list[float]] = {name: [] for name in self.layers}
         self._spread: dict[str, list[float]] = {name: [] for name in self.layers}
         self._previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._current: dict[str, dict[str, Any]] = {}
+        self._current: dict[str, _Measured] = {}
         self._armed: list[Any] = []
         self._depth = 0  # calls of the root in progress (1 in a forward; more when the root calls itself)
         self._pending: list[Finding] = []  # alerts of the current sample, logged together
@@ -363,12 +422,9 @@ class BNMonitor:
 
         return hook
 
-    # the per-layer figures one sample computes on the device and reads back together in _finish
-    _FIGURES = ("check", "window", "shift", "image_spread", "var_ratio", "collapsed", "drift_mean", "drift_var")
-
     @torch.no_grad()
-    def _measure(self, name: str, module: nn.Module, x: torch.Tensor) -> dict[str, Any]:
-        """One layer's figures as device tensors (read to the host once per sample, in :meth:`_finish`)."""
+    def _measure(self, name: str, module: nn.Module, x: torch.Tensor) -> _Measured:
+        """One layer's figures as device tensors (read to the host once per sample, in :meth:`_read`)."""
         record = self.layers[name]
         eps = float(getattr(module, "eps", 1e-5))
         running_mean = module.running_mean.detach().double()
@@ -376,7 +432,7 @@ class BNMonitor:
         x = x.detach()
         n = x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
         nan = torch.full((), math.nan, dtype=torch.float64, device=running_mean.device)
-        figures = dict.fromkeys(self._FIGURES, nan)
+        figures = dict.fromkeys(_FIGURES, nan)
         # NaN or Inf anywhere in the input or the running statistics makes this float64 sum non-finite (a
         # float32 / 16-bit input cannot overflow it): one number to read instead of three isfinite kernels each
         figures["check"] = running_mean.sum() + running_var.sum()
@@ -402,52 +458,51 @@ class BNMonitor:
             figures["drift_mean"] = ((running_mean - p_mean) ** 2 / scale).mean().sqrt()
             figures["drift_var"] = (scale / (p_var + eps)).log().abs().mean()
         self._previous[name] = (running_mean.clone(), running_var.clone())
-        return {
-            "n": n,
-            "frozen": record.frozen,
-            "_figures": torch.stack([figures[k].reshape(()) for k in self._FIGURES]),
-            "_window": window is not None,
-            "_drift": previous is not None,
-        }
+        stacked = torch.stack([figures[k].reshape(()) for k in _FIGURES])
+        return _Measured(n, record.frozen, stacked, window is not None, previous is not None)
 
-    def _read_figures(self, layers: dict[str, dict[str, Any]]) -> None:
-        """Turn every layer's device figures into numbers with one host read for the whole sample."""
-        if not layers:
-            return
-        stacked = [values.pop("_figures") for values in layers.values()]
+    def _read(self, measured: dict[str, _Measured]) -> dict[str, LayerSample]:
+        """Every layer's device figures as numbers, with one host read for the whole sample."""
+        if not measured:
+            return {}
+        stacked = [m.figures for m in measured.values()]
         if len({t.device for t in stacked}) > 1:  # a model spread over devices: gather on the host
             stacked = [t.cpu() for t in stacked]
         rows = torch.stack(stacked).tolist()
-        for (name, values), row in zip(layers.items(), rows):
-            figures = dict(zip(self._FIGURES, row))
-            nonfinite = not math.isfinite(figures["check"])
-            has_window, has_drift = values.pop("_window"), values.pop("_drift")
-            values["nonfinite"] = nonfinite
-            measured = not nonfinite and values["n"] >= 1
-            if has_window and measured:
-                values["window"] = figures["window"]
-            if measured:
-                shift, spread = figures["shift"], figures["image_spread"]
-                images = self._spread[name]
-                images.append(spread)
-                del images[: -self.window]
-                # one image's mean varies around the running mean by `spread`; n independent images by spread / n
-                n_eff = min(statistics.fmean(images) / shift, 1e6) if shift > 0 else 1e6
-                values.update(shift=shift, image_spread=spread, n_eff=n_eff, var_ratio=figures["var_ratio"])
-            else:
-                values.update(shift=math.nan, image_spread=math.nan, n_eff=math.nan, var_ratio=math.nan)
-            values["collapsed"] = figures["collapsed"]
-            drift = has_drift and not nonfinite
-            values["drift_mean"] = figures["drift_mean"] if drift else None
-            values["drift_var"] = figures["drift_var"] if drift else None
+        return {name: self._sample(name, m, _Figures(*row)) for (name, m), row in zip(measured.items(), rows)}
+
+    def _sample(self, name: str, measured: _Measured, figures: _Figures) -> LayerSample:
+        nonfinite = not math.isfinite(figures.check)
+        ok = not nonfinite and measured.n >= 1
+        shift = spread = n_eff = var_ratio = math.nan
+        if ok:
+            shift, spread, var_ratio = figures.shift, figures.image_spread, figures.var_ratio
+            images = self._spread[name]
+            images.append(spread)
+            del images[: -self.window]
+            # one image's mean varies around the running mean by `spread`; n independent images by spread / n
+            n_eff = min(statistics.fmean(images) / shift, 1e6) if shift > 0 else 1e6
+        drift = measured.drift and not nonfinite
+        return LayerSample(
+            n=measured.n,
+            frozen=measured.frozen,
+            nonfinite=nonfinite,
+            window=figures.window if measured.window and ok else None,
+            shift=shift,
+            image_spread=spread,
+            n_eff=n_eff,
+            var_ratio=var_ratio,
+            collapsed=figures.collapsed,
+            drift_mean=figures.drift_mean if drift else None,
+            drift_var=figures.drift_var if drift else None,
+        )
 
     def _finish(self) -> None:
         self._disarm()
         self.samples += 1
         step = self.step if self.step is not None else self.forwards
-        layers = self._current
+        layers = self._read(self._current)
         self._current = {}
-        self._read_figures(layers)
         self._emit(
             {
                 "kind": "sample",
@@ -455,7 +510,7 @@ class BNMonitor:
                 "forward": self.forwards,
                 "rank": self.rank,
                 "time": time.time(),
-                "layers": layers,
+                "layers": {name: sample.to_json() for name, sample in layers.items()},
             }
         )
         self._alerts_from_sample(step, layers)
@@ -482,56 +537,25 @@ class BNMonitor:
         for line in group_alerts(pending):
             log.warning("step %s: %s", step, line)
 
-    def _alerts_from_sample(self, step: int, layers: dict[str, dict[str, Any]]) -> None:
-        for name, values in layers.items():
-            if values["nonfinite"]:
-                self._alert(
-                    step,
-                    Finding(
-                        "BN501",
-                        "error",
-                        name,
-                        "NaN or Inf in the layer's input or running statistics",
-                        {"step": step},
-                        "lower the learning rate or use gradient clipping; check the data; keep BN in float32",
-                    ),
-                )
+    def _alerts_from_sample(self, step: int, layers: dict[str, LayerSample]) -> None:
+        for name, sample in layers.items():
+            found = alerts.nonfinite(name, step, sample.nonfinite)
+            if found is not None:
+                self._alert(step, found)
                 continue
-            if values["collapsed"] >= COLLAPSE_FRACTION:
-                self._alert(
-                    step,
-                    Finding(
-                        "BN502",
-                        "warning",
-                        name,
-                        f"{values['collapsed']:.0%} of the channels have a running variance below eps: they carry "
-                        "(almost) no signal",
-                        {"collapsed": values["collapsed"], "step": step},
-                        "look for dead units before this layer (ReLU, too high a learning rate, weight decay)",
-                    ),
-                )
+            found = alerts.collapsed(name, step, sample.collapsed)
+            if found is not None:
+                self._alert(step, found)
             history = self._history[name]
-            history.append(values["n_eff"])
+            history.append(sample.n_eff)
             del history[: -self.window]
-            if values["frozen"] or self.forwards <= self.warmup or len(history) < self.window:
+            if sample.frozen or self.forwards <= self.warmup or len(history) < self.window:
                 continue
-            effective = statistics.median(history)
-            if effective < self.min_effective_batch:
-                self._alert(
-                    step,
-                    Finding(
-                        "BN101",
-                        "error",
-                        name,
-                        f"the batch statistics are worth about {effective:.1f} independent samples (median of the "
-                        f"last {self.window} samples; the batch holds {values['n']} values per channel): the "
-                        "normalisation batch is too small or its samples are alike, or the running statistics lag "
-                        "the weights (few optimizer steps per running-statistics update, a high learning rate)",
-                        {"effective_batch": effective, "values_per_channel": values["n"], "step": step},
-                        "see bndoctor check: accumulation-aware BN (to_accum_bn), SyncBN (to_sync_bn), GroupNorm "
-                        "(convert_bn), or freeze_bn when fine-tuning; recalibrate the statistics after training",
-                    ),
-                )
+            found = alerts.small_effective_batch(
+                name, step, statistics.median(history), sample.n, self.window, self.min_effective_batch
+            )
+            if found is not None:
+                self._alert(step, found)
 
     def _divergence(self, step: int) -> None:
         from ..ranks import rank_divergence
@@ -540,21 +564,9 @@ class BNMonitor:
         layers = {la.name: {"mean_max": la.mean_max, "var_max": la.var_max} for la in report.layers}
         self._emit({"kind": "divergence", "step": step, "max": report.max, "layers": layers})
         for la in report.layers:
-            worst = max(la.mean_max, la.var_max)
-            if worst >= DIVERGENCE_ALERT:
-                self._alert(
-                    step,
-                    Finding(
-                        "BN503",
-                        "warning",
-                        la.name,
-                        f"running statistics differ across {self.world_size} ranks by up to {worst:.2f} (mean in "
-                        "standard deviations, variance relative): each rank will evaluate differently",
-                        {"mean_max": la.mean_max, "var_max": la.var_max, "step": step},
-                        "bndoctor.to_sync_bn(model) for training, or bndoctor.merge_running_stats(model) before "
-                        "evaluation and checkpointing",
-                    ),
-                )
+            found = alerts.diverged(la.name, step, self.world_size, la.mean_max, la.var_max)
+            if found is not None:
+                self._alert(step, found)
 
     def _emit(self, record: dict[str, Any]) -> None:
         self._fresh.update(metrics_of(record))

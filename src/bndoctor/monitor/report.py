@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BNDoctorError
-from ._monitor import MIN_EFFECTIVE_BATCH
+from .alerts import MIN_EFFECTIVE_BATCH
 
 __all__ = ["MonitorRun", "load_run", "write_run_report"]
 
