@@ -26,6 +26,7 @@ FLOORS = {
     "_batches": 1,
     "_state": 1,
     "_progress": 1,
+    "_registry": 1,
     "_version": 1,
     "distributed": 2,
     "layers": 3,

@@ -52,6 +52,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ._registry import require_new
 from .errors import BNDoctorError
 from .layers import POST_OPS, BatchNormAct, BNDoctorLayer, SyncBatchNorm, is_bndoctor_frozen
 
@@ -229,12 +230,8 @@ def register_family(family: Family, *, before: str | None = None, replace: bool 
             hint="Family(name, kind, matches=lambda module: ...)",
         )
     names = [f.name for f in FAMILIES]
+    require_new(family.name in names, "a layer family named", family.name, replace=replace)
     if family.name in names:
-        if not replace:
-            raise BNDoctorError(
-                f"a layer family named {family.name!r} is already registered",
-                hint="choose another name or pass replace=True",
-            )
         FAMILIES[names.index(family.name)] = family
         return family
     anchor = before or "bn-like"

@@ -97,3 +97,18 @@ def test_layers_a_repair_leaves_alone_are_counted_and_listed():
     (skipped,) = result.skipped
     assert skipped.startswith("1 (left as it is: a BN subclass with its own forward") and "freeze_bn" in skipped
     assert type(result.model[1]) is ScaledOutputBN and isinstance(result.model[3], bd.AccumBatchNorm)
+
+
+def test_accumulation_across_ranks_and_syncbn_findings_fix_to_synced_accumulation_aware_bn():
+    """BN101 (accumulation-aware BN, pooled across ranks) and BN104 (SyncBN) together: every layer pools the
+    window across ranks, in the order BN101 lists the remedies, with nothing skipped or converted twice."""
+    from bndoctor.models import tiny_resnet
+
+    model = tiny_resnet()
+    report = bd.check(model, bd.TrainingSetup(micro_batch=2, accum_steps=4, world_size=2), input_shape=(1, 8, 8))
+    assert [f.code for f in report.findings if f.action is not None][:3] == ["BN101", "BN103", "BN104"]
+    fixed = bd.fix(model, report)
+    layers = [m for m in fixed.model.modules() if isinstance(m, (nn.BatchNorm2d, bd.AccumBatchNorm))]
+    assert len(layers) == 9 and all(isinstance(m, bd.AccumBatchNorm) and m.sync for m in layers)
+    assert fixed.changes[:2] == ["to_sync_bn: 9 layer(s)", "to_accum_bn: 9 layer(s) (pooled across ranks)"]
+    assert fixed.skipped == []

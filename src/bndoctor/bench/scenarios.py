@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch.nn as nn
 
+from .._registry import require_new
 from ..errors import BNDoctorError
 from ..models import NormName
 from .samplers import SamplerName
@@ -107,11 +108,7 @@ SCENARIOS: dict[str, Scenario] = {}
 
 def register(scenario: Scenario, *, replace: bool = False) -> Scenario:
     """Add a scenario to the registry (``replace=True`` to redefine one)."""
-    if scenario.name in SCENARIOS and not replace:
-        raise BNDoctorError(
-            f"a scenario named {scenario.name!r} is already registered",
-            hint="choose another name or pass replace=True",
-        )
+    require_new(scenario.name in SCENARIOS, "a scenario named", scenario.name, replace=replace)
     if scenario.pretrain is not None and scenario.pretrain not in SCENARIOS:
         raise BNDoctorError(
             f"scenario {scenario.name!r} pretrains with unknown scenario {scenario.pretrain!r}",

@@ -11,6 +11,7 @@ from typing import Any
 import torch.nn as nn
 
 from .. import _table
+from .._registry import register_entry
 from .._walk import BNInfo
 from ..errors import BNDoctorError
 from ..findings import SEVERITIES, Finding
@@ -242,12 +243,9 @@ def register_check(
         )
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if code in CHECKS and not replace:
-            raise BNDoctorError(
-                f"a check with code {code!r} is already registered",
-                hint="choose another code or pass replace=True",
-            )
-        CHECKS[code] = Check(code, title, fn, types)
+        register_entry(
+            CHECKS, code, Check(code, title, fn, types), replace=replace, what="a check with code", noun="code"
+        )
         return fn
 
     return decorate

@@ -9,7 +9,10 @@ in this package), as a :class:`Remedy`:
   returns the model's root. Fixers run in ascending ``order``.
 * ``prescribe``: given a :class:`~bndoctor.training.TrainingSetup`, a
   :class:`Prescription` for a normalisation batch that is too small, or
-  ``None``. ``check``'s BN101 lists them best first (ascending ``rank``).
+  ``None``. ``check``'s BN101 lists them in ascending ``order`` too, so that
+  the remedy listed first is the one applied first (a remedy that builds on
+  another, such as accumulation-aware BN pooling across ranks, applies what
+  it builds on itself).
 * ``layer`` / ``revert``: the layer class the remedy installs and the function
   that turns it back into BatchNorm.
 * ``attach``: what a training loop must do once the optimizer exists (for
@@ -28,6 +31,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from .._registry import register_entry, require_new
 from ..errors import BNDoctorError, require_module
 from ..families import family_of
 from ..findings import Action
@@ -135,7 +139,7 @@ class Remedy:
     (``FixStep -> model``), run in ascending ``order``; ``layer``: the class
     it installs, and ``revert``: the function that turns it back into
     BatchNorm; ``prescribe``: ``TrainingSetup -> Prescription | None`` for
-    BN101, listed in ascending ``rank``; ``attach``: ``(model, optimizer) ->
+    BN101, listed in ascending ``order`` too; ``attach``: ``(model, optimizer) ->
     handle`` for what a training loop needs (see :func:`attach_all`).
     """
 
@@ -145,7 +149,6 @@ class Remedy:
     layer: type | None = None
     revert: Callable[..., nn.Module] | None = None
     prescribe: Callable[[TrainingSetup], Prescription | None] | None = None
-    rank: int = 100
     attach: Callable[[nn.Module, Any], Any] | None = None
 
 
@@ -162,13 +165,7 @@ def register_remedy(remedy: Remedy, *, replace: bool = False) -> Remedy:
         )
     if not isinstance(remedy.name, str) or not remedy.name:
         raise BNDoctorError(f"expected a non-empty remedy name (got {remedy.name!r})", hint='e.g. "to_my_bn"')
-    if remedy.name in REMEDIES and not replace:
-        raise BNDoctorError(
-            f"a remedy named {remedy.name!r} is already registered",
-            hint="choose another name or pass replace=True",
-        )
-    REMEDIES[remedy.name] = remedy
-    return remedy
+    return register_entry(REMEDIES, remedy.name, remedy, replace=replace, what="a remedy named")
 
 
 def register_fix(name: str, *, order: int = 100, replace: bool = False) -> Callable[[Fixer], Fixer]:
@@ -189,11 +186,7 @@ def register_fix(name: str, *, order: int = 100, replace: bool = False) -> Calla
 
     def decorate(fn: Fixer) -> Fixer:
         existing = REMEDIES.get(name)
-        if existing is not None and existing.fix is not None and not replace:
-            raise BNDoctorError(
-                f"a fixer for {name!r} is already registered",
-                hint="choose another action name or pass replace=True",
-            )
+        require_new(existing is not None and existing.fix is not None, "a fixer for", name, replace=replace)
         if existing is None:
             register_remedy(Remedy(name, fix=fn, order=order))
         else:
@@ -206,7 +199,7 @@ def register_fix(name: str, *, order: int = 100, replace: bool = False) -> Calla
 def prescriptions(setup: TrainingSetup) -> list[Prescription]:
     """What the registered remedies prescribe for a too-small normalisation batch under ``setup``, best first."""
     out = []
-    for remedy in sorted(REMEDIES.values(), key=lambda r: r.rank):
+    for remedy in sorted(REMEDIES.values(), key=lambda r: r.order):
         if remedy.prescribe is not None:
             prescription = remedy.prescribe(setup)
             if prescription is not None:

@@ -268,7 +268,7 @@ def collect_window(model: nn.Module, batches: Iterable[Any], *, forward: Forward
 def _fix(step: FixStep) -> nn.Module:
     before = step.classes()
     sync = bool(any(dict(a.options).get("sync") for a in step.actions))
-    if sync and "to_sync_bn" not in step.planned:  # pool across ranks: sync first, then accumulate
+    if sync:  # pool across ranks: sync first, then accumulate (a later to_sync_bn finds nothing left to do)
         from .sync import to_sync_bn
 
         step.model = to_sync_bn(step.model, modules=step.selection, inplace=True)
@@ -295,11 +295,10 @@ register_remedy(
     Remedy(
         "to_accum_bn",
         fix=_fix,
-        order=70,
+        order=55,
         layer=AccumBatchNorm,
         revert=from_accum_bn,
         prescribe=_prescribe,
-        rank=10,
         attach=accumulate_bn,
     )
 )

@@ -161,4 +161,4 @@ def _prescribe(setup: TrainingSetup) -> Prescription | None:
     )
 
 
-register_remedy(Remedy("freeze_bn", fix=_fix, order=50, revert=unfreeze_bn, prescribe=_prescribe, rank=0))
+register_remedy(Remedy("freeze_bn", fix=_fix, order=50, revert=unfreeze_bn, prescribe=_prescribe))

@@ -194,4 +194,4 @@ def _prescribe(setup: TrainingSetup) -> Prescription | None:
     )
 
 
-register_remedy(Remedy("convert_bn", fix=_fix, order=80, prescribe=_prescribe, rank=30))
+register_remedy(Remedy("convert_bn", fix=_fix, order=80, prescribe=_prescribe))

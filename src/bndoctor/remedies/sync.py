@@ -13,9 +13,10 @@ from typing import Any
 import torch.nn as nn
 
 from .. import distributed
-from .._walk import ModuleSelection
+from .._walk import ModuleSelection, find_bn, select
 from ..errors import BNDoctorError
 from ..findings import Action
+from ..layers import pools_ranks
 from ..layers.sync import SyncBatchNorm
 from ..training import TrainingSetup
 from ._registry import FixStep, Prescription, Remedy, register_remedy
@@ -77,6 +78,12 @@ def from_sync_bn(
 
 
 def _fix_to_sync(step: FixStep) -> nn.Module:
+    # layers that pool ranks already (accumulation-aware BN with sync, whose fixer runs first) stay as they are
+    records = select(find_bn(step.model), step.selection)
+    if any(pools_ranks(r.module) for r in records):
+        step.layers = [r.name for r in records if not pools_ranks(r.module)]
+        if not step.layers:
+            return step.model
     return step.apply("to_sync_bn", lambda m: to_sync_bn(m, modules=step.selection, inplace=True))
 
 
@@ -103,7 +110,6 @@ register_remedy(
         layer=SyncBatchNorm,
         revert=from_sync_bn,
         prescribe=_prescribe,
-        rank=20,
     )
 )
 register_remedy(Remedy("from_sync_bn", fix=_fix_from_sync, order=40))
