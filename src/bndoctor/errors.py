@@ -13,6 +13,7 @@ __all__ = [
     "GroupCountError",
     "MissingRunningStatsError",
     "ModuleSelectionError",
+    "NonFiniteStatisticsError",
     "NotAModuleError",
     "UninitializedLayerError",
 ]
@@ -50,6 +51,10 @@ class GroupCountError(BNDoctorError):
 
 class ModuleSelectionError(BNDoctorError):
     """A ``modules=`` selection names nothing in the model."""
+
+
+class NonFiniteStatisticsError(BNDoctorError):
+    """Statistics computed from the data hold NaN or Inf (the data, or weights that diverged)."""
 
 
 class BNDoctorWarning(UserWarning):

@@ -15,7 +15,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import BNDoctorError
+from ..errors import BNDoctorError, NonFiniteStatisticsError
 from ..models import resnet1d, tiny_resnet
 from .data import Digits, load_data
 from .samplers import schedule
@@ -109,9 +109,7 @@ def _recalibrate(model: nn.Module, data: Digits, rng: np.random.Generator) -> bo
     batches = [b for b in batches if len(b) > 1]
     try:
         recalibrate(model, batches, modules="*", progress=False)
-    except BNDoctorError as exc:
-        if "non-finite" not in str(exc) and "NaN" not in str(exc):
-            raise
+    except NonFiniteStatisticsError:
         return False
     return True
 
@@ -174,28 +172,8 @@ def _train(
     data = load_data(scenario.dataset, scenario.domain)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)  # the same on every rank: one global schedule, split by rank
-    model = model_for(data, scenario.norm)
-    start_acc = None
-    if init_state is not None:
-        model.load_state_dict(init_state)
-        start_acc = _accuracy(model, data.x_val, data.y_val)  # the pretrained model on this domain, untouched
-    if scenario.remedy is not None:
-        model = scenario.remedy(model)
-    if scenario.sync_bn:
-        from ..remedies import to_sync_bn
-
-        model = to_sync_bn(model, inplace=True)
-    net: nn.Module = model
-    if world > 1:
-        net = _ddp(model)
-    if scenario.accum_bn:
-        from ..remedies import to_accum_bn
-
-        model = to_accum_bn(model, mode=scenario.accum_bn, inplace=True)
-    if scenario.batch_renorm:
-        from ..remedies import to_batch_renorm
-
-        model = to_batch_renorm(model, warmup_steps=scenario.brn_warmup, inplace=True)
+    model, start_acc = _build(scenario, data, init_state)
+    net = _ddp(model) if world > 1 else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=scenario.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     from ..remedies import attach_all
@@ -217,27 +195,8 @@ def _train(
         model.train()
         if scenario.bn_eval:
             _set_bn_eval(model)
-        loss_sum, seen = torch.zeros((), dtype=torch.float64), 0
-        for logical in schedule(data.y_train, scenario.micro_batch, group, scenario.sampler, rng):
-            if world > 1 and len(logical) < group:
-                continue  # every rank must take the same number of micro-steps
-            total = sum(len(idx) for idx in logical)
-            mine = logical[rank::world]
-            optimizer.zero_grad(set_to_none=True)
-            if scenario.two_pass:
-                from ..remedies import collect_window
-
-                collect_window(model, [data.x_train[idx] for idx in mine])
-            for step, idx in enumerate(mine):
-                last = step == len(mine) - 1
-                with net.no_sync() if world > 1 and not last else contextlib.nullcontext():  # type: ignore[operator]
-                    loss = F.cross_entropy(net(data.x_train[idx]), data.y_train[idx], reduction="sum")
-                    (loss * world / total).backward()  # DDP averages over ranks: the global mean gradient
-                loss_sum += loss.detach()
-                seen += len(idx)
-            optimizer.step()
-            lr_at.step()
-        train_loss.append(loss_sum.item() / max(seen, 1))
+        logical_batches = schedule(data.y_train, scenario.micro_batch, group, scenario.sampler, rng)
+        train_loss.append(_epoch(scenario, data, model, net, optimizer, lr_at, logical_batches, rank, world))
         diverged = not math.isfinite(train_loss[-1])
         if scenario.recalibrate and not diverged:
             diverged = _recalibrate(model, data, rng) is False
@@ -266,6 +225,61 @@ def _train(
         }
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return result, state
+
+
+def _epoch(
+    scenario: Scenario,
+    data: Digits,
+    model: nn.Module,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    logical_batches: Iterable[list[Any]],
+    rank: int,
+    world: int,
+) -> float:
+    """One epoch of accumulated optimizer steps (this rank's micro-batches of each logical batch); the mean loss.
+
+    ``net`` is ``model``, or its DDP wrapper on several ranks.
+    """
+    group = scenario.accum_steps * world
+    loss_sum, seen = torch.zeros((), dtype=torch.float64), 0
+    for logical in logical_batches:
+        if world > 1 and len(logical) < group:
+            continue  # every rank must take the same number of micro-steps
+        total = sum(len(idx) for idx in logical)
+        mine = logical[rank::world]
+        optimizer.zero_grad(set_to_none=True)
+        if scenario.two_pass:
+            from ..remedies import collect_window
+
+            collect_window(model, [data.x_train[idx] for idx in mine])
+        for step, idx in enumerate(mine):
+            last = step == len(mine) - 1
+            with net.no_sync() if world > 1 and not last else contextlib.nullcontext():  # type: ignore[operator]
+                loss = F.cross_entropy(net(data.x_train[idx]), data.y_train[idx], reduction="sum")
+                (loss * world / total).backward()  # DDP averages over ranks: the global mean gradient
+            loss_sum += loss.detach()
+            seen += len(idx)
+        optimizer.step()
+        scheduler.step()
+    return loss_sum.item() / max(seen, 1)
+
+
+def _build(
+    scenario: Scenario, data: Digits, init_state: dict[str, torch.Tensor] | None
+) -> tuple[nn.Module, float | None]:
+    """The scenario's model with its start weights and remedies, and the start weights' accuracy (or None)."""
+    from ..remedies import apply_actions
+
+    model = model_for(data, scenario.norm)
+    start_acc = None
+    if init_state is not None:
+        model.load_state_dict(init_state)
+        start_acc = _accuracy(model, data.x_val, data.y_val)  # the pretrained model on this domain, untouched
+    if scenario.remedy is not None:
+        model = scenario.remedy(model)
+    return apply_actions(model, scenario.actions()).model, start_acc
 
 
 def _monitor(model: nn.Module, rank: int, forwards_per_epoch: int) -> Any:

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .._registry import require_new
 from ..errors import BNDoctorError
+from ..findings import Action
 from ..models import NormName
 from .samplers import SamplerName
 
@@ -74,6 +75,17 @@ class Scenario:
     @property
     def logical_batch(self) -> int:
         return self.micro_batch * self.accum_steps * self.world_size
+
+    def actions(self) -> list[Action]:
+        """The remedies this scenario applies through the remedy registry (after ``remedy``, if any)."""
+        out = []
+        if self.accum_bn:  # pooling across ranks too with sync_bn: the remedy converts to SyncBN first itself
+            out.append(Action("to_accum_bn", options=(("mode", self.accum_bn), ("sync", self.sync_bn))))
+        elif self.sync_bn:
+            out.append(Action("to_sync_bn"))
+        if self.batch_renorm:
+            out.append(Action("to_batch_renorm", options=(("warmup_steps", self.brn_warmup),)))
+        return out
 
     def label(self) -> str:
         """Short description of the setup, e.g. ``BN 2x32 correlated``."""

@@ -10,7 +10,7 @@ import torch.nn as nn
 from .. import remedies as _remedies  # noqa: F401  (registers the built-in remedies)
 from ..errors import BNDoctorError, require_module
 from ..findings import Action, Finding
-from ..remedies import REMEDIES, FixStep
+from ..remedies import REMEDIES, apply_actions
 from ._core import Report
 
 __all__ = ["FixResult", "fix"]
@@ -58,10 +58,11 @@ def fix(model: nn.Module, report: Report, *, inplace: bool = False) -> FixResult
 
     Works on a copy unless ``inplace=True``. Each finding's action is applied
     by the fixer registered under its name (:mod:`bndoctor.remedies`), in the
-    remedies' fixed order: drop redundant biases (exact: the bias moves into
-    the BN's running mean), float32 statistics, momentum, SyncBN without
-    processes back to BN, freezing, SyncBN, accumulation-aware BN, Batch
-    Renorm, GroupNorm, then remedies you registered. Findings without a
+    remedies' fixed order (:func:`bndoctor.remedies.apply_actions`): drop
+    redundant biases (exact: the bias moves into the BN's running mean),
+    float32 statistics, momentum, SyncBN without processes back to BN,
+    freezing, accumulation-aware BN (with SyncBN first when it pools across
+    ranks), SyncBN, Batch Renorm, GroupNorm, then remedies you registered. Findings without a
     mechanical fix (e.g. eps, layers never reached), or whose action has no
     registered fixer, are listed in ``skipped``.
     """
@@ -76,18 +77,8 @@ def fix(model: nn.Module, report: Report, *, inplace: bool = False) -> FixResult
     result.skipped = [f"{f.code} {f.where}" for f in report.findings if f.action is None and f.severity != "info"]
     merged, unknown = _merge(report.findings)
     result.skipped += unknown
-    known = {n for n, _ in target.named_modules()}
-    planned = frozenset(merged)
-    for name in sorted(merged, key=lambda n: (REMEDIES[n].order, n)):
-        actions = merged[name]
-        layers = sorted({m for a in actions for m in a.modules if m in known})
-        if not layers and any(a.modules for a in actions):
-            continue  # every layer it names is gone (an earlier repair replaced it)
-        step = FixStep(target, actions, layers, dict(report.layer_shapes), planned)
-        fixer = REMEDIES[name].fix
-        assert fixer is not None  # _merge keeps only remedies with a fixer
-        target = fixer(step)
-        result.changes += step.changes
-        result.skipped += step.skipped
-    result.model = target
+    done = apply_actions(target, [a for named in merged.values() for a in named], layer_shapes=report.layer_shapes)
+    result.model = done.model
+    result.changes += done.changes
+    result.skipped += done.skipped
     return result

@@ -23,7 +23,17 @@ integrations without an edit here (docs/architecture.md walks through one).
 """
 
 from . import tweaks as _tweaks  # noqa: F401  (registers the configuration fixers)
-from ._registry import REMEDIES, FixStep, Prescription, Remedy, attach_all, prescriptions, register_fix, register_remedy
+from ._registry import (
+    REMEDIES,
+    FixStep,
+    Prescription,
+    Remedy,
+    apply_actions,
+    attach_all,
+    prescriptions,
+    register_fix,
+    register_remedy,
+)
 from ._swap import revert_layers, swap_layers, transfer_bn_state
 from .accum import (
     AccumulationHandle,
@@ -48,6 +58,7 @@ __all__ = [
     "Remedy",
     "accumulate_bn",
     "accumulation_window",
+    "apply_actions",
     "attach_all",
     "close_windows",
     "collect_window",

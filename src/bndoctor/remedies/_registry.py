@@ -25,7 +25,7 @@ Users register their own with :func:`register_remedy`, or only a fixer with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ __all__ = [
     "FixStep",
     "Prescription",
     "Remedy",
+    "apply_actions",
     "attach_all",
     "prescriptions",
     "register_fix",
@@ -194,6 +195,50 @@ def register_fix(name: str, *, order: int = 100, replace: bool = False) -> Calla
         return fn
 
     return decorate
+
+
+def apply_actions(
+    model: nn.Module, actions: Iterable[Action], *, layer_shapes: dict[str, tuple[int, ...]] | None = None
+) -> FixStep:
+    """Apply ``actions`` to ``model`` in place through their registered fixers, in ascending ``order``.
+
+    Actions of one remedy are merged (each distinct action once) and given to its fixer together. An action
+    that names layers none of which exist any more (an earlier fixer replaced them) is dropped.
+
+    Args:
+        model: the model to repair in place.
+        actions: what to apply; each names a registered remedy with a fixer.
+        layer_shapes: the traced input shape of each layer, when known (some fixers use it).
+
+    Returns:
+        A :class:`FixStep` holding the new root (``model``), every fixer's ``changes`` and ``skipped``.
+
+    Raises:
+        BNDoctorError: an action names a remedy without a registered fixer.
+    """
+    merged: dict[str, list[Action]] = {}
+    for action in actions:
+        remedy = REMEDIES.get(action.name)
+        if remedy is None or remedy.fix is None:
+            raise BNDoctorError(
+                f"no fixer is registered for action {action.name!r}",
+                hint=f"register one with bndoctor.remedies.register_fix, or use one of: {', '.join(sorted(REMEDIES))}",
+            )
+        named = merged.setdefault(action.name, [])
+        if action not in named:
+            named.append(action)
+    done = FixStep(model, [], [], dict(layer_shapes or {}), frozenset(merged))
+    known = {n for n, _ in model.named_modules()}
+    for name in sorted(merged, key=lambda n: (REMEDIES[n].order, n)):
+        named = merged[name]
+        layers = sorted({m for a in named for m in a.modules if m in known})
+        if not layers and any(a.modules for a in named):
+            continue  # every layer it names is gone (an earlier repair replaced it)
+        step = FixStep(done.model, named, layers, done.layer_shapes, done.planned)
+        done.model = REMEDIES[name].fix(step)  # type: ignore[misc]
+        done.changes += step.changes
+        done.skipped += step.skipped
+    return done
 
 
 def prescriptions(setup: TrainingSetup) -> list[Prescription]:

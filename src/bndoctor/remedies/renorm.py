@@ -66,7 +66,9 @@ def from_batch_renorm(model: nn.Module, *, dims: int | None = None, inplace: boo
 
 
 def _fix(step: FixStep) -> nn.Module:
-    return step.apply("to_batch_renorm", lambda m: to_batch_renorm(m, modules=step.selection, inplace=True))
+    warmup = step.option("warmup_steps")
+    options = {} if warmup is None else {"warmup_steps": warmup}
+    return step.apply("to_batch_renorm", lambda m: to_batch_renorm(m, modules=step.selection, inplace=True, **options))
 
 
 register_remedy(Remedy("to_batch_renorm", fix=_fix, order=75, layer=BatchRenorm, revert=from_batch_renorm))

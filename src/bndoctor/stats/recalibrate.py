@@ -54,7 +54,7 @@ from .._state import Snapshot, preserved
 from .._table import render
 from .._validate import positive_int
 from .._walk import BNInfo, ModuleSelection, find_bn, require_running_stats, select, warn_unsupported
-from ..errors import BNDoctorError, BNDoctorWarning, require_module
+from ..errors import BNDoctorError, BNDoctorWarning, NonFiniteStatisticsError, require_module
 from ..families import has_plain_forward
 from ..layers import apply_post_ops, pools_ranks
 from ..moments import Moments, merge, pool, pool_columns
@@ -585,7 +585,7 @@ def _nonfinite_batches(recorder: _Pass, nonfinite: str, batches: int) -> dict[in
     bad = recorder.nonfinite_batches()
     if bad and nonfinite == "raise":
         first, layer = next(iter(bad.items()))
-        raise BNDoctorError(
+        raise NonFiniteStatisticsError(
             f"batch {first} gives NaN or Inf statistics at '{layer}' ({len(bad)} of {batches} batches "
             "non-finite); running statistics left unchanged",
             hint="check the data and the model's weights; or pass nonfinite='skip' to pool the finite batches only",
