@@ -78,3 +78,18 @@ def test_report_names_its_data_and_puts_the_mnist1d_paper_beside_it(tmp_path):
     both = (tmp_path / "both" / "report.md").read_text()
     assert "MNIST-1D (the mnist1d package" in both and "digits (scikit-learn)" in both
     assert "logistic regression 32 %, MLP 68 %, CNN 94 %, GRU 91 %, human 96 %" in both
+
+
+def test_readings_find_scenarios_by_what_they_are_not_by_their_names():
+    """A renamed scenario keeps its sentence: the readings look scenarios up by their fields."""
+    import dataclasses
+
+    suite = _suite()
+    renamed = {name: f"my-{name}" for name in ("bn-64", "bn-2x32-corr", "gn-2x32-corr", "sweep-bn-2")}
+    scenarios = [dataclasses.replace(s, name=renamed.get(s.name, s.name)) for s in suite.scenarios]
+    runs = [dataclasses.replace(r, scenario=renamed.get(r.scenario, r.scenario)) for r in suite.runs]
+    assert findings(SuiteResult(scenarios, [0, 1], runs, 10.0)) == findings(suite)
+    # a scenario that is something else (here: shuffled instead of correlated) is not taken for it
+    changed = [dataclasses.replace(s, sampler="iid") if s.name == "bn-2x32-corr" else s for s in suite.scenarios]
+    text = " ".join(findings(SuiteResult(changed, [0, 1], suite.runs, 10.0)))
+    assert "last-5 validation accuracy against" not in text

@@ -332,6 +332,8 @@ register(
 )
 
 SWEEP_BATCHES = (32, 16, 8, 4, 2)
+#: the logical batch of every run of the sweep
+SWEEP_LOGICAL = 32
 #: (name prefix, norm, sampler) of each line of the batch-size sweep
 SWEEP_LINES = (("sweep-bn", "batch", "iid"), ("sweep-gn", "group", "iid"), ("sweep-bn-corr", "batch", "correlated"))
 for _prefix, _norm, _sampler in SWEEP_LINES:
@@ -345,7 +347,7 @@ for _prefix, _norm, _sampler in SWEEP_LINES:
                 group="sweep",
                 norm=_norm,
                 micro_batch=_b,
-                accum_steps=32 // _b,
+                accum_steps=SWEEP_LOGICAL // _b,
                 sampler=_sampler,
                 lr=0.025,
             )
@@ -492,7 +494,7 @@ for _norm, _prefix in (("batch", "m1d-sweep-bn"), ("group", "m1d-sweep-gn")):
                 dataset="mnist1d",
                 norm=_norm,
                 micro_batch=_b,
-                accum_steps=32 // _b,
+                accum_steps=SWEEP_LOGICAL // _b,
                 epochs=12,
                 lr=0.025,
             )
