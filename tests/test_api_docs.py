@@ -92,3 +92,16 @@ def test_the_check_itself_catches_an_undocumented_parameter():
         """Uses ``a``."""
 
     assert _undocumented(documented) == ["b"]
+
+
+def _root_verbs():
+    return [(name, getattr(bndoctor, name)) for name in bndoctor.__all__ if inspect.isfunction(getattr(bndoctor, name))]
+
+
+@pytest.mark.parametrize(("name", "verb"), _root_verbs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_verb_of_the_root_has_args_and_returns_sections(name, verb):
+    """As torch and fvcore document theirs: an ``Args:`` section, and ``Returns:`` unless it returns None."""
+    doc = inspect.getdoc(getattr(verb, "__wrapped__", verb)) or ""
+    returns_none = inspect.signature(verb).return_annotation in (None, "None")
+    assert "\nArgs:\n" in doc, f"{name}: add an Args: section"
+    assert returns_none or "\nReturns:\n" in doc, f"{name}: add a Returns: section"

@@ -194,8 +194,13 @@ def with_running_stats(model: nn.Module, modules: ModuleSelection = None) -> lis
 def find_bn(model: nn.Module) -> list[BNInfo]:
     """List every BatchNorm and BN-like layer of ``model``, in module order.
 
-    A layer shared between several paths is listed once, under its first path,
-    with the other paths in ``aliases``.
+    Args:
+        model: any module tree.
+
+    Returns:
+        One :class:`BNInfo` per layer: its path, kind, channels and what bndoctor can do with it. A layer
+        shared between several paths is listed once, under its first path, with the other paths in
+        ``aliases``.
 
     >>> import torch.nn as nn
     >>> [r.name for r in find_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)))]
@@ -395,7 +400,13 @@ def replace_modules(root: nn.Module, replacements: dict[int, tuple[nn.Module, nn
 def replace_module(root: nn.Module, qualname: str, new: nn.Module) -> nn.Module:
     """Replace the module at ``qualname`` (and every other path to the same object).
 
-    Returns the root, which is ``new`` when ``qualname`` is ``""``.
+    Args:
+        root: the model.
+        qualname: the path of the module to replace (``""``: the root itself).
+        new: the module to put there.
+
+    Returns:
+        The root, which is ``new`` when ``qualname`` is ``""``.
 
     >>> import torch.nn as nn
     >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))

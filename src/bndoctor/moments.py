@@ -18,7 +18,6 @@ group means, which is large exactly when groups are correlated.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -111,9 +110,9 @@ def pool_step(
     With ``delta = m - mean`` and the new mean ``mean' = mean + delta n / (count + n)``::
 
         count' = count + n
-        M2'    = M2 + n (v + delta (m - mean'))
+        M2'    = M2 + n v + n delta (m - mean')
 
-    which is ``M2 + n v + delta^2 count n / count'``, with no cancellation. All on the device: no host read.
+    where the last term is ``delta^2 count n / count'``: no cancellation. All on the device: no host read.
 
     Args:
         count, mean, m2: the running group's count (shape 1), per-channel mean and sum of squared deviations.
@@ -126,18 +125,23 @@ def pool_step(
         ``(count', mean', M2', m - mean')``: the last is the batch mean against the pooled one.
     """
     delta = batch_mean - mean
-    total = count.add_(n) if inplace else count + n
-    if isinstance(n, torch.Tensor):
-        weight: Any = n.to(mean.dtype)
-        step = delta * (weight / total.clamp(min=1.0))
-        new_mean = mean.add_(step) if inplace else mean + step
-    else:
-        weight = n
-        new_mean = mean.addcdiv_(delta, total, value=n) if inplace else torch.addcdiv(mean, delta, total, value=n)
+    if isinstance(n, torch.Tensor):  # counts pooled over ranks: every rank may have been empty so far
+        total = count + n
+        share = (n / total.clamp(min=1.0)).to(mean.dtype)  # the batch's weight in the pooled mean
+        new_mean = torch.lerp(mean, batch_mean, share)
+        new_m2 = torch.addcmul(m2 + batch_var * n, delta, delta * (count * share))
+        if not inplace:
+            return total, new_mean, new_m2, batch_mean - new_mean
+        for old, new in ((count, total), (mean, new_mean), (m2, new_m2)):
+            old.copy_(new)
+        return count, mean, m2, batch_mean - mean
+    if inplace:
+        count.add_(n)
+        mean.addcdiv_(delta, count, value=n)
+        spread = batch_mean - mean
+        m2.add_(batch_var, alpha=n).addcmul_(delta, spread, value=n)
+        return count, mean, m2, spread
+    total = count + n
+    new_mean = torch.addcdiv(mean, delta, total, value=n)
     spread = batch_mean - new_mean
-    gain = torch.addcmul(batch_var, delta, spread)  # v + (m - mean)(m - mean')
-    if isinstance(weight, torch.Tensor):
-        new_m2 = m2.addcmul_(gain, weight) if inplace else torch.addcmul(m2, gain, weight)
-    else:
-        new_m2 = m2.add_(gain, alpha=weight) if inplace else torch.add(m2, gain, alpha=weight)
-    return total, new_mean, new_m2, spread
+    return total, new_mean, torch.addcmul(torch.add(m2, batch_var, alpha=n), delta, spread, value=n), spread

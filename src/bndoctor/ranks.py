@@ -97,7 +97,17 @@ def _split(gathered: torch.Tensor, records: list[BNInfo]):
 def rank_divergence(
     model: nn.Module, process_group: Any = None, *, modules: ModuleSelection = None
 ) -> DivergenceReport:
-    """How far each BN layer's running statistics differ across ranks (collective: call on every rank)."""
+    """How far each BN layer's running statistics differ across ranks (collective: call on every rank).
+
+    Args:
+        model: the model (the same layers on every rank).
+        process_group: the ranks to compare (default: all).
+        modules: the layers to compare; default: all with running statistics.
+
+    Returns:
+        A :class:`DivergenceReport`: per layer the spread over ranks of the running mean (in the channel's
+        standard deviations) and of the running variance (relative), largest and average over channels.
+    """
     records = with_running_stats(model, modules)
     gathered, world = _gather(records, 0.0, process_group)
     tiny = torch.finfo(torch.float64).tiny
@@ -126,10 +136,19 @@ def merge_running_stats(
 ) -> DivergenceReport:
     """Give every rank the pooled running statistics of all ranks (collective: call on every rank).
 
-    ``samples``: how many samples this rank's statistics stand for (e.g. the
-    samples it trained on); every rank must pass it or none (equal weights).
-    Returns the divergence *before* the merge. ``num_batches_tracked`` is left
-    as it is.
+    The merge is exact (:func:`bndoctor.moments.pool`: the spread of the ranks'
+    means counts, unlike an average of variances). ``num_batches_tracked`` is
+    left as it is.
+
+    Args:
+        model: the model (the same layers on every rank).
+        process_group: the ranks to merge over (default: all).
+        samples: how many samples this rank's statistics stand for (e.g. the samples it trained on); every
+            rank must pass it or none (equal weights).
+        modules: the layers to merge; default: all with running statistics.
+
+    Returns:
+        A :class:`DivergenceReport` of how far the ranks differed *before* the merge.
     """
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, (int, float)) or samples < 0):
         raise BNDoctorError(

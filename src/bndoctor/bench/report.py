@@ -69,11 +69,11 @@ def _write_monitor_files(suite: SuiteResult, out_dir: Path) -> None:
 
 
 #: what a scenario is unless a query says otherwise: one process, plain BN training from scratch on digits
+#: (any number of epochs: a reading compares the scenarios it finds with its reference's epochs)
 _PLAIN: dict[str, Any] = dict(
     dataset="digits",
     norm="batch",
     sampler="iid",
-    epochs=15,
     domain="source",
     pretrained=False,
     remedy=None,
@@ -104,7 +104,11 @@ class _Ran:
         self.scenarios = [s for s in suite.scenarios if suite.runs_of(s.name)]
 
     def find(self, **fields: Any) -> Scenario | None:
-        """The first scenario that ran with these fields (and :data:`_PLAIN` for the rest), or None."""
+        """The first scenario that ran with these fields (and :data:`_PLAIN` for the rest), or None.
+
+        Scenarios are tried in the suite's order (the registry's), so where several differ only in their
+        epochs the registered first one is the reference.
+        """
         spec = {**_PLAIN, **fields}
         return next((s for s in self.scenarios if all(_field(s, k) == v for k, v in spec.items())), None)
 
@@ -121,25 +125,27 @@ _CORR = dict(sampler="correlated")
 
 
 def _small_batch_failure(ran: _Ran) -> list[str]:
-    ref, bad = ran.find(**_LARGE), ran.find(**_SMALL, **_CORR)
+    ref = ran.find(**_LARGE)
+    bad = ran.find(**_SMALL, **_CORR, epochs=ref.epochs) if ref is not None else None
     if ref is None or bad is None:
         return []
     r, b = ran.acc(ref), ran.acc(bad)
+    same = dict(epochs=ref.epochs)
     out = [
         f"BatchNorm at micro-batch 2 with class-correlated micro-batches reaches {_pct(b)}% last-5 validation "
         f"accuracy against {_pct(r)}% at batch 64 ({_pct(r - b)} pp lower, epoch-to-epoch jitter "
         f"{_pct(ran.jitter(bad))} pp), although both take the same optimizer steps on logical batches of 64: "
         "accumulation gives the gradient of the large batch, not its statistics."
     ]
-    shuffled = ran.find(**_SMALL)
+    shuffled = ran.find(**_SMALL, **same)
     if shuffled is not None:
         out.append(
             f"With shuffled micro-batches of 2 the same setup reaches {_pct(ran.acc(shuffled))}%: tiny batches "
             "hurt most when the samples of a micro-batch are alike."
         )
     for other, what in (
-        (ran.find(**_SMALL, **_CORR, norm="group"), "GroupNorm"),
-        (ran.find(**_SMALL, **_CORR, bn_eval=True), "BN kept in eval mode"),
+        (ran.find(**_SMALL, **_CORR, **same, norm="group"), "GroupNorm"),
+        (ran.find(**_SMALL, **_CORR, **same, bn_eval=True), "BN kept in eval mode"),
     ):
         if other is not None and r > b:
             closed = (ran.acc(other) - b) / (r - b)
@@ -149,7 +155,8 @@ def _small_batch_failure(ran: _Ran) -> list[str]:
 
 
 def _recalibration(ran: _Ran) -> list[str]:
-    ema, precise = ran.find(**_SMALL, **_CORR), ran.find(**_SMALL, **_CORR, recalibrate=True)
+    ema = ran.find(**_SMALL, **_CORR)
+    precise = ran.find(**_SMALL, **_CORR, recalibrate=True, epochs=ema.epochs) if ema is not None else None
     if ema is None or precise is None:
         return []
     return [
@@ -166,15 +173,14 @@ def _accumulation_aware(ran: _Ran) -> list[str]:
         return []
     out = []
     for sampler, words in (("correlated", "class-correlated"), ("iid", "shuffled")):
-        variants = [
-            (mode, ran.find(**_SMALL, sampler=sampler, accum_bn=mode)) for mode in ("renorm", "progressive", "blend")
-        ]
-        variants.append(("renorm, two passes", ran.find(**_SMALL, sampler=sampler, accum_bn="renorm", two_pass=True)))
-        variants.append(("Batch Renorm (baseline)", ran.find(**_SMALL, sampler=sampler, batch_renorm=True)))
+        like = dict(_SMALL, sampler=sampler, epochs=ref.epochs)
+        variants = [(mode, ran.find(**like, accum_bn=mode)) for mode in ("renorm", "progressive", "blend")]
+        variants.append(("renorm, two passes", ran.find(**like, accum_bn="renorm", two_pass=True)))
+        variants.append(("Batch Renorm (baseline)", ran.find(**like, batch_renorm=True)))
         variants = [(what, s) for what, s in variants if s is not None]
         if not variants:
             continue
-        plain = ran.find(**_SMALL, sampler=sampler)
+        plain = ran.find(**like)
         base = f" (plain BN: {_pct(ran.acc(plain))}%)" if plain is not None else ""
         listed = ", ".join(f"{what} {_pct(ran.acc(s))}% (jitter {_pct(ran.jitter(s))} pp)" for what, s in variants)
         out.append(
@@ -184,15 +190,17 @@ def _accumulation_aware(ran: _Ran) -> list[str]:
     return out
 
 
-_FINETUNE = dict(pretrained=True, domain="shifted", epochs=8, **_SMALL)
+_FINETUNE = dict(pretrained=True, domain="shifted", **_SMALL)
 
 
 def _frozen_recalibrated(ran: _Ran) -> list[str]:
     out = []
     for sampler, tag in (("correlated", "corr"), ("iid", "iid")):
         frozen = ran.find(**_FINETUNE, sampler=sampler, remedy="frozen_bn")
-        recal = ran.find(**_FINETUNE, sampler=sampler, remedy="frozen_bn", recalibrate=True)
-        if frozen is not None and recal is not None:
+        if frozen is None:
+            continue
+        recal = ran.find(**_FINETUNE, sampler=sampler, remedy="frozen_bn", recalibrate=True, epochs=frozen.epochs)
+        if recal is not None:
             out.append(
                 f"Frozen BN recalibrated on the target (shifted) data every epoch, {tag} micro-batches: "
                 f"{_pct(ran.acc(recal))}% against {_pct(ran.acc(frozen))}% frozen alone "
@@ -202,10 +210,12 @@ def _frozen_recalibrated(ran: _Ran) -> list[str]:
 
 
 def _ranks(ran: _Ran) -> list[str]:
-    ddp = dict(micro_batch=2, accum_steps=8, world_size=4, epochs=6, **_CORR)
-    local, synced = ran.find(**ddp), ran.find(**ddp, sync_bn=True)
+    ddp = dict(micro_batch=2, accum_steps=8, world_size=4, **_CORR)
+    local = ran.find(**ddp)
+    synced = ran.find(**ddp, sync_bn=True, epochs=local.epochs) if local is not None else None
     if local is None or synced is None:
         return []
+    ddp["epochs"] = local.epochs
     spreads = {}
     for s in (local, synced):
         per_run = [r.extra.get("rank_last5", [r.last5_mean]) for r in ran.suite.runs_of(s.name)]
@@ -228,16 +238,18 @@ def _ranks(ran: _Ran) -> list[str]:
 
 def _finetuning(ran: _Ran) -> list[str]:
     out = []
-    train, frozen = ran.find(**_FINETUNE, **_CORR), ran.find(**_FINETUNE, **_CORR, remedy="frozen_bn")
+    train = ran.find(**_FINETUNE, **_CORR)
+    frozen = ran.find(**_FINETUNE, **_CORR, remedy="frozen_bn", epochs=train.epochs) if train is not None else None
     if train is not None and frozen is not None:
-        reference = ran.find(pretrained=True, domain="shifted", epochs=8, **_LARGE)
+        reference = ran.find(pretrained=True, domain="shifted", epochs=train.epochs, **_LARGE)
         ref = f" (fine-tuning at batch 64: {_pct(ran.acc(reference))}%)" if reference is not None else ""
         out.append(
             f"Fine-tuning the batch-64 model on intensity-inverted digits at micro-batch 2 (correlated): BN left in "
             f"training mode reaches {_pct(ran.acc(train))}%, BN statistics frozen with bndoctor.freeze_bn "
             f"{_pct(ran.acc(frozen))}%{ref}."
         )
-    train, frozen = ran.find(**_FINETUNE), ran.find(**_FINETUNE, remedy="frozen_bn")
+    train = ran.find(**_FINETUNE)
+    frozen = ran.find(**_FINETUNE, remedy="frozen_bn", epochs=train.epochs) if train is not None else None
     if train is not None and frozen is not None:
         t, f = ran.acc(train), ran.acc(frozen)
         spread = max(ran.suite.summary(train.name)["last5_sd"], ran.suite.summary(frozen.name)["last5_sd"])
@@ -254,7 +266,7 @@ def _finetuning(ran: _Ran) -> list[str]:
 
 
 def _mnist1d_demo(ran: _Ran) -> list[str]:
-    demo = dict(dataset="mnist1d", group="demo-mnist1d", epochs=4)
+    demo = dict(dataset="mnist1d", group="demo-mnist1d")
     found = [ran.find(**demo, **_LARGE), ran.find(**demo, **_SMALL, **_CORR)]
     found.append(ran.find(**demo, **_SMALL, **_CORR, accum_bn="renorm"))
     if any(s is None for s in found):

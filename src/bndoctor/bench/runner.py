@@ -126,7 +126,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _wants_mkldnn(scenario: Scenario) -> bool:
     """Whether oneDNN convolutions pay off: their set-up per call outweighs their speed at tiny batches
-    (BENCHMARKS.md, "oneDNN at tiny batches")."""
+    (BENCHMARKS.md, "Measurements behind code choices")."""
     return scenario.micro_batch > MKLDNN_MIN_BATCH
 
 

@@ -220,9 +220,7 @@ CHECKS: dict[str, Check] = {}
 def register_check(
     code: str, title: str, *, applies_to: type | tuple[type, ...] | None = None, replace: bool = False
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a check under ``code`` (stable, e.g. ``"MY001"``) with a one-line ``title``; a decorator.
-
-    Registering a code that exists is an error unless ``replace=True``.
+    """Register a check; a decorator.
 
     With ``applies_to`` the function is called as ``fn(ctx, name, module)`` for
     every module whose class (or a base class) is listed; without it, once as
@@ -232,6 +230,16 @@ def register_check(
         def head_bn(ctx, name, module):
             if name.startswith("head"):
                 return bndoctor.Finding("MY001", "warning", name, "BN in the head", fix="remove it")
+
+    Args:
+        code: the stable code its findings carry, e.g. ``"MY001"``.
+        title: one line on what it checks (``bndoctor explain`` shows it with the function's docstring).
+        applies_to: a class or tuple of classes (looked up along each module's class hierarchy); None: the
+            check runs once per model.
+        replace: redefine a check registered under ``code``; otherwise that is an error.
+
+    Returns:
+        The decorator, which registers the function and returns it unchanged.
     """
     if not isinstance(code, str) or not code:
         raise BNDoctorError(f"expected a non-empty string code (got {code!r})", hint='e.g. "MY001"')

@@ -54,17 +54,25 @@ def _merge(findings: list[Finding]) -> tuple[dict[str, list[Action]], list[str]]
 
 
 def fix(model: nn.Module, report: Report, *, inplace: bool = False) -> FixResult:
-    """Apply the repairs that ``report``'s findings prescribe; returns the model and the changes.
+    """Apply the repairs that ``report``'s findings prescribe.
 
-    Works on a copy unless ``inplace=True``. Each finding's action is applied
-    by the fixer registered under its name (:mod:`bndoctor.remedies`), in the
-    remedies' fixed order (:func:`bndoctor.remedies.apply_actions`): drop
-    redundant biases (exact: the bias moves into the BN's running mean),
-    float32 statistics, momentum, SyncBN without processes back to BN,
-    freezing, accumulation-aware BN (with SyncBN first when it pools across
-    ranks), SyncBN, Batch Renorm, GroupNorm, then remedies you registered. Findings without a
-    mechanical fix (e.g. eps, layers never reached), or whose action has no
-    registered fixer, are listed in ``skipped``.
+    Each finding's action is applied by the fixer registered under its name
+    (:mod:`bndoctor.remedies`), in the remedies' fixed order
+    (:func:`bndoctor.remedies.apply_actions`): drop redundant biases (exact: the
+    bias moves into the BN's running mean), float32 statistics, momentum, SyncBN
+    without processes back to BN, freezing, accumulation-aware BN (with SyncBN
+    first when it pools across ranks), SyncBN, Batch Renorm, GroupNorm, then
+    remedies you registered.
+
+    Args:
+        model: the model the report was made for.
+        report: what :func:`bndoctor.check` returned.
+        inplace: repair ``model`` itself; by default a copy is repaired and ``model`` is untouched.
+
+    Returns:
+        A :class:`FixResult`: the repaired model, one line per change, and ``skipped``: findings without a
+        mechanical fix (e.g. eps, layers never reached), actions without a registered fixer, layers a
+        conversion left alone. It unpacks as ``model, changes = bndoctor.fix(model, report)``.
     """
     require_module(model)
     if not isinstance(report, Report):

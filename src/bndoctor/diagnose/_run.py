@@ -61,15 +61,24 @@ def check(
     strict: bool = False,
     name: str | None = None,
 ) -> Report:
-    """Run every registered check on ``model`` for ``setup``; returns a :class:`Report`.
+    """Run every registered check on ``model`` for a training setup.
 
-    Without ``setup`` only the layer-configuration checks run (the batch-size
-    ones need the numbers). ``input_shape`` (one sample, no batch dimension)
-    adds a forward on meta tensors — no arithmetic, no memory — that finds
-    each layer's values per channel, layers never reached, and which conv
-    feeds which BN; the model is left exactly as it was. ``strict=True``
-    raises one :class:`CheckFailedError` listing every error-level finding.
-    ``name`` labels the model in the report (default: its class name).
+    Args:
+        model: the model to audit; it is left exactly as it was.
+        setup: micro-batch, accumulation steps, world size, fine-tuning, precision. Without it only the
+            layer-configuration checks run (the batch-size ones need the numbers).
+        input_shape: one sample's shape without the batch dimension, e.g. ``(3, 224, 224)``; adds a forward
+            on meta tensors (no arithmetic, no memory) that finds each layer's values per channel, layers
+            never reached, and which conv feeds which BN.
+        strict: raise one :class:`CheckFailedError` listing every error-level finding.
+        name: labels the model in the report (default: its class name).
+
+    Returns:
+        A :class:`Report` of findings, each with a code, the layer's path, the evidence and the fix.
+
+    Raises:
+        BNDoctorError: a setup that is not a :class:`~bndoctor.TrainingSetup`, or an input shape that does
+            not fit the model.
     """
     require_module(model)
     if setup is not None and not isinstance(setup, TrainingSetup):

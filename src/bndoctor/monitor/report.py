@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BNDoctorError
-from .alerts import MIN_EFFECTIVE_BATCH
+from .alerts import DIVERGENCE_ALERT, MIN_EFFECTIVE_BATCH
 
 __all__ = ["MonitorRun", "load_run", "write_run_report"]
 
@@ -232,27 +232,93 @@ def _grouped_series(
     return out
 
 
+def _plain_log_ticks(value: float, _: Any) -> str:
+    """Log-axis labels as plain numbers (2, 5, 10 rather than 2x10^0), only at 1, 2 and 5 of each decade."""
+    if value <= 0:
+        return ""
+    lead = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}" if any(abs(lead - k) < 1e-6 for k in (1, 2, 5)) else ""
+
+
+def _finish(fig: Any, ax: Any, out: Path, name: str, xlabel: str, ylabel: str, title: str, legend: Any) -> None:
+    """Label the axes, add the legend (keyword arguments of ``legend``) and write ``out/name``."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+
+
+def _stage_plot(run: MonitorRun, out: Path, metric: str, title: str, ylabel: str, name: str, smooth: int) -> bool:
+    """One line per stage of the network (median over its layers, range shaded), log scale."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    groups = stages(run.layers)
+    series = _grouped_series(run, metric, groups, smooth)
+    if not series:
+        return False
+    colors = plt.cm.viridis([i / max(len(groups) - 1, 1) for i in range(len(groups))])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (label, steps, middle, low, high), color in zip(series, colors):
+        ax.plot(steps, [max(v, 1e-6) for v in middle], color=color, linewidth=1.4, label=label)
+        if low != high:
+            ax.fill_between(steps, [max(v, 1e-6) for v in low], [max(v, 1e-6) for v in high], color=color,
+                            alpha=0.15, linewidth=0)  # fmt: skip
+    if metric == "n_eff":
+        ax.axhline(MIN_EFFECTIVE_BATCH, color="red", linestyle="--", linewidth=1, label="alert threshold (8)")
+    ax.set_yscale("log")
+    plain = FuncFormatter(_plain_log_ticks)
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    grouped = any(len(v) > 1 for v in groups.values())
+    legend = dict(fontsize=7, ncol=2, title="median and range per stage" if grouped else None, title_fontsize=7)
+    _finish(fig, ax, out, name, "optimizer step", ylabel, title, legend)
+    return True
+
+
+def _divergence_plot(run: MonitorRun, out: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    if not run.divergence:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([r["step"] for r in run.divergence], [r["max"] for r in run.divergence], marker="o")
+    ax.axhline(DIVERGENCE_ALERT, color="red", linestyle="--", linewidth=1, label="alert threshold (BN503)")
+    title = "cross-rank divergence of running statistics (mean in std, variance relative)"
+    _finish(fig, ax, out, "monitor-divergence.png", "optimizer step", "largest difference across ranks", title,
+            dict(fontsize=8))  # fmt: skip
+    return True
+
+
+def _noise_plot(run: MonitorRun, out: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    noise = [r for r in run.noise if isinstance(r.get("b_simple"), (int, float)) and math.isfinite(r["b_simple"])]
+    if not noise:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([r["step"] for r in noise], [r["b_simple"] for r in noise], label="B_simple")
+    ax.axhline(noise[-1]["logical_batch"], color="gray", linestyle="--", linewidth=1, label="logical batch")
+    ax.set_yscale("log")
+    _finish(fig, ax, out, "monitor-noise.png", "optimizer step", "samples (log)", "gradient noise scale B_simple",
+            dict(fontsize=8))  # fmt: skip
+    return True
+
+
 def _plots(run: MonitorRun, out: Path) -> list[tuple[str, str]]:
+    """Draw every plot the run has data for; returns (file name, title) of each."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
-
-    def tick(value: float, _: Any) -> str:
-        """Log-axis labels as plain numbers (2, 5, 10 rather than 2x10^0), only at 1, 2 and 5 of each decade."""
-        if value <= 0:
-            return ""
-        lead = value / 10 ** math.floor(math.log10(value))
-        return f"{value:g}" if any(abs(lead - k) < 1e-6 for k in (1, 2, 5)) else ""
-
-    plain = FuncFormatter(tick)
-
-    made = []
-    groups = stages(run.layers)
     window = int(run.start.get("window", 5)) if _num(run.start.get("window"), "d") != "-" else 5
-    colors = plt.cm.viridis([i / max(len(groups) - 1, 1) for i in range(len(groups))])
-    for metric, title, ylabel, name, smooth in (
+    stage_plots = (
         (
             "n_eff",
             f"effective normalisation batch (median of the last {window} samples, as the alert)",
@@ -267,59 +333,13 @@ def _plots(run: MonitorRun, out: Path) -> list[tuple[str, str]]:
             "monitor-drift.png",
             1,
         ),
-    ):
-        series = _grouped_series(run, metric, groups, smooth)
-        if not series:
-            continue
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for (label, steps, middle, low, high), color in zip(series, colors):
-            floor = [max(v, 1e-6) for v in middle]
-            ax.plot(steps, floor, color=color, linewidth=1.4, label=label)
-            if low != high:
-                ax.fill_between(steps, [max(v, 1e-6) for v in low], [max(v, 1e-6) for v in high], color=color,
-                                alpha=0.15, linewidth=0)  # fmt: skip
-        if metric == "n_eff":
-            ax.axhline(MIN_EFFECTIVE_BATCH, color="red", linestyle="--", linewidth=1, label="alert threshold (8)")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
-        grouped = any(len(v) > 1 for v in groups.values())
-        ax.legend(fontsize=7, ncol=2, title="median and range per stage" if grouped else None, title_fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        made.append((name, title))
-    if run.divergence:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ax.plot([r["step"] for r in run.divergence], [r["max"] for r in run.divergence], marker="o")
-        ax.axhline(0.25, color="red", linestyle="--", linewidth=1, label="alert threshold (BN503)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("largest difference across ranks")
-        ax.set_title("cross-rank divergence of running statistics (mean in std, variance relative)", fontsize=10)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "monitor-divergence.png", dpi=110)
-        plt.close(fig)
+    )
+    made = [(name, title) for metric, title, ylabel, name, smooth in stage_plots if _stage_plot(
+        run, out, metric, title, ylabel, name, smooth
+    )]  # fmt: skip
+    if _divergence_plot(run, out):
         made.append(("monitor-divergence.png", "cross-rank divergence"))
-    noise = [r for r in run.noise if isinstance(r.get("b_simple"), (int, float)) and math.isfinite(r["b_simple"])]
-    if noise:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        ax.plot([r["step"] for r in noise], [r["b_simple"] for r in noise], label="B_simple")
-        ax.axhline(noise[-1]["logical_batch"], color="gray", linestyle="--", linewidth=1, label="logical batch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("samples (log)")
-        ax.set_yscale("log")
-        ax.set_title("gradient noise scale B_simple", fontsize=10)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "monitor-noise.png", dpi=110)
-        plt.close(fig)
+    if _noise_plot(run, out):
         made.append(("monitor-noise.png", "gradient noise scale"))
     return made
 
@@ -336,34 +356,27 @@ def _html_table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_run_report(run: MonitorRun, out: str | Path, *, plots: bool = True) -> Path:
-    """Write ``report.md``, ``report.html`` and the plots into ``out``; returns the Markdown path.
-
-    The HTML file embeds its images (one file to share); the Markdown file
-    links the PNG files next to it.
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    images = _plots(run, out) if plots and run.samples else []
+def _summary(run: MonitorRun) -> str:
+    """One paragraph: the model, its layers, the samples and the run file."""
     steps = [s["step"] for s in run.samples]
-    summary = (
-        f"{run.start.get('model', 'model')}: {len(run.layers)} BN layer(s), {len(run.samples)} samples"
-        + (f" from step {steps[0]} to {steps[-1]}" if steps else "")
-        + f", one every {run.start.get('every', '?')} training forwards"
-        + (
-            f", world size {run.start['world_size']}"
-            if _num(run.start.get("world_size"), "d") not in ("-", "1")
-            else ""
-        )
-        + "."
-        + (
-            f" The file holds {run.runs_in_file} runs (its sink path was reused); this report shows the last."
-            if run.runs_in_file > 1
-            else ""
-        )
-    )
-    alert_headers = ["step", "code", "severity", "layer", "finding", "fix"]
-    alert_rows = [
+    parts = [f"{run.start.get('model', 'model')}: {len(run.layers)} BN layer(s), {len(run.samples)} samples"]
+    if steps:
+        parts.append(f" from step {steps[0]} to {steps[-1]}")
+    parts.append(f", one every {run.start.get('every', '?')} training forwards")
+    if _num(run.start.get("world_size"), "d") not in ("-", "1"):
+        parts.append(f", world size {run.start['world_size']}")
+    parts.append(".")
+    if run.runs_in_file > 1:
+        parts.append(f" The file holds {run.runs_in_file} runs (its sink path was reused); this report shows the last.")
+    return "".join(parts)
+
+
+_ALERT_HEADERS = ["step", "code", "severity", "layer", "finding", "fix"]
+_LAYER_HEADERS = ["layer", "effective batch (median)", "effective batch (last 5)", "max drift", "max collapsed"]
+
+
+def _alert_rows(run: MonitorRun) -> list[list[Any]]:
+    return [
         [
             a["step"],
             a["finding"]["code"],
@@ -374,54 +387,80 @@ def write_run_report(run: MonitorRun, out: str | Path, *, plots: bool = True) ->
         ]
         for a in run.alerts
     ]
-    layer_headers = ["layer", "effective batch (median)", "effective batch (last 5)", "max drift", "max collapsed"]
-    layer_rows = _layer_rows(run)
-    md = [f"# BatchNorm monitor report\n\nSource: `{run.path}`\n\n{summary}\n"]
-    md.append("## Alerts\n")
-    md.append(_md_table(alert_headers, alert_rows) if alert_rows else "No alerts.")
-    md.append("\n## Layers\n")
-    md.append(_md_table(layer_headers, layer_rows))
-    md.append(
+
+
+def _notes(run: MonitorRun) -> list[str]:
+    """The paragraphs under the layer table: what the figures mean, divergence and noise summaries."""
+    notes = [
         "\nEffective batch: how many independent samples the batch statistics are worth, from the spread of "
         "each sample's mean around the running mean against the spread of the batch mean (alerts below "
         f"{MIN_EFFECTIVE_BATCH:g}). Drift: change of the running mean between samples, in standard deviations."
-    )
+    ]
     if run.divergence:
         last = run.divergence[-1]
-        md.append(
+        notes.append(
             f"\nCross-rank divergence: {len(run.divergence)} checks, last at step {last['step']}: "
             f"max {_num(last['max'], '.3f')}."
         )
     if run.noise:
         last = run.noise[-1]
         alpha = last.get("alpha")
-        md.append(
+        notes.append(
             f"\nGradient noise scale: {len(run.noise)} steps; last B_simple {_num(last['b_simple'], '.0f')} for a "
             f"logical batch of {_num(last['logical_batch'], 'g')}"
             + ("" if _num(alpha, ".2f") == "-" else f", tail index {_num(alpha, '.2f')}")
             + "."
         )
-    for name, title in images:
-        md.append(f"\n![{title}]({name})")
-    md_path = out / "report.md"
-    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    return notes
+
+
+def _write_html(run: MonitorRun, out: Path, summary: str, alert_rows: list[list[Any]], layer_rows: list[list[Any]],
+                images: list[tuple[str, str]]) -> None:  # fmt: skip
+    """``report.html``, with its images embedded: the file is complete on its own (mail it, attach it)."""
     body = [
         "<h1>BatchNorm monitor report</h1>",
         f"<p>Source: <code>{html.escape(run.path)}</code></p><p>{html.escape(summary)}</p>",
         "<h2>Alerts</h2>",
-        _html_table(alert_headers, alert_rows) if alert_rows else "<p>No alerts.</p>",
+        _html_table(_ALERT_HEADERS, alert_rows) if alert_rows else "<p>No alerts.</p>",
         "<h2>Layers</h2>",
-        _html_table(layer_headers, layer_rows),
+        _html_table(_LAYER_HEADERS, layer_rows),
     ]
     body += [
         f'<h3>{html.escape(title)}</h3><img src="data:image/png;base64,'
         f'{base64.b64encode((out / name).read_bytes()).decode("ascii")}" alt="{html.escape(title)}">'
         for name, title in images
-    ]  # embedded: the HTML file is complete on its own (mail it, attach it to an issue)
+    ]
     style = "body{font-family:sans-serif;max-width:1000px;margin:auto}td,th{border:1px solid #ccc;padding:3px 6px}"
     (out / "report.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>bndoctor monitor</title><style>{style}</style>"
         f"</head><body>{''.join(body)}</body></html>\n",
         encoding="utf-8",
     )
+
+
+def write_run_report(run: MonitorRun, out: str | Path, *, plots: bool = True) -> Path:
+    """Write ``report.md``, ``report.html`` and the plots into ``out``.
+
+    The HTML file embeds its images (one file to share); the Markdown file links the PNG files next to it.
+
+    Args:
+        run: a run file read by :func:`load_run`.
+        out: the folder to write into (made if missing).
+        plots: draw the PNG plots (needs matplotlib).
+
+    Returns:
+        The path of ``report.md``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = _plots(run, out) if plots and run.samples else []
+    summary = _summary(run)
+    alert_rows, layer_rows = _alert_rows(run), _layer_rows(run)
+    md = [f"# BatchNorm monitor report\n\nSource: `{run.path}`\n\n{summary}\n", "## Alerts\n"]
+    md.append(_md_table(_ALERT_HEADERS, alert_rows) if alert_rows else "No alerts.")
+    md += ["\n## Layers\n", _md_table(_LAYER_HEADERS, layer_rows), *_notes(run)]
+    md += [f"\n![{title}]({name})" for name, title in images]
+    md_path = out / "report.md"
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    _write_html(run, out, summary, alert_rows, layer_rows, images)
     return md_path

@@ -23,10 +23,18 @@ __all__ = ["tail_index"]
 
 
 def tail_index(samples: torch.Tensor, *, block: int | None = None) -> float:
-    """Estimate the tail index alpha of symmetric noise ``samples`` (any shape; flattened).
+    """Estimate the tail index alpha of symmetric noise ``samples`` (Mohammadi et al. 2015).
 
-    ``block`` is K1, the block length (default: about sqrt(K)). Needs at least
-    16 samples; zeros are dropped (they carry no scale information).
+    Args:
+        samples: the noise, any shape (flattened). Zeros and non-finite values are dropped (they carry no
+            scale information).
+        block: K1, the block length (default: about sqrt(K)).
+
+    Returns:
+        alpha in (0, 2]: 2 for Gaussian noise, smaller for heavier tails.
+
+    Raises:
+        BNDoctorError: fewer than 16 usable values, or a block length outside 2..K/2.
     """
     if not isinstance(samples, torch.Tensor):
         raise BNDoctorError(

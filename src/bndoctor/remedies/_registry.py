@@ -172,10 +172,6 @@ def register_remedy(remedy: Remedy, *, replace: bool = False) -> Remedy:
 def register_fix(name: str, *, order: int = 100, replace: bool = False) -> Callable[[Fixer], Fixer]:
     """Register ``fn(step: FixStep) -> model`` as the fixer for actions named ``name``; a decorator.
 
-    ``order`` places it among the fixers of one :func:`bndoctor.fix` call
-    (lower runs first; the built-in ones use 10-90); registering a name that
-    exists is an error unless ``replace=True``.
-
     The sibling of :func:`bndoctor.register_check`: a check of your own returns
     findings with ``Action(name, modules)`` and :func:`bndoctor.fix` applies
     them through this fixer::
@@ -183,6 +179,15 @@ def register_fix(name: str, *, order: int = 100, replace: bool = False) -> Calla
         @bndoctor.register_fix("to_my_bn")
         def fix_my_bn(step):
             return to_my_bn(step.model, modules=step.selection, inplace=True)
+
+    Args:
+        name: the action name the findings carry.
+        order: its place among the fixers of one :func:`bndoctor.fix` call (lower runs first; the built-in
+            ones use 10-90), and among the prescriptions BN101 lists.
+        replace: redefine a fixer registered under ``name``; otherwise that is an error.
+
+    Returns:
+        The decorator, which registers the function and returns it unchanged.
     """
 
     def decorate(fn: Fixer) -> Fixer:

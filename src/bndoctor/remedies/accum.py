@@ -57,19 +57,27 @@ def to_accum_bn(
 ) -> nn.Module:
     """Replace trainable BN layers by :class:`bndoctor.AccumBatchNorm` (state and class remembered).
 
-    ``mode`` picks the gradient through the window statistics: ``"renorm"``
-    (default; Batch Renormalization's, Ioffe 2017: the micro-batch is
-    normalised with its own statistics and corrected to the window's with
-    constants r and d), ``"progressive"`` (the exact gradient of normalising
-    with the window so far), or ``"blend"`` (progressive, and while the
-    window fills, the previous window's statistics stand in for the samples
-    still missing).
+    Each layer then normalises every micro-batch with the statistics of its
+    accumulation window so far and commits them to its running statistics once
+    per optimizer step; attach the window control with :func:`accumulate_bn`
+    (bndoctor's Lightning and Hugging Face callbacks do it for you).
 
-    ``sync=True`` pools each window across the ranks of ``process_group``
-    (default: all) too, so the normalisation batch is micro-batch x
-    accumulation steps x world size; ``None`` (default) syncs exactly the
-    layers that are SyncBatchNorm now (bndoctor's or torch's), keeping their
-    process group unless one is given.
+    Args:
+        model: the model.
+        mode: the gradient through the window statistics: ``"renorm"`` (default; Batch Renormalization's,
+            Ioffe 2017: the micro-batch is normalised with its own statistics and corrected to the window's
+            with constants r and d), ``"progressive"`` (the exact gradient of normalising with the window so
+            far), or ``"blend"`` (progressive, and while the window fills, the previous window's statistics
+            stand in for the samples still missing).
+        sync: pool each window across the ranks of ``process_group`` too, so the normalisation batch is
+            micro-batch x accumulation steps x world size; ``None`` (default) syncs exactly the layers that
+            are SyncBatchNorm now (bndoctor's or torch's), keeping their process group unless one is given.
+        process_group: the ranks to pool over (default: all).
+        modules: the layers to convert; default: all.
+        inplace: change ``model`` itself; by default a copy is changed.
+
+    Returns:
+        The model's root (a new object unless ``inplace=True``).
     """
     if mode not in ("progressive", "renorm", "blend"):
         raise BNDoctorError(
@@ -100,9 +108,17 @@ def to_accum_bn(
 def from_accum_bn(model: nn.Module, *, dims: int | None = None, inplace: bool = False) -> nn.Module:
     """Turn AccumBatchNorm layers back into the BatchNorm class they came from (for export).
 
-    A layer with an open window is an error: its last micro-batches have not
-    been committed to the running statistics yet. Layers built directly (not
-    by :func:`to_accum_bn`) need ``dims=1, 2 or 3`` to pick the class.
+    Args:
+        model: the model.
+        dims: 1, 2 or 3: the BatchNorm class for layers built directly (not by :func:`to_accum_bn`).
+        inplace: change ``model`` itself; by default a copy is changed.
+
+    Returns:
+        The model's root (a new object unless ``inplace=True``).
+
+    Raises:
+        BNDoctorError: a layer's window is open: its last micro-batches have not been committed to the
+            running statistics yet (call ``optimizer.step()`` or :func:`close_windows` first).
     """
     return revert_layers(model, (AccumBatchNorm,), dims=dims, inplace=inplace)
 
@@ -154,6 +170,13 @@ def accumulate_bn(model: nn.Module, optimizer: torch.optim.Optimizer) -> Accumul
     Framework wrappers (Accelerate's ``AcceleratedOptimizer``, Lightning's) are
     unwrapped: the hook sits on the torch optimizer inside, whose ``step()``
     runs once per real update.
+
+    Args:
+        model: the model holding AccumBatchNorm layers.
+        optimizer: the optimizer whose steps end the windows.
+
+    Returns:
+        An :class:`AccumulationHandle`; ``handle.remove()`` detaches the hook again.
     """
     layers = _layers(model)
     optimizer = torch_optimizer(optimizer)
@@ -173,10 +196,18 @@ def accumulate_bn(model: nn.Module, optimizer: torch.optim.Optimizer) -> Accumul
 def accumulation_window(model: nn.Module) -> Iterator[nn.Module]:
     """One accumulation window: micro-batches inside share statistics; leaving commits them.
 
-    On an exception the window is discarded (nothing is committed). A window
-    whose statistics hold NaN or Inf is discarded too, and leaving the block
-    raises :class:`~bndoctor.errors.BNDoctorError` naming the first such
-    layer. Windows do not nest.
+    On an exception the window is discarded (nothing is committed). Windows do
+    not nest.
+
+    Args:
+        model: the model holding AccumBatchNorm layers.
+
+    Returns:
+        A context manager that yields ``model``.
+
+    Raises:
+        BNDoctorError: on leaving, when a window's statistics hold NaN or Inf (the window is discarded; the
+            error names the first such layer).
     """
     layers = _layers(model)
     for layer in layers:
@@ -228,9 +259,16 @@ def collect_window(model: nn.Module, batches: Iterable[Any], *, forward: Forward
     Costs one extra forward per micro-batch. Layers deeper in the network see
     inputs normalised progressively during this pass and with the full-window
     statistics in the gradient pass, so their collected statistics are a
-    close approximation. ``forward(model, batch)`` says how a batch is fed
-    (default: a tensor, or the first element of a tuple/list, or a dict as
-    keyword arguments). Returns the number of samples collected per rank.
+    close approximation.
+
+    Args:
+        model: the model holding AccumBatchNorm layers with window control attached.
+        batches: the window's micro-batches.
+        forward: ``forward(model, batch)``: how a batch is fed (default: a tensor, or the first element of a
+            tuple/list, or a dict as keyword arguments).
+
+    Returns:
+        The number of samples collected on this rank.
     """
     layers = _layers(model)
     for layer in layers:

@@ -141,19 +141,24 @@ def fold_bn(
     whose output feeds nothing else. The BN is replaced by ``nn.Identity``
     (a norm+activation layer by its dropout and activation) and the producer
     by a copy with folded weight and bias; in eval mode the model computes the
-    same function (allclose in float32).
+    same function (allclose in float32). Use it for inference, or for
+    fine-tuning with frozen statistics *and* affine (the producer then learns
+    the product). Build the optimizer after folding: the folded layers have new
+    parameters. Layers that cannot be folded are left in place and named in a
+    :class:`~bndoctor.errors.BNDoctorWarning`.
 
-    ``example_input`` (a batch: tensor, tuple with the input first, or dict of
-    keyword arguments; ``forward(model, batch)`` says how to feed anything
-    else) finds the pairs from one no-grad forward in eval mode, which works
-    for models torch.fx cannot trace (transformers' vision models); modes and
-    buffers are restored afterwards. Without it, a torch.fx trace is used,
-    and for untraceable models only neighbours in ``nn.Sequential``.
+    Args:
+        model: the model.
+        example_input: a batch (tensor, tuple with the input first, or dict of keyword arguments) that
+            finds the pairs from one no-grad forward in eval mode, which works for models torch.fx cannot
+            trace (transformers' vision models); modes and buffers are restored afterwards. Without it, a
+            torch.fx trace is used, and for untraceable models only neighbours in ``nn.Sequential``.
+        forward: ``forward(model, batch)``: how to feed ``example_input`` when it is something else.
+        modules: the BN layers to fold; default: all.
+        inplace: change ``model`` itself; by default a copy is changed.
 
-    Use it for inference, or for fine-tuning with frozen statistics *and*
-    affine (the producer then learns the product). Build the optimizer after
-    folding: the folded layers have new parameters. Layers that cannot be
-    folded are left in place and named in a :class:`~bndoctor.errors.BNDoctorWarning`.
+    Returns:
+        The model's root (a new object unless ``inplace=True``).
     """
     model, records = plan(model, modules, inplace)
     bn_by_id = {id(r.module): r for r in records if _foldable(r)}

@@ -38,18 +38,24 @@ def freeze_bn(
     After ``freeze_bn``, ``model.train()`` no longer switches the selected
     layers to batch statistics and their running statistics never change —
     the standard remedy when fine-tuning a pretrained model at a small
-    physical batch. With ``affine=True`` the scale and shift (γ, β) are frozen
-    too (``requires_grad=False``); by default they stay trainable.
-
-    Layers that are already frozen (by bndoctor or third-party
+    physical batch. Layers that are already frozen (by bndoctor or third-party
     ``FrozenBatchNorm2d`` classes) are left as they are, except that
     ``affine=True`` also freezes the affine of bndoctor-frozen layers.
     :func:`unfreeze_bn` undoes this exactly.
 
-    Raises :class:`~bndoctor.errors.MissingRunningStatsError` for a selected
-    layer with ``track_running_stats=False`` and
-    :class:`~bndoctor.errors.UninitializedLayerError` for a lazy layer that
-    has not run yet.
+    Args:
+        model: the model (any module tree).
+        affine: also freeze the scale and shift (γ, β: ``requires_grad=False``); by default they stay
+            trainable.
+        modules: the layers to freeze (names, patterns or a predicate); default: all.
+        inplace: change ``model`` itself; by default a copy is changed.
+
+    Returns:
+        The model's root (a new object unless ``inplace=True``).
+
+    Raises:
+        MissingRunningStatsError: a selected layer has ``track_running_stats=False``.
+        UninitializedLayerError: a selected lazy layer has not run yet.
 
     >>> import torch.nn as nn
     >>> net = freeze_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))).train()
@@ -102,13 +108,20 @@ def unfreeze_bn(
     for (``model.train()`` / ``model.eval()`` while frozen), or the layer's
     mode at freeze time if none was asked for.
 
-    Third-party frozen classes (torchvision/detectron2/DETR
-    ``FrozenBatchNorm2d``) have no original class to return to and are left as
-    they are, unless ``third_party=True``: then each becomes a trainable
-    ``BatchNorm{dims}d`` (a :class:`bndoctor.layers.BatchNormAct` when it has
-    an activation, as timm's ``FrozenBatchNormAct2d``) with its statistics,
-    its affine as trainable parameters, and eps kept — for fine-tuning a
-    detection backbone with BN that learns again. Build the optimizer after.
+    Args:
+        model: the model.
+        third_party: also turn third-party frozen classes (torchvision/detectron2/DETR
+            ``FrozenBatchNorm2d``), which have no original class to return to, into trainable
+            ``BatchNorm{dims}d`` (a :class:`bndoctor.layers.BatchNormAct` when they have an activation, as
+            timm's ``FrozenBatchNormAct2d``) with their statistics, their affine as trainable parameters and
+            eps kept — for fine-tuning a detection backbone with BN that learns again. Build the optimizer
+            after. By default they are left as they are.
+        dims: the BatchNorm class for third-party layers: 1, 2 or 3.
+        modules: the layers to unfreeze; default: all.
+        inplace: change ``model`` itself; by default a copy is changed.
+
+    Returns:
+        The model's root (a new object unless ``inplace=True``).
     """
     if third_party:
         bn_class(dims)  # a bad dims is an error before anything changes

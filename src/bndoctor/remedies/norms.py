@@ -133,28 +133,33 @@ def convert_bn(
 ) -> nn.Module:
     """Replace BN layers by batch-independent normalisation, transferring the affine.
 
-    ``to="group"``: ``nn.GroupNorm(G, C)``; ``G`` is ``num_groups`` (an int or
-    a callable ``channels -> groups``) or, by default,
-    :func:`default_num_groups` — at most 32 groups and, where possible, at
-    least 4 channels per group. ``to="layer"``: ``GroupNorm(1, C)``, which
-    normalises each sample over all channels and positions (the LayerNorm
-    variant of the Group Normalization paper, Wu & He 2018). ``to="instance"``:
-    ``GroupNorm(C, C)``, InstanceNorm's math with a per-channel affine, for any
-    input rank (a ``(N, C)`` input has nothing to normalise over per channel,
-    so do not use it after ``Linear``).
-
     A norm+activation layer (timm's ``BatchNormAct2d``) becomes a
     :class:`bndoctor.layers.GroupNormAct` that keeps its dropout and
     activation; a BN subclass whose forward bndoctor does not know is left
-    as it is, with a warning.
+    as it is, with a warning. γ and β are copied (``requires_grad`` kept);
+    running statistics are dropped because the new layers do not use them, so
+    outputs change and the model needs training or fine-tuning afterwards.
+    Works for BN 1d/2d/3d and SyncBatchNorm, bndoctor-frozen and third-party
+    frozen BN.
 
-    γ and β are copied (``requires_grad`` kept); running statistics are
-    dropped because the new layers do not use them, so outputs change and the
-    model needs training or fine-tuning afterwards. Works for BN 1d/2d/3d and
-    SyncBatchNorm, bndoctor-frozen and third-party frozen BN.
+    Args:
+        model: the model.
+        to: ``"group"``: ``nn.GroupNorm(G, C)``. ``"layer"``: ``GroupNorm(1, C)``, which normalises each
+            sample over all channels and positions (the LayerNorm variant of the Group Normalization paper,
+            Wu & He 2018). ``"instance"``: ``GroupNorm(C, C)``, InstanceNorm's math with a per-channel affine,
+            for any input rank (a ``(N, C)`` input has nothing to normalise over per channel, so do not use
+            it after ``Linear``).
+        num_groups: ``G`` for ``to="group"``: an int, or a callable ``channels -> groups``; by default
+            :func:`default_num_groups` (at most 32 groups and, where possible, at least 4 channels per group).
+        modules: the layers to convert; default: all.
+        inplace: change ``model`` itself; by default a copy is changed.
 
-    Raises :class:`~bndoctor.errors.GroupCountError` when ``num_groups`` does
-    not divide a layer's channels (the message lists the valid values).
+    Returns:
+        The model's root (a new object unless ``inplace=True``, or when the root itself is converted).
+
+    Raises:
+        GroupCountError: ``num_groups`` does not divide a layer's channels (the message lists the valid
+            values).
     """
     if to not in ("group", "layer", "instance"):
         raise BNDoctorError(

@@ -33,13 +33,19 @@ def to_batch_renorm(
 ) -> nn.Module:
     """Replace trainable BN layers by :class:`bndoctor.BatchRenorm` (Ioffe 2017), a small-batch baseline.
 
-    ``r_max`` and ``d_max`` are the final clipping limits of the correction
-    factors r (scale) and d (shift); both start at r=1, d=0 (plain BN) and
-    ramp linearly to their limits over ``warmup_steps`` training forwards,
-    as in the paper's schedule.
-    ``momentum`` replaces the layers' momentum (Batch Renorm relies on slow,
-    accurate running statistics; the paper uses 0.01). Revert with
-    :func:`bndoctor.from_batch_renorm`.
+    Args:
+        model: the model.
+        r_max: the final clipping limit of the correction factor r (scale).
+        d_max: the final clipping limit of the correction d (shift). Both start at r=1, d=0 (plain BN) and
+            ramp linearly to their limits over ``warmup_steps`` training forwards, as in the paper's schedule.
+        warmup_steps: training forwards over which the limits ramp up.
+        momentum: replaces the layers' momentum (Batch Renorm relies on slow, accurate running statistics;
+            the paper uses 0.01).
+        modules: the layers to convert; default: all.
+        inplace: change ``model`` itself; by default a copy is changed.
+
+    Returns:
+        The model's root (a new object unless ``inplace=True``); :func:`bndoctor.from_batch_renorm` reverts it.
     """
 
     made: list[BatchRenorm] = []
@@ -60,7 +66,13 @@ def to_batch_renorm(
 def from_batch_renorm(model: nn.Module, *, dims: int | None = None, inplace: bool = False) -> nn.Module:
     """Turn BatchRenorm layers back into the BatchNorm class they came from (momentum as it is now).
 
-    Layers built directly (not by :func:`to_batch_renorm`) need ``dims=1, 2 or 3`` to pick the class.
+    Args:
+        model: the model.
+        dims: 1, 2 or 3: the BatchNorm class for layers built directly (not by :func:`to_batch_renorm`).
+        inplace: change ``model`` itself; by default a copy is changed.
+
+    Returns:
+        The model's root (a new object unless ``inplace=True``).
     """
     return revert_layers(model, (BatchRenorm,), dims=dims, inplace=inplace)
 

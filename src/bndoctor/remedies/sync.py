@@ -41,11 +41,16 @@ def to_sync_bn(
     buffers, momentum, eps, ``requires_grad`` and mode carry over, and the
     original class is remembered for :func:`from_sync_bn`.
 
-    ``process_group`` syncs within that group (default: all ranks);
-    ``group_size`` instead syncs within consecutive blocks of that many ranks,
-    e.g. ``group_size=8`` for one group per 8-GPU node (collective: call it on
-    every rank). ``modules=`` limits syncing to part of the model, e.g.
-    ``modules="backbone"``.
+    Args:
+        model: the model.
+        process_group: the ranks to sync within (default: all ranks).
+        group_size: instead, sync within consecutive blocks of that many ranks, e.g. ``group_size=8`` for
+            one group per 8-GPU node (collective: call it on every rank).
+        modules: limit syncing to part of the model, e.g. ``modules="backbone"``.
+        inplace: change ``model`` itself; by default a copy is changed.
+
+    Returns:
+        The model's root (a new object unless ``inplace=True``).
     """
     if group_size is not None:
         if process_group is not None:
@@ -70,9 +75,17 @@ def from_sync_bn(
     """Turn bndoctor's and torch's SyncBatchNorm layers back into BatchNorm1d/2d/3d.
 
     A layer made by :func:`to_sync_bn` becomes its original class again, with
-    every field (lossless round trip). Other SyncBatchNorm layers (built
-    directly, or torch's) need ``dims=1, 2 or 3`` to pick the class.
-    ``modules`` limits it to part of the model.
+    every field (lossless round trip).
+
+    Args:
+        model: the model.
+        dims: 1, 2 or 3: the BatchNorm class for SyncBatchNorm layers built directly (or torch's), which have
+            no original class to return to.
+        modules: limit it to part of the model.
+        inplace: change ``model`` itself; by default a copy is changed.
+
+    Returns:
+        The model's root (a new object unless ``inplace=True``).
     """
     return revert_layers(model, (SyncBatchNorm, nn.SyncBatchNorm), dims=dims, modules=modules, inplace=inplace)
 

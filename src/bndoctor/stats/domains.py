@@ -42,7 +42,13 @@ def _buffer(name: str, key: str) -> str:
 
 
 def store_stats(model: nn.Module, name: str, *, modules: ModuleSelection = None) -> None:
-    """Save each BN layer's current running statistics as the set ``name`` (overwrites)."""
+    """Save each BN layer's current running statistics as the set ``name`` (overwrites a set of that name).
+
+    Args:
+        model: the model.
+        name: the set's name, e.g. ``"target"``.
+        modules: the layers to store; default: all with running statistics.
+    """
     _check_name(name)
     for record in with_running_stats(model, modules):
         for key in _KEYS:
@@ -55,7 +61,14 @@ def store_stats(model: nn.Module, name: str, *, modules: ModuleSelection = None)
 
 
 def stats_sets(model: nn.Module) -> list[str]:
-    """Names of the statistics sets stored on any BN layer of ``model``."""
+    """Names of the statistics sets stored on any BN layer of ``model``.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The set names, in the order first found.
+    """
     names: list[str] = []
     for record in with_running_stats(model):
         for attr in record.module._buffers:
@@ -67,7 +80,18 @@ def stats_sets(model: nn.Module) -> list[str]:
 
 
 def load_stats(model: nn.Module, name: str) -> list[str]:
-    """Copy the set ``name`` into the running statistics; returns the layers it was stored for."""
+    """Copy the set ``name`` into the running statistics.
+
+    Args:
+        model: the model.
+        name: a set stored with :func:`store_stats` or ``recalibrate(..., domain=name)``.
+
+    Returns:
+        The paths of the layers it was stored for.
+
+    Raises:
+        BNDoctorError: no layer holds a set of that name.
+    """
     _check_name(name)
     loaded = []
     with torch.no_grad():
@@ -89,7 +113,15 @@ def load_stats(model: nn.Module, name: str) -> list[str]:
 
 @contextmanager
 def use_stats(model: nn.Module, name: str) -> Iterator[nn.Module]:
-    """Use the set ``name`` inside the block; the previous statistics come back afterwards, also on error."""
+    """Use the set ``name`` inside the block; the previous statistics come back afterwards, also on error.
+
+    Args:
+        model: the model.
+        name: a stored set (see :func:`load_stats`).
+
+    Returns:
+        A context manager that yields ``model``.
+    """
     records = with_running_stats(model)
     saved = [(r.module.get_buffer(k), r.module.get_buffer(k).detach().clone()) for r in records for k in _KEYS]
     load_stats(model, name)
@@ -102,7 +134,14 @@ def use_stats(model: nn.Module, name: str) -> Iterator[nn.Module]:
 
 
 def export_stats(model: nn.Module) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """``{set: {layer: {"running_mean": ..., "running_var": ...}}}`` for ``torch.save``."""
+    """Every stored set as plain tensors on the CPU, for ``torch.save`` or JSON.
+
+    Args:
+        model: the model.
+
+    Returns:
+        ``{set: {layer: {"running_mean": ..., "running_var": ...}}}``.
+    """
     out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for name in stats_sets(model):
         for record in with_running_stats(model):
@@ -113,11 +152,18 @@ def export_stats(model: nn.Module) -> dict[str, dict[str, dict[str, torch.Tensor
 
 
 def import_stats(model: nn.Module, exported: Any) -> None:
-    """Store sets produced by :func:`export_stats` (``exported``, e.g. read back from JSON); all or nothing.
+    """Store sets produced by :func:`export_stats` (e.g. read back from a file); all or nothing.
 
     Every set, layer and tensor is checked first — the structure, the layer
     names, the shapes, finite means and non-negative finite variances — and
     only then registered, so a bad entry leaves the model as it was.
+
+    Args:
+        model: the model (the architecture the sets were exported from).
+        exported: what :func:`export_stats` returned.
+
+    Raises:
+        BNDoctorError: an entry that does not fit the model, or statistics that are not finite.
     """
     require_module(model)
     layers = {r.name: r for r in with_running_stats(model)}

@@ -1,6 +1,6 @@
 """Lightning under DDP on gloo (2 processes): the monitor samples, the layer-sync plugin syncs, metrics are logged.
 
-Each case runs tests/monitor/lightning_ddp_run.py in a fresh interpreter (the
+Each case runs tests/integrations/lightning_ddp_run.py in a fresh interpreter (the
 ``ddp`` strategy re-launches the script it runs), with a timeout so that a
 hang fails fast.
 """

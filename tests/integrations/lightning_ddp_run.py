@@ -1,4 +1,4 @@
-"""A Lightning run for tests/monitor/test_lightning_ddp.py (not a test itself).
+"""A Lightning run for tests/integrations/test_lightning_ddp.py (not a test itself).
 
     python lightning_ddp_run.py OUT_DIR STRATEGY DEVICES [--sync] [--accum]
 
