@@ -197,5 +197,8 @@ BENCH = Command(
     run_bench,
 )
 DEMO_COMMAND = Command(
-    "demo", "show BatchNorm failing at micro-batch 2 and the fixes (about two minutes on 2 cores)", add_demo_arguments, run_demo
+    "demo",
+    "show BatchNorm failing at micro-batch 2 and the fixes (about two minutes on 2 cores)",
+    add_demo_arguments,
+    run_demo,
 )
