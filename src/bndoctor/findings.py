@@ -118,8 +118,14 @@ class Alert:
     """A finding code raised while a model trains (the monitor, the noise advice), with its explanation.
 
     The module that raises it keeps its rule beside it; ``bndoctor explain CODE`` reads ``title`` and
-    :attr:`explanation`. ``fix`` is the advice every finding of the code carries unless the rule gives a
-    more specific one.
+    :attr:`explanation`.
+
+    Args:
+        code: the stable code of its findings, e.g. ``"BN501"``.
+        severity: ``"error"``, ``"warning"`` or ``"info"``.
+        title: one line on what it means.
+        why: why it matters.
+        fix: the advice every finding of the code carries unless the rule gives a more specific one.
     """
 
     code: str
