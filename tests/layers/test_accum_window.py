@@ -171,3 +171,111 @@ def test_the_held_windows_follow_the_layer_to_another_dtype():
     assert all(t.dtype == torch.float64 for t in held)
     eager = layer(x.double())  # normalises with the collected window, in float64 throughout
     assert eager.dtype == torch.float64 and torch.isfinite(eager).all()
+
+
+# --------------------------------------------------------------------------- running statistics of short runs
+
+
+def _commit_windows(layer, windows):
+    """Feed each window's micro-batches and close it; returns every window's (mean, unbiased var) in float64."""
+    layer.acquire_control()
+    layer.train()
+    stats = []
+    for xs in windows:
+        for x in xs:
+            layer(x)
+        values = torch.cat([x.transpose(0, 1).reshape(C, -1) for x in xs], dim=1)
+        stats.append((values.mean(1), values.var(1, unbiased=True)))
+        layer.close_window()
+    return stats
+
+
+def _windows(count, seed=0):
+    return [[_micro(100 * seed + 10 * w + k) for k in range(3)] for w in range(count)]
+
+
+def test_a_fresh_layer_warm_starts_its_running_statistics_from_the_first_window():
+    """Running statistics still at their initial values: window k commits with momentum / (1 - (1 - momentum)^k)."""
+    layer = bd.AccumBatchNorm(C, momentum=0.1, dtype=torch.float64)
+    assert layer.warm_start is None and layer.warm_decision is None  # decided at the first commit, on the device
+    stats = _commit_windows(layer, _windows(1))
+    assert bool(layer.warm_decision) and int(layer.num_batches_tracked) == 1
+    torch.testing.assert_close(layer.running_mean, stats[0][0], rtol=1e-12, atol=1e-12)  # the initial values are gone
+    torch.testing.assert_close(layer.running_var, stats[0][1], rtol=1e-12, atol=1e-12)
+    stats += _commit_windows(layer, _windows(3, seed=1))
+    m, k = 0.1, len(stats)
+    weights = torch.tensor([m * (1 - m) ** (k - i) for i in range(1, k + 1)], dtype=torch.float64)
+    weights /= 1 - (1 - m) ** k  # the EMA of the windows, its weights summing to one
+    assert abs(float(weights.sum()) - 1.0) < 1e-12
+    for index, running in ((0, layer.running_mean), (1, layer.running_var)):
+        expected = sum(w * s[index] for w, s in zip(weights, stats))
+        torch.testing.assert_close(running, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_trained_or_loaded_statistics_and_warm_start_false_take_plain_ema_steps():
+    """A checkpoint's statistics (even with num_batches_tracked 0, as many pretrained weights ship) are kept."""
+    loaded = bd.AccumBatchNorm(C, momentum=0.1, dtype=torch.float64)
+    with torch.no_grad():
+        loaded.running_mean.uniform_(-1, 1)
+        loaded.running_var.uniform_(0.5, 2)
+    cold = bd.AccumBatchNorm(C, momentum=0.1, dtype=torch.float64, warm_start=False)
+    for layer in (loaded, cold):
+        before = (layer.running_mean.clone(), layer.running_var.clone())
+        (mean, var), *_ = _commit_windows(layer, _windows(1))
+        assert not (layer.warm_decision is not None and bool(layer.warm_decision))
+        torch.testing.assert_close(layer.running_mean, 0.9 * before[0] + 0.1 * mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.running_var, 0.9 * before[1] + 0.1 * var, rtol=1e-12, atol=1e-12)
+    with pytest.raises(bd.BNDoctorError, match="warm_start"):
+        bd.AccumBatchNorm(C, warm_start="yes")
+
+
+def test_reset_running_stats_decides_the_warm_start_again_and_conversion_passes_it_on():
+    layer = bd.AccumBatchNorm(C, momentum=0.1, dtype=torch.float64)
+    with torch.no_grad():
+        layer.running_mean.fill_(3.0)
+    _commit_windows(layer, _windows(1))
+    assert not bool(layer.warm_decision)  # trained statistics
+    layer.reset_running_stats()
+    assert layer.warm_decision is None
+    (mean, _), *_ = _commit_windows(layer, _windows(1, seed=2))
+    assert bool(layer.warm_decision)
+    torch.testing.assert_close(layer.running_mean, mean, rtol=1e-12, atol=1e-12)
+    converted = bd.to_accum_bn(nn.Sequential(nn.BatchNorm2d(C)), warm_start=False)
+    assert converted[0].warm_start is False and "warm_start=False" in repr(converted[0])
+
+
+def test_a_ten_step_run_evaluates_close_to_its_recalibrated_statistics():
+    """One EMA step per window left a 10-step run's statistics near their initial values (digits, shuffled
+    micro-batches of 2 x 32: 46 % against 75 % recalibrated for this seed); the warm start closes most of that
+    (benchmarks/short_runs.py has the table over seeds)."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from bndoctor.bench.data import load_data
+    from bndoctor.bench.samplers import schedule
+    from bndoctor.models import tiny_resnet
+
+    data = load_data("digits", "source")
+
+    def accuracy(model):
+        with torch.no_grad():
+            return (model.eval()(data.x_val).argmax(1) == data.y_val).double().mean().item()
+
+    def ten_steps(warm_start):
+        torch.manual_seed(0)
+        model = bd.to_accum_bn(tiny_resnet(10), warm_start=warm_start)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        bd.accumulate_bn(model, optimizer)
+        for _, logical in zip(range(10), schedule(data.y_train, 2, 32, "iid", np.random.default_rng(0))):
+            optimizer.zero_grad()
+            for idx in logical:
+                F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).div(len(logical)).backward()
+            optimizer.step()
+        return model
+
+    cold, model = accuracy(ten_steps(False)), ten_steps(None)
+    warm = accuracy(model)
+    order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[:400]
+    bd.recalibrate(model, [data.x_train[order[i : i + 50]] for i in range(0, 400, 50)], progress=False)
+    recalibrated = accuracy(model)
+    assert warm - cold >= 0.6 * (recalibrated - cold), (cold, warm, recalibrated)

@@ -10,6 +10,17 @@ and takes one kernel for several tensors on a GPU). A window with NaN or Inf,
 or with no samples, is not committed; that is decided on the device, with no
 host synchronisation.
 
+Warm start (a window's ``warm_start``): window k is committed with the factor
+``momentum / (1 - (1 - momentum)^k)`` (k: the layer's committed windows,
+``num_batches_tracked``), the bias correction of Adam's moment estimates
+(Kingma & Ba 2015). The first window then replaces the initial values, and
+the running statistics are the EMA of the windows so far with weights that
+sum to one. ``warm_start=None`` is decided at a layer's first commit, on the
+device: warm when ``num_batches_tracked`` is 0 and the running statistics
+still hold their initial values (mean 0, variance 1), not for statistics
+that were trained or loaded. The decision is kept on the device as the
+layer's ``warm_decision`` (a 0-d bool tensor), so no commit reads the host.
+
 A window is anything that answers :class:`Window`: accumulation-aware BN
 (:class:`~bndoctor.layers.AccumBatchNorm`) does.
 """
@@ -56,6 +67,8 @@ class Window(Protocol):
     num_features: int
     momentum: float | None
     track_running_stats: bool
+    warm_start: bool | None  # the layer's choice: always, never, or None (decided at the first commit)
+    warm_decision: torch.Tensor | None  # set by commit_windows at the first commit
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     num_batches_tracked: torch.Tensor | None
@@ -96,6 +109,18 @@ def commit_windows(layers: Iterable[Window]) -> None:
             layer.forget_window()
 
 
+def _decide_warm_start(layer: Window) -> torch.Tensor:
+    """The layer's warm start as a 0-d bool tensor on its device, decided once (no host read)."""
+    if layer.warm_decision is None:
+        mean, var, tracked = layer.running_mean, layer.running_var, layer.num_batches_tracked
+        if layer.warm_start is not None:
+            layer.warm_decision = torch.full((), layer.warm_start, device=mean.device)  # type: ignore[union-attr]
+        else:  # still torch's initial values, with no batch counted
+            fresh = (mean == 0).all() & (var == 1).all()  # type: ignore[operator, union-attr]
+            layer.warm_decision = fresh if tracked is None else fresh & (tracked == 0)
+    return layer.warm_decision
+
+
 #: per (device, channel counts): the layer index of each channel of the concatenated windows
 _CHANNEL_LAYER: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
 
@@ -122,12 +147,21 @@ def _commit_group(group: list[Window], device: torch.device, dtype: torch.dtype,
     check.index_add_(0, channel_layer, means.to(torch.float64, copy=True).add_(unbiased))
     valid = check.isfinite().logical_and_(counts > 0)
     tracked: list[torch.Tensor] = [layer.num_batches_tracked for layer in group]  # type: ignore[misc]
+    warm = (
+        None
+        if momentum is None or all(layer.warm_start is False for layer in group)
+        else torch.stack([_decide_warm_start(layer) for layer in group])
+    )  # decided before this window is counted
     torch._foreach_add_(tracked, valid.to(tracked[0].dtype).unbind())
     # an invalid window gets the factor 0, and its NaN/Inf are zeroed first: lerp(r, s, 0) is exactly r
     if momentum is None:  # the cumulative average: 1/k with k the layer's count of committed windows
         factor = valid.to(dtype).div_(torch.stack(tracked).clamp(min=1).to(dtype))
     else:
         factor = valid.to(dtype).mul_(momentum)
+        if warm is not None:  # bias-corrected: momentum / (1 - (1 - momentum)^k); the first window's factor is 1
+            committed = torch.stack(tracked).clamp(min=1).to(dtype)
+            correction = torch.pow(1.0 - momentum, committed).neg_().add_(1.0)
+            factor = torch.where(warm, factor / correction, factor)
     stats = torch.cat([means, unbiased]).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     if stats.dtype != dtype:
         stats = stats.to(dtype)

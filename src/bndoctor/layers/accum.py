@@ -40,6 +40,18 @@ A window is closed by :func:`bndoctor.accumulate_bn` (an optimizer step hook)
 or by the :func:`bndoctor.accumulation_window` context manager. In training
 mode without either, the layer behaves as plain BatchNorm and warns once.
 In eval mode it is plain BatchNorm with its running statistics.
+
+Running statistics take one EMA step per window, K times fewer than plain
+BatchNorm takes in the same run, so a short run's EMA would still hold much of
+its initial values (mean 0, variance 1). With ``warm_start`` (the default for
+a layer whose running statistics are still those initial values when its
+first window commits) the steps are bias-corrected as Adam's moments are
+(Kingma & Ba 2015): window k is committed with the factor
+``momentum / (1 - (1 - momentum)^k)``, so the first window replaces the
+initial values, the running statistics are always the EMA of the windows
+committed so far normalised to weights summing to one, and the factor falls
+to ``momentum`` as k grows. Running statistics that were trained or loaded
+(a pretrained model being fine-tuned) take plain EMA steps.
 """
 
 from __future__ import annotations
@@ -103,7 +115,11 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
     Same arguments as ``torch.nn.BatchNorm2d`` plus ``mode`` (``"renorm"``,
     ``"progressive"`` or ``"blend"``; see :mod:`bndoctor.layers.accum`),
     ``sync`` (pool each window across the ranks of ``process_group`` too;
-    default the world) and ``process_group``; accepts inputs
+    default the world), ``process_group`` and ``warm_start`` (bias-corrected
+    EMA steps from the first window: ``True``, ``False``, or ``None``, the
+    default: when the running statistics still hold their initial values and
+    ``num_batches_tracked`` is 0 at the first commit; see
+    :mod:`bndoctor.layers.accum`); accepts inputs
     ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` and ``(N, C, D, H, W)``. Build
     it with :func:`bndoctor.to_accum_bn` and attach the window control with
     :func:`bndoctor.accumulate_bn`.
@@ -129,13 +145,21 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         process_group: Any = None,
         device: Any = None,
         dtype: Any = None,
+        warm_start: bool | None = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         if mode not in ("progressive", "renorm", "blend"):
             raise BNDoctorError(
                 f"expected mode 'progressive', 'renorm' or 'blend' (got {mode!r})", hint="the default is fine"
             )
+        if warm_start not in (None, True, False):
+            raise BNDoctorError(
+                f"expected warm_start True, False or None (got {warm_start!r})",
+                hint="None (the default) warm-starts layers whose running statistics are still the initial values",
+            )
         self.mode = mode
+        self.warm_start = warm_start
+        self.warm_decision: torch.Tensor | None = None  # commit_windows decides it at the first commit
         self.sync = sync
         self._group = distributed.GroupRef(process_group)
         self._bndoctor_source_class: type | None = None
@@ -164,6 +188,10 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         """
         return self._window
 
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        self.__dict__["warm_decision"] = None  # fresh statistics: the next commit decides the warm start again
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         super()._apply(fn, recurse)
         self._match_window()
@@ -182,13 +210,17 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             self._window = [torch.zeros(t.shape, device=device, dtype=dtype) for t in self._window]
             self.forget_window()
             self._previous = None
+            self.__dict__["warm_decision"] = None
         else:
             self._window = [t.to(device=device, dtype=dtype) for t in self._window]
-            # the collected window (two passes) and the last window (blend) travel with it
+            # the collected window (two passes), the last window (blend) and the warm-start decision travel with it
             for name in ("_collected", "_previous"):
                 held = self.__dict__.get(name)
                 if held is not None:
                     self.__dict__[name] = tuple(t.to(device=device, dtype=dtype) for t in held)
+            decision = self.__dict__.get("warm_decision")
+            if decision is not None:
+                self.__dict__["warm_decision"] = decision.to(device=device)
 
     def reset_window(self) -> None:
         """Forget the open window's statistics (and collected ones) without committing them."""
@@ -410,7 +442,8 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         return count, mean, m2 / count  # every term of the pooled M2 is >= 0
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", mode={self.mode}" + (", sync=True" if self.sync else "")
+        warm = "" if self.warm_start is None else f", warm_start={self.warm_start}"
+        return super().extra_repr() + f", mode={self.mode}" + (", sync=True" if self.sync else "") + warm
 
 
 @torch.no_grad()

@@ -52,6 +52,7 @@ def to_accum_bn(
     mode: AccumMode = "renorm",
     sync: bool | None = None,
     process_group: Any = None,
+    warm_start: bool | None = None,
     modules: ModuleSelection = None,
     inplace: bool = False,
 ) -> nn.Module:
@@ -73,6 +74,11 @@ def to_accum_bn(
             micro-batch x accumulation steps x world size; ``None`` (default) syncs exactly the layers that
             are SyncBatchNorm now (bndoctor's or torch's), keeping their process group unless one is given.
         process_group: the ranks to pool over (default: all).
+        warm_start: commit the first windows with bias-corrected EMA steps, so that a short run's running
+            statistics do not keep their initial values (one EMA step per window is K times fewer steps than
+            plain BN takes). ``None`` (default): for layers whose running statistics are still the initial
+            values (mean 0, variance 1, nothing counted) when their first window commits; statistics that
+            were trained or loaded (fine-tuning) take plain EMA steps. ``True``/``False``: always/never.
         modules: the layers to convert; default: all.
         inplace: change ``model`` itself; by default a copy is changed.
 
@@ -100,6 +106,7 @@ def to_accum_bn(
             process_group=group if synced else None,
             device=None if source is None else source.device,
             dtype=None if source is None else source.dtype,
+            warm_start=warm_start,
         )
 
     return swap_layers(model, make, modules=modules, inplace=inplace, operation="to_accum_bn")
