@@ -384,16 +384,20 @@ def _gather_moments(local: list[Moments], used: int, group: Any) -> tuple[list[M
     return out, int(gathered[:, 0].sum().item())
 
 
-def _relative_changes(new: list[torch.Tensor], old: list[torch.Tensor]) -> list[float]:
-    """``|new - old| / |old|`` (Euclidean norms) for each pair, in one pass over all layers."""
-    if not new:
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' values as one float64 vector on the host (one concatenation when they share a device)."""
+    if len({t.device for t in tensors}) == 1:
+        return torch.cat(tensors).double().cpu()
+    return torch.cat([t.double().cpu() for t in tensors])
+
+
+def _relative_changes(new: torch.Tensor, old: torch.Tensor, sizes: list[int]) -> list[float]:
+    """``|new - old| / |old|`` (Euclidean norms) per consecutive part of ``sizes`` values, for all parts at once."""
+    if not sizes:
         return []
-    sizes = [t.numel() for t in new]
-    layer = torch.repeat_interleave(torch.arange(len(new)), torch.tensor(sizes))
-    new_flat = torch.cat([t.detach().double().cpu() for t in new])
-    old_flat = torch.cat([t.detach().double().cpu() for t in old])
-    diff = torch.zeros(len(new), dtype=torch.float64).index_add_(0, layer, (new_flat - old_flat) ** 2).sqrt()
-    scale = torch.zeros(len(new), dtype=torch.float64).index_add_(0, layer, old_flat**2).sqrt()
+    part = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    diff = torch.zeros(len(sizes), dtype=torch.float64).index_add_(0, part, (new - old) ** 2).sqrt()
+    scale = torch.zeros(len(sizes), dtype=torch.float64).index_add_(0, part, old**2).sqrt()
     return torch.where(scale > 0, diff / scale.clamp(min=1e-300), diff).tolist()
 
 
@@ -623,12 +627,13 @@ def _require_samples(global_samples: int, used: int, num_samples: int | None, di
 def _write(recorder: _Pass, pooled: list[Moments]) -> list[LayerChange]:
     """Write the pooled statistics into the layers the pass reached; report how far each moved."""
     modules = [layer.module for layer in recorder.layers]
-    old = [m.running_mean.clone() for m in modules] + [m.running_var.clone() for m in modules]
+    buffers = [m.running_mean for m in modules] + [m.running_var for m in modules]
+    old = _flat(buffers) if buffers else None
     for module, moments in zip(modules, pooled):
         if moments.count > 0:
             module.running_mean.copy_(moments.mean.to(module.running_mean.dtype))
             module.running_var.copy_(moments.var_unbiased.to(module.running_var.dtype))
-    both = _relative_changes([m.running_mean for m in modules] + [m.running_var for m in modules], old)
+    both = _relative_changes(_flat(buffers), old, [t.numel() for t in buffers]) if buffers else []
     mean_changes, var_changes = both[: len(modules)], both[len(modules) :]
     return [
         LayerChange(layer.record.name, m.count > 0, int(m.count), layer.calls, dm, dv)
