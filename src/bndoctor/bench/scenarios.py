@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch.nn as nn
 
@@ -177,220 +177,197 @@ def frozen_bn(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- built-in scenarios
+# Each data set's catalogue is a list of rows (name, description, fields) that one builder registers, in
+# order; the rows of a family are written once, with the data set's names and words filled in.
 
-register(Scenario("bn-64", "BatchNorm at batch 64: the large-batch reference"))
-register(
-    Scenario(
-        "bn-2x32-iid",
-        "BatchNorm at micro-batch 2 x 32 accumulation steps (logical 64), shuffled data",
-        micro_batch=2,
-        accum_steps=32,
-    )
-)
-register(
-    Scenario(
-        "bn-2x32-corr",
-        "BatchNorm at micro-batch 2 x 32, each micro-batch from one class (logical batches mix classes)",
-        micro_batch=2,
-        accum_steps=32,
-        sampler="correlated",
-    )
-)
-register(
-    Scenario(
-        "bn-eval-2x32-corr",
-        "BN layers kept in eval mode while the rest trains (training without batch statistics), 2 x 32 correlated",
-        micro_batch=2,
-        accum_steps=32,
-        sampler="correlated",
-        bn_eval=True,
-    )
-)
-register(
-    Scenario(
-        "bn-2x32-corr-recal",
-        "BatchNorm at micro-batch 2 x 32, correlated, statistics recalibrated every epoch (bndoctor.recalibrate)",
-        micro_batch=2,
-        accum_steps=32,
-        sampler="correlated",
-        recalibrate=True,
-    )
-)
-for _mode in ("progressive", "renorm", "blend"):
-    for _sampler, _tag in (("correlated", "corr"), ("iid", "iid")):
-        register(
-            Scenario(
-                f"accbn{'' if _mode == 'progressive' else '-' + _mode}-2x32-{_tag}",
-                f"accumulation-aware BN ({_mode}) at micro-batch 2 x 32: each micro-batch normalised with the "
-                f"statistics of its accumulation window so far ({_tag})",
-                group="accum",
-                micro_batch=2,
-                accum_steps=32,
-                sampler=_sampler,
-                accum_bn=_mode,
-            )
-        )
-for _sampler, _tag in (("correlated", "corr"), ("iid", "iid")):
-    register(
-        Scenario(
-            f"accbn-2pass-2x32-{_tag}",
-            f"accumulation-aware BN (renorm) at micro-batch 2 x 32, two passes: a no-grad pass collects the "
-            f"whole window's statistics, the gradient pass normalises every micro-batch with them ({_tag})",
-            group="accum",
-            micro_batch=2,
-            accum_steps=32,
-            sampler=_sampler,
-            accum_bn="renorm",
-            two_pass=True,
-        )
-    )
-for _sampler, _tag in (("correlated", "corr"), ("iid", "iid")):
-    register(
-        Scenario(
-            f"brn-2x32-{_tag}",
-            f"Batch Renormalization (Ioffe 2017; r_max 3, d_max 5, momentum 0.01) at micro-batch 2 x 32 ({_tag})",
-            group="accum",
-            micro_batch=2,
-            accum_steps=32,
-            sampler=_sampler,
-            batch_renorm=True,
-        )
-    )
-# Short runs (5 epochs, 3,595 micro-steps at 2 x 32): Batch Renorm's r_max/d_max warm-up (5,000 forwards by
-# default) never finishes, so it depends on a schedule tuned to the run length; accumulation-aware BN has none.
-_SHORT = dict(group="accum", epochs=5)
-register(Scenario("bn-64-5ep", "BatchNorm at batch 64, 5 epochs (reference for the short runs)", **_SHORT))
-register(
-    Scenario(
-        "accbn-renorm-2x32-corr-5ep",
-        "accumulation-aware BN (renorm) at micro-batch 2 x 32, correlated, 5 epochs",
-        micro_batch=2,
-        accum_steps=32,
-        sampler="correlated",
-        accum_bn="renorm",
-        **_SHORT,
-    )
-)
-for _warmup in (5000, 1000):
-    register(
-        Scenario(
-            f"brn{'' if _warmup == 5000 else '-warmup1k'}-2x32-corr-5ep",
-            f"Batch Renormalization at micro-batch 2 x 32, correlated, 5 epochs, r_max/d_max warm-up over {_warmup} "
-            "forwards",
-            micro_batch=2,
-            accum_steps=32,
-            sampler="correlated",
-            batch_renorm=True,
-            brn_warmup=_warmup,
-            **_SHORT,
-        )
-    )
-register(Scenario("gn-64", "GroupNorm at batch 64", norm="group"))
-register(
-    Scenario(
-        "gn-2x32-corr",
-        "GroupNorm at micro-batch 2 x 32, correlated micro-batches",
-        norm="group",
-        micro_batch=2,
-        accum_steps=32,
-        sampler="correlated",
-    )
-)
+Row = tuple[str, str, dict[str, Any]]
+_TINY: dict[str, Any] = dict(micro_batch=2, accum_steps=32)  # the harness's physical batch, logical 64
+_SAMPLERS = (("correlated", "corr"), ("iid", "iid"))
+_MODES = ("progressive", "renorm", "blend")
 
-for _sync in (False, True):
-    register(
-        Scenario(
-            f"{'syncbn' if _sync else 'bn'}-2x8x4-corr",
-            f"{'bndoctor SyncBatchNorm' if _sync else 'local BatchNorm'} on 4 DDP ranks (gloo) x micro-batch 2 x 8 "
-            "accumulation steps (logical 64), one class per micro-batch; 6 epochs (SyncBN's 2 collectives per "
-            "layer per micro-step cost ~6 ms each with 4 processes on 2 cores)",
-            group="distributed",
-            micro_batch=2,
-            accum_steps=8,
-            sampler="correlated",
-            world_size=4,
-            sync_bn=_sync,
-            epochs=6,
-        )
-    )
 
-register(
-    Scenario(
-        "accbn-sync-2x8x4-corr",
-        "accumulation-aware BN (renorm) pooled across 4 DDP ranks (gloo) x micro-batch 2 x 8 accumulation steps: "
-        "every micro-step normalised with the window so far over all ranks (one collective per layer per "
-        "micro-step), one class per micro-batch; 6 epochs",
-        group="distributed",
-        micro_batch=2,
-        accum_steps=8,
-        sampler="correlated",
-        world_size=4,
-        sync_bn=True,
-        accum_bn="renorm",
-        epochs=6,
-    )
-)
+def _catalogue(rows: Iterable[Row], **common: Any) -> None:
+    """Register each row's scenario, with ``common`` fields (group, data set, epochs, ...) added.
+
+    The one builder of every catalogue: digits, MNIST-1D and the user's data (:func:`data_scenarios`).
+    """
+    for name, description, fields in rows:
+        register(Scenario(name, description, **{**common, **fields}))
+
+
+def _sweep_rows(lines: Iterable[tuple[str, str, str]], describe: Callable[[str, str, int], str]) -> list[Row]:
+    """The batch-size sweep: each line (name prefix, norm, sampler) at every batch, logical batch 32."""
+    return [
+        (
+            f"{prefix}-{b}",
+            describe(norm, sampler, b),
+            dict(norm=norm, micro_batch=b, accum_steps=SWEEP_LOGICAL // b, sampler=sampler, lr=0.025),
+        )
+        for prefix, norm, sampler in lines
+        for b in SWEEP_BATCHES
+    ]
+
+
+def _ranks_rows(prefix: str, describe: Callable[[str, dict[str, Any]], str]) -> list[Row]:
+    """Local BN, SyncBN and accumulation-aware BN pooled across ranks: 4 DDP ranks x micro-batch 2 x 8."""
+    ranks = dict(micro_batch=2, accum_steps=8, sampler="correlated", world_size=4, epochs=6)
+    variants = (("bn", {}), ("syncbn", {"sync_bn": True}), ("accbn-sync", {"sync_bn": True, "accum_bn": "renorm"}))
+    return [(f"{prefix}{name}-2x8x4-corr", describe(name, extra), {**ranks, **extra}) for name, extra in variants]
+
 
 SWEEP_BATCHES = (32, 16, 8, 4, 2)
 #: the logical batch of every run of the sweep
 SWEEP_LOGICAL = 32
-#: (name prefix, norm, sampler) of each line of the batch-size sweep
+#: (name prefix, norm, sampler) of each line of the digits batch-size sweep
 SWEEP_LINES = (("sweep-bn", "batch", "iid"), ("sweep-gn", "group", "iid"), ("sweep-bn-corr", "batch", "correlated"))
-for _prefix, _norm, _sampler in SWEEP_LINES:
-    for _b in SWEEP_BATCHES:
-        register(
-            Scenario(
-                f"{_prefix}-{_b}",
-                f"{'BatchNorm' if _norm == 'batch' else 'GroupNorm'} at batch {_b}"
-                f"{', one class per micro-batch,' if _sampler == 'correlated' else ''} accumulated to a logical "
-                "batch of 32 (the Group Normalization paper's sweep in miniature)",
-                group="sweep",
-                norm=_norm,
-                micro_batch=_b,
-                accum_steps=SWEEP_LOGICAL // _b,
-                sampler=_sampler,
-                lr=0.025,
-            )
-        )
 
-_FT = dict(group="finetune", domain="shifted", pretrain="bn-64", epochs=8, lr=0.01)
-register(Scenario("ft-bn-64", "fine-tune the batch-64 model on shifted data at batch 64 (reference)", **_FT))
-for _sampler, _tag in (("correlated", "corr"), ("iid", "iid")):
-    _data = "micro-batches of one class each" if _tag == "corr" else "shuffled data"
-    register(
-        Scenario(
-            f"ft-bn-train-2x32-{_tag}",
-            f"fine-tune on shifted data at micro-batch 2 x 32 ({_data}), BN left in training mode",
-            micro_batch=2,
-            accum_steps=32,
-            sampler=_sampler,
-            **_FT,
+# --------------------------------------------------------------------------- digits
+
+_catalogue(
+    [
+        ("bn-64", "BatchNorm at batch 64: the large-batch reference", {}),
+        ("bn-2x32-iid", "BatchNorm at micro-batch 2 x 32 accumulation steps (logical 64), shuffled data", _TINY),
+        (
+            "bn-2x32-corr",
+            "BatchNorm at micro-batch 2 x 32, each micro-batch from one class (logical batches mix classes)",
+            dict(_TINY, sampler="correlated"),
+        ),
+        (
+            "bn-eval-2x32-corr",
+            "BN layers kept in eval mode while the rest trains (training without batch statistics), 2 x 32 correlated",
+            dict(_TINY, sampler="correlated", bn_eval=True),
+        ),
+        (
+            "bn-2x32-corr-recal",
+            "BatchNorm at micro-batch 2 x 32, correlated, statistics recalibrated every epoch (bndoctor.recalibrate)",
+            dict(_TINY, sampler="correlated", recalibrate=True),
+        ),
+    ]
+)
+_catalogue(
+    [
+        (
+            f"accbn{'' if mode == 'progressive' else '-' + mode}-2x32-{tag}",
+            f"accumulation-aware BN ({mode}) at micro-batch 2 x 32: each micro-batch normalised with the "
+            f"statistics of its accumulation window so far ({tag})",
+            dict(_TINY, sampler=sampler, accum_bn=mode),
         )
-    )
-    register(
-        Scenario(
-            f"ft-bn-frozen-2x32-{_tag}",
-            f"fine-tune on shifted data at micro-batch 2 x 32 ({_data}), BN statistics frozen (bndoctor.freeze_bn)",
-            micro_batch=2,
-            accum_steps=32,
-            sampler=_sampler,
-            remedy=frozen_bn,
-            **_FT,
+        for mode in _MODES
+        for sampler, tag in _SAMPLERS
+    ]
+    + [
+        (
+            f"accbn-2pass-2x32-{tag}",
+            f"accumulation-aware BN (renorm) at micro-batch 2 x 32, two passes: a no-grad pass collects the "
+            f"whole window's statistics, the gradient pass normalises every micro-batch with them ({tag})",
+            dict(_TINY, sampler=sampler, accum_bn="renorm", two_pass=True),
         )
-    )
-    register(
-        Scenario(
-            f"ft-bn-frozen-2x32-{_tag}-recal",
-            f"fine-tune on shifted data at micro-batch 2 x 32 ({_data}), BN frozen and its statistics "
-            "recalibrated on the target data every epoch (bndoctor.recalibrate)",
-            micro_batch=2,
-            accum_steps=32,
-            sampler=_sampler,
-            remedy=frozen_bn,
-            recalibrate=True,
-            **_FT,
+        for sampler, tag in _SAMPLERS
+    ]
+    + [
+        (
+            f"brn-2x32-{tag}",
+            f"Batch Renormalization (Ioffe 2017; r_max 3, d_max 5, momentum 0.01) at micro-batch 2 x 32 ({tag})",
+            dict(_TINY, sampler=sampler, batch_renorm=True),
         )
-    )
+        for sampler, tag in _SAMPLERS
+    ],
+    group="accum",
+)
+# Short runs (5 epochs, 3,595 micro-steps at 2 x 32): Batch Renorm's r_max/d_max warm-up (5,000 forwards by
+# default) never finishes, so it depends on a schedule tuned to the run length; accumulation-aware BN has none.
+_catalogue(
+    [
+        ("bn-64-5ep", "BatchNorm at batch 64, 5 epochs (reference for the short runs)", {}),
+        (
+            "accbn-renorm-2x32-corr-5ep",
+            "accumulation-aware BN (renorm) at micro-batch 2 x 32, correlated, 5 epochs",
+            dict(_TINY, sampler="correlated", accum_bn="renorm"),
+        ),
+    ]
+    + [
+        (
+            f"brn{'' if warmup == 5000 else '-warmup1k'}-2x32-corr-5ep",
+            f"Batch Renormalization at micro-batch 2 x 32, correlated, 5 epochs, r_max/d_max warm-up over {warmup} "
+            "forwards",
+            dict(_TINY, sampler="correlated", batch_renorm=True, brn_warmup=warmup),
+        )
+        for warmup in (5000, 1000)
+    ],
+    group="accum",
+    epochs=5,
+)
+_catalogue(
+    [
+        ("gn-64", "GroupNorm at batch 64", dict(norm="group")),
+        (
+            "gn-2x32-corr",
+            "GroupNorm at micro-batch 2 x 32, correlated micro-batches",
+            dict(_TINY, norm="group", sampler="correlated"),
+        ),
+    ]
+)
+_RANKS_WORDS = {
+    "bn": "local BatchNorm",
+    "syncbn": "bndoctor SyncBatchNorm",
+}
+_catalogue(
+    _ranks_rows(
+        "",
+        lambda name, _: (
+            f"{_RANKS_WORDS[name]} on 4 DDP ranks (gloo) x micro-batch 2 x 8 accumulation steps (logical 64), one "
+            "class per micro-batch; 6 epochs (SyncBN's 2 collectives per layer per micro-step cost ~6 ms each with 4 "
+            "processes on 2 cores)"
+            if name in _RANKS_WORDS
+            else "accumulation-aware BN (renorm) pooled across 4 DDP ranks (gloo) x micro-batch 2 x 8 accumulation "
+            "steps: every micro-step normalised with the window so far over all ranks (one collective per layer per "
+            "micro-step), one class per micro-batch; 6 epochs"
+        ),
+    ),
+    group="distributed",
+)
+_catalogue(
+    _sweep_rows(
+        SWEEP_LINES,
+        lambda norm, sampler, b: (
+            f"{'BatchNorm' if norm == 'batch' else 'GroupNorm'} at batch {b}"
+            f"{', one class per micro-batch,' if sampler == 'correlated' else ''} accumulated to a logical "
+            "batch of 32 (the Group Normalization paper's sweep in miniature)"
+        ),
+    ),
+    group="sweep",
+)
+_catalogue(
+    [("ft-bn-64", "fine-tune the batch-64 model on shifted data at batch 64 (reference)", {})]
+    + [
+        row
+        for sampler, tag in _SAMPLERS
+        for data in ["micro-batches of one class each" if tag == "corr" else "shuffled data"]
+        for row in (
+            (
+                f"ft-bn-train-2x32-{tag}",
+                f"fine-tune on shifted data at micro-batch 2 x 32 ({data}), BN left in training mode",
+                dict(_TINY, sampler=sampler),
+            ),
+            (
+                f"ft-bn-frozen-2x32-{tag}",
+                f"fine-tune on shifted data at micro-batch 2 x 32 ({data}), BN statistics frozen (bndoctor.freeze_bn)",
+                dict(_TINY, sampler=sampler, remedy=frozen_bn),
+            ),
+            (
+                f"ft-bn-frozen-2x32-{tag}-recal",
+                f"fine-tune on shifted data at micro-batch 2 x 32 ({data}), BN frozen and its statistics "
+                "recalibrated on the target data every epoch (bndoctor.recalibrate)",
+                dict(_TINY, sampler=sampler, remedy=frozen_bn, recalibrate=True),
+            ),
+        )
+    ],
+    group="finetune",
+    domain="shifted",
+    pretrain="bn-64",
+    epochs=8,
+    lr=0.01,
+)
 
 #: The curated subset that ``bndoctor demo`` runs: the failure and its fixes.
 DEMO = (
@@ -403,162 +380,124 @@ DEMO = (
     "ft-bn-frozen-2x32-corr-recal",
 )
 
-# --------------------------------------------------------------------------- MNIST-1D (group "mnist1d")
+# --------------------------------------------------------------------------- MNIST-1D
 # Greydanus (2020), "Scaling down deep learning": 4,000 training sequences of 40 values, 10 classes, generated
 # offline by the mnist1d package; the paper reports logistic regression 32 %, MLP 68 %, CNN 94 %, GRU 91 %,
 # human 96 % test accuracy. The model is bndoctor's resnet1d (BatchNorm1d). The same families as on digits.
-_M1D = dict(group="mnist1d", dataset="mnist1d", epochs=12, lr=0.05)
-_M1D_SMALL = dict(micro_batch=2, accum_steps=32, **_M1D)
-register(Scenario("m1d-bn-64", "MNIST-1D: BatchNorm at batch 64, the large-batch reference", **_M1D))
-register(Scenario("m1d-gn-64", "MNIST-1D: GroupNorm at batch 64", norm="group", **_M1D))
-for _sampler, _tag in (("iid", "iid"), ("correlated", "corr")):
-    _what = "shuffled" if _tag == "iid" else "one class per micro-batch"
-    register(
-        Scenario(f"m1d-bn-2x32-{_tag}", f"MNIST-1D: BatchNorm at 2 x 32 ({_what})", sampler=_sampler, **_M1D_SMALL)
-    )
-    register(
-        Scenario(
-            f"m1d-gn-2x32-{_tag}",
-            f"MNIST-1D: GroupNorm at 2 x 32 ({_what})",
-            norm="group",
-            sampler=_sampler,
-            **_M1D_SMALL,
+_M1D = dict(dataset="mnist1d", lr=0.05)
+_catalogue(
+    [
+        ("m1d-bn-64", "MNIST-1D: BatchNorm at batch 64, the large-batch reference", {}),
+        ("m1d-gn-64", "MNIST-1D: GroupNorm at batch 64", dict(norm="group")),
+    ]
+    + [
+        row
+        for sampler, tag in reversed(_SAMPLERS)
+        for what in ["shuffled" if tag == "iid" else "one class per micro-batch"]
+        for row in (
+            (f"m1d-bn-2x32-{tag}", f"MNIST-1D: BatchNorm at 2 x 32 ({what})", dict(_TINY, sampler=sampler)),
+            (
+                f"m1d-gn-2x32-{tag}",
+                f"MNIST-1D: GroupNorm at 2 x 32 ({what})",
+                dict(_TINY, norm="group", sampler=sampler),
+            ),
+            *(
+                (
+                    f"m1d-accbn-{mode}-2x32-{tag}",
+                    f"MNIST-1D: accumulation-aware BN ({mode}) at 2 x 32 ({what})",
+                    dict(_TINY, sampler=sampler, accum_bn=mode),
+                )
+                for mode in ("renorm", "progressive", "blend")
+            ),
+            (
+                f"m1d-accbn-2pass-2x32-{tag}",
+                f"MNIST-1D: accumulation-aware BN (renorm, two passes) at 2 x 32 ({what})",
+                dict(_TINY, sampler=sampler, accum_bn="renorm", two_pass=True),
+            ),
+            (
+                f"m1d-brn-2x32-{tag}",
+                f"MNIST-1D: Batch Renormalization at 2 x 32 ({what})",
+                dict(_TINY, sampler=sampler, batch_renorm=True),
+            ),
+            (
+                f"m1d-bn-2x32-{tag}-recal",
+                f"MNIST-1D: BatchNorm at 2 x 32 ({what}), statistics recalibrated every epoch (bndoctor.recalibrate)",
+                dict(_TINY, sampler=sampler, recalibrate=True),
+            ),
         )
-    )
-    for _mode in ("renorm", "progressive", "blend"):
-        register(
-            Scenario(
-                f"m1d-accbn-{_mode}-2x32-{_tag}",
-                f"MNIST-1D: accumulation-aware BN ({_mode}) at 2 x 32 ({_what})",
-                sampler=_sampler,
-                accum_bn=_mode,
-                **_M1D_SMALL,
-            )
-        )
-    register(
-        Scenario(
-            f"m1d-accbn-2pass-2x32-{_tag}",
-            f"MNIST-1D: accumulation-aware BN (renorm, two passes) at 2 x 32 ({_what})",
-            sampler=_sampler,
-            accum_bn="renorm",
-            two_pass=True,
-            **_M1D_SMALL,
-        )
-    )
-    register(
-        Scenario(
-            f"m1d-brn-2x32-{_tag}",
-            f"MNIST-1D: Batch Renormalization at 2 x 32 ({_what})",
-            sampler=_sampler,
-            batch_renorm=True,
-            **_M1D_SMALL,
-        )
-    )
-    register(
-        Scenario(
-            f"m1d-bn-2x32-{_tag}-recal",
-            f"MNIST-1D: BatchNorm at 2 x 32 ({_what}), statistics recalibrated every epoch (bndoctor.recalibrate)",
-            sampler=_sampler,
-            recalibrate=True,
-            **_M1D_SMALL,
-        )
-    )
-for _name, _extra in (
-    ("bn", {}),
-    ("syncbn", {"sync_bn": True}),
-    ("accbn-sync", {"sync_bn": True, "accum_bn": "renorm"}),
-):
-    register(
-        Scenario(
-            f"m1d-{_name}-2x8x4-corr",
-            f"MNIST-1D: {_name} on 4 DDP ranks (gloo) x micro-batch 2 x 8 accumulation steps, one class per "
-            "micro-batch",
-            group="mnist1d-distributed",
-            dataset="mnist1d",
-            micro_batch=2,
-            accum_steps=8,
-            sampler="correlated",
-            world_size=4,
-            epochs=6,
-            **_extra,
-        )
-    )
-for _norm, _prefix in (("batch", "m1d-sweep-bn"), ("group", "m1d-sweep-gn")):
-    for _b in SWEEP_BATCHES:
-        register(
-            Scenario(
-                f"{_prefix}-{_b}",
-                f"MNIST-1D: {'BatchNorm' if _norm == 'batch' else 'GroupNorm'} at batch {_b}, shuffled, accumulated to "
-                "a logical batch of 32 (the Group Normalization paper's sweep)",
-                group="mnist1d-sweep",
-                dataset="mnist1d",
-                norm=_norm,
-                micro_batch=_b,
-                accum_steps=SWEEP_LOGICAL // _b,
-                epochs=12,
-                lr=0.025,
-            )
-        )
+    ],
+    group="mnist1d",
+    epochs=12,
+    **_M1D,
+)
+_catalogue(
+    _ranks_rows(
+        "m1d-",
+        lambda name, _: (
+            f"MNIST-1D: {name} on 4 DDP ranks (gloo) x micro-batch 2 x 8 accumulation steps, one class per micro-batch"
+        ),
+    ),
+    group="mnist1d-distributed",
+    dataset="mnist1d",
+)
+_catalogue(
+    _sweep_rows(
+        (("m1d-sweep-bn", "batch", "iid"), ("m1d-sweep-gn", "group", "iid")),
+        lambda norm, _, b: (
+            f"MNIST-1D: {'BatchNorm' if norm == 'batch' else 'GroupNorm'} at batch {b}, shuffled, accumulated to "
+            "a logical batch of 32 (the Group Normalization paper's sweep)"
+        ),
+    ),
+    group="mnist1d-sweep",
+    dataset="mnist1d",
+    epochs=12,
+)
 # fine-tuning at lr 0.002: at 0.01 (digits' fine-tuning rate) frozen BN collapses to one class in the first
 # epoch on MNIST-1D (no normalisation by batch statistics: the updates scale the activations directly)
-_M1D_FT = dict(group="mnist1d-finetune", dataset="mnist1d", domain="shifted", pretrain="m1d-bn-64", epochs=6, lr=0.002)
-register(Scenario("m1d-ft-bn-64", "MNIST-1D: fine-tune on the shifted generator settings at batch 64", **_M1D_FT))
-register(
-    Scenario(
-        "m1d-ft-bn-train-2x32-corr",
-        "MNIST-1D: fine-tune on the shifted domain at 2 x 32 (one class per micro-batch), BN in training mode",
-        micro_batch=2,
-        accum_steps=32,
-        sampler="correlated",
-        **_M1D_FT,
-    )
-)
-register(
-    Scenario(
-        "m1d-ft-bn-frozen-2x32-corr",
-        "MNIST-1D: fine-tune on the shifted domain at 2 x 32 (one class per micro-batch), BN frozen",
-        micro_batch=2,
-        accum_steps=32,
-        sampler="correlated",
-        remedy=frozen_bn,
-        **_M1D_FT,
-    )
-)
-register(
-    Scenario(
-        "m1d-ft-bn-frozen-2x32-corr-recal",
-        "MNIST-1D: fine-tune on the shifted domain at 2 x 32, BN frozen and recalibrated on the target each epoch",
-        micro_batch=2,
-        accum_steps=32,
-        sampler="correlated",
-        remedy=frozen_bn,
-        recalibrate=True,
-        **_M1D_FT,
-    )
+_catalogue(
+    [
+        ("m1d-ft-bn-64", "MNIST-1D: fine-tune on the shifted generator settings at batch 64", {}),
+        (
+            "m1d-ft-bn-train-2x32-corr",
+            "MNIST-1D: fine-tune on the shifted domain at 2 x 32 (one class per micro-batch), BN in training mode",
+            dict(_TINY, sampler="correlated"),
+        ),
+        (
+            "m1d-ft-bn-frozen-2x32-corr",
+            "MNIST-1D: fine-tune on the shifted domain at 2 x 32 (one class per micro-batch), BN frozen",
+            dict(_TINY, sampler="correlated", remedy=frozen_bn),
+        ),
+        (
+            "m1d-ft-bn-frozen-2x32-corr-recal",
+            "MNIST-1D: fine-tune on the shifted domain at 2 x 32, BN frozen and recalibrated on the target each epoch",
+            dict(_TINY, sampler="correlated", remedy=frozen_bn, recalibrate=True),
+        ),
+    ],
+    group="mnist1d-finetune",
+    dataset="mnist1d",
+    domain="shifted",
+    pretrain="m1d-bn-64",
+    epochs=6,
+    lr=0.002,
 )
 # the demo's MNIST-1D line: the reference, the failure and the default fix, 4 epochs to keep the demo short
-_M1D_DEMO = dict(group="demo-mnist1d", dataset="mnist1d", epochs=4, lr=0.05)
-register(Scenario("m1d-demo-bn-64", "MNIST-1D demo: BatchNorm at batch 64 (4 epochs)", **_M1D_DEMO))
-register(
-    Scenario(
-        "m1d-demo-bn-2x32-corr",
-        "MNIST-1D demo: BatchNorm at 2 x 32, one class per micro-batch (4 epochs)",
-        micro_batch=2,
-        accum_steps=32,
-        sampler="correlated",
-        **_M1D_DEMO,
-    )
-)
-register(
-    Scenario(
-        "m1d-demo-accbn-2x32-corr",
-        "MNIST-1D demo: accumulation-aware BN at 2 x 32, one class per micro-batch (4 epochs)",
-        micro_batch=2,
-        accum_steps=32,
-        sampler="correlated",
-        accum_bn="renorm",
-        **_M1D_DEMO,
-    )
+_catalogue(
+    [
+        ("m1d-demo-bn-64", "MNIST-1D demo: BatchNorm at batch 64 (4 epochs)", {}),
+        (
+            "m1d-demo-bn-2x32-corr",
+            "MNIST-1D demo: BatchNorm at 2 x 32, one class per micro-batch (4 epochs)",
+            dict(_TINY, sampler="correlated"),
+        ),
+        (
+            "m1d-demo-accbn-2x32-corr",
+            "MNIST-1D demo: accumulation-aware BN at 2 x 32, one class per micro-batch (4 epochs)",
+            dict(_TINY, sampler="correlated", accum_bn="renorm"),
+        ),
+    ],
+    group="demo-mnist1d",
+    epochs=4,
+    **_M1D,
 )
 #: what ``bndoctor demo`` adds when the mnist1d package is installed (``bndoctor[demo]``); in this order:
 #: reference, failure, fix (the report's sentence reads them so)
@@ -616,15 +555,8 @@ def data_scenarios(path: str, *, epochs: int = 15) -> list[Scenario]:
 
     source = os.path.abspath(path)
     load_path(source)
-    made = []
-    for name, text, fields in DATA_CORE:
-        scenario = Scenario(
-            name,
-            f"your data ({os.path.basename(source)}): {text}",
-            group="data",
-            dataset=f"path:{source}",
-            epochs=epochs,
-            **fields,
-        )
-        made.append(register(scenario, replace=True))
-    return made
+    for name, _, _ in DATA_CORE:
+        SCENARIOS.pop(name, None)  # an earlier --data run's scenarios are replaced
+    rows = [(name, f"your data ({os.path.basename(source)}): {text}", fields) for name, text, fields in DATA_CORE]
+    _catalogue(rows, group="data", dataset=f"path:{source}", epochs=epochs)
+    return [SCENARIOS[name] for name, _, _ in DATA_CORE]
