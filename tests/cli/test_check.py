@@ -93,3 +93,22 @@ def test_github_annotations_for_ci(capsys):
     assert lines[1].startswith("::warning title=bndoctor BN103::")
     code, _, err = run(capsys, "inspect", "resnet18", "--format", "github")
     assert code == 2 and "applies to bndoctor check" in err
+
+
+def test_without_a_setup_check_names_what_it_did_not_check_and_never_says_healthy(capsys):
+    code, out, _ = run(capsys, "check", "tiny-resnet", "--isolated")
+    assert code == 0 and "healthy" not in out
+    assert "not checked without a training setup: BN101, BN102, BN103, BN104, BN105, BN106" in out
+    code, out, _ = run(capsys, "check", "tiny-resnet", "--isolated", "--format", "json")
+    assert json.loads(out)["unchecked"] == ["BN101", "BN102", "BN103", "BN104", "BN105", "BN106"]
+    code, out, _ = run(capsys, "check", "tiny-resnet", "--isolated", "--micro-batch", "64")
+    assert code == 0 and "healthy" in out and "not checked" not in out  # a setup: every check ran
+
+
+@pytest.mark.parametrize(("option", "value"), [("--select", "XX9"), ("--ignore", "BN99"), ("--select", "BN1,bn10x")])
+def test_an_unknown_code_in_select_or_ignore_is_a_usage_error_with_a_suggestion(capsys, option, value):
+    code, out, err = run(capsys, "check", "tiny-resnet", "--isolated", "--micro-batch", "2", option, value)
+    assert code == 2 and not out and len(err.strip().splitlines()) == 2 and "Traceback" not in err
+    assert "unknown finding code" in err and option.lstrip("-") in err and "BN101" in err
+    if value.endswith("10x"):
+        assert "did you mean BN10" in err

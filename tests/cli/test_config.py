@@ -64,3 +64,9 @@ def test_bad_settings_are_one_line_errors_naming_the_file_and_key(tmp_path, monk
 def test_missing_config_file_is_an_error(tmp_path, capsys):
     code, _, err = _check(capsys, "--config", str(tmp_path / "nope.toml"))
     assert code == 2 and "no configuration file" in err
+
+
+def test_an_unknown_code_in_the_config_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(_project(tmp_path, 'micro-batch = 2\nselect = ["XX9"]\n'))
+    code, report, err = _check(capsys)
+    assert code == 2 and report is None and "unknown finding code 'XX9' in select" in err

@@ -417,3 +417,24 @@ def test_an_input_shape_that_does_not_fit_is_an_error_naming_the_layer():
     after = model.state_dict(keep_vars=True)
     assert all(after[k] is tensors[k] and after[k].device.type == "cpu" for k in tensors)
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def test_a_check_that_needs_a_setup_is_listed_unchecked_without_one_and_selectors_must_exist():
+    from bndoctor.diagnose import CHECKS
+
+    @bd.register_check("TST901", "needs the micro-batch", needs_setup=True)
+    def needs_micro_batch(ctx):
+        return bd.Finding("TST901", "warning", None, f"micro-batch {ctx.setup.micro_batch}")
+
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+        report = bd.check(model)
+        assert "TST901" in report.unchecked and "TST901" not in report.codes()
+        assert "healthy" not in report.to_text() and "TST901" in report.to_text()
+        assert "TST901" in bd.check(model, bd.TrainingSetup(micro_batch=64)).codes()
+        assert bd.check(model, bd.TrainingSetup(micro_batch=64)).unchecked == []
+        with pytest.raises(bd.BNDoctorError, match="unknown finding code 'TST9X' in ignore"):
+            report.filtered(ignore=["TST9X"])
+        assert report.filtered(select=["TST"]).findings == []  # a prefix of a registered code is fine
+    finally:
+        CHECKS.pop("TST901")

@@ -17,7 +17,16 @@ from ..errors import BNDoctorError
 from ..findings import SEVERITIES, Finding
 from ..training import TrainingSetup
 
-__all__ = ["CHECKS", "Check", "CheckFailedError", "Context", "Report", "checks_for", "register_check"]
+__all__ = [
+    "CHECKS",
+    "Check",
+    "CheckFailedError",
+    "Context",
+    "Report",
+    "checks_for",
+    "register_check",
+    "require_known_code",
+]
 
 
 #: version of :meth:`Report.as_dict`'s layout; raised when a field changes meaning or disappears
@@ -37,7 +46,8 @@ class Report:
     its name; ``bn_layers``: how many; ``input_shape``, ``traced`` and
     ``trace_error``: the meta trace asked for and how it went;
     ``layer_shapes``: each layer's traced input shape; ``left_out``: findings
-    removed by :meth:`filtered` (``--select`` / ``--ignore``).
+    removed by :meth:`filtered` (``--select`` / ``--ignore``); ``unchecked``:
+    the codes of the checks that need a training setup and had none.
     """
 
     findings: list[Finding]
@@ -49,6 +59,7 @@ class Report:
     trace_error: str = ""
     layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # traced input of each layer
     left_out: int = 0  # findings removed by filtered() (--select / --ignore)
+    unchecked: list[str] = field(default_factory=list)  # checks that need a setup, run without one
 
     @property
     def errors(self) -> list[Finding]:
@@ -72,15 +83,14 @@ class Report:
     def filtered(self, select: Iterable[str] | None = None, ignore: Iterable[str] | None = None) -> Report:
         """A copy keeping findings whose code starts with one of ``select`` (all when None) and none of ``ignore``.
 
-        Codes or prefixes, as linters take them: ``select=["BN1"]`` keeps BN101-BN106.
+        Codes or prefixes, as linters take them: ``select=["BN1"]`` keeps BN101-BN106. A code or prefix that
+        no registered check has is an error (a typo must not turn a CI gate green).
         """
         chosen = tuple(select) if select is not None else None
         dropped = tuple(ignore or ())
-        for code in (*(chosen or ()), *dropped):
-            if not isinstance(code, str) or not code:
-                raise BNDoctorError(
-                    f"expected finding codes or prefixes such as 'BN1' (got {code!r})", hint="e.g. BN101"
-                )
+        for option, codes in (("select", chosen or ()), ("ignore", dropped)):
+            for code in codes:
+                require_known_code(code, option)
         kept = [
             f
             for f in self.findings
@@ -123,6 +133,7 @@ class Report:
             "layer_shapes": {k: list(v) for k, v in self.layer_shapes.items()},
             "summary": {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES},
             "left_out": self.left_out,
+            "unchecked": list(self.unchecked),
             "findings": [f.as_dict() for f in self.findings],
         }
 
@@ -141,11 +152,19 @@ class Report:
             )
         if self.trace_error:
             head += f"\n(shapes not traced: {self.trace_error})"
+        unchecked = ""
+        if self.unchecked:
+            unchecked = (
+                f"\nnot checked without a training setup: {', '.join(self.unchecked)} (pass --micro-batch, and "
+                "--accum / --world-size / --finetune as they apply, or set them in [tool.bndoctor])"
+            )
         if not self.findings and self.left_out:
-            return head + f"\nno findings left after --select/--ignore ({self.left_out} left out)"
+            return head + f"\nno findings left after --select/--ignore ({self.left_out} left out)" + unchecked
+        if not self.findings and self.unchecked:
+            return head + "\nno findings among the checks that ran" + unchecked
         if not self.findings:
             return head + "\nno findings: BatchNorm looks healthy for this setup"
-        parts = [head]
+        parts = [head + unchecked]
         for severity in SEVERITIES:
             group = [f for f in self.findings if f.severity == severity]
             if not group:
@@ -211,6 +230,7 @@ class Check:
     title: str
     fn: Callable[..., Any]
     applies_to: tuple[type, ...] | None = None
+    needs_setup: bool = False  # skipped, and listed in Report.unchecked, when check() has no setup
 
 
 #: Every registered check by code (built-in ones and yours).
@@ -218,7 +238,12 @@ CHECKS: dict[str, Check] = {}
 
 
 def register_check(
-    code: str, title: str, *, applies_to: type | tuple[type, ...] | None = None, replace: bool = False
+    code: str,
+    title: str,
+    *,
+    applies_to: type | tuple[type, ...] | None = None,
+    needs_setup: bool = False,
+    replace: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a check; a decorator.
 
@@ -236,6 +261,8 @@ def register_check(
         title: one line on what it checks (``bndoctor explain`` shows it with the function's docstring).
         applies_to: a class or tuple of classes (looked up along each module's class hierarchy); None: the
             check runs once per model.
+        needs_setup: the check needs a :class:`~bndoctor.TrainingSetup`; without one it is not run and the
+            report lists its code in ``unchecked`` (instead of calling the model healthy).
         replace: redefine a check registered under ``code``; otherwise that is an error.
 
     Returns:
@@ -251,12 +278,27 @@ def register_check(
         )
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        register_entry(
-            CHECKS, code, Check(code, title, fn, types), replace=replace, what="a check with code", noun="code"
-        )
+        check = Check(code, title, fn, types, needs_setup)
+        register_entry(CHECKS, code, check, replace=replace, what="a check with code", noun="code")
         return fn
 
     return decorate
+
+
+def require_known_code(code: object, option: str = "select") -> None:
+    """Refuse a selector (a code or prefix) that no registered check's code starts with, suggesting the nearest."""
+    import difflib
+
+    if not isinstance(code, str) or not code:
+        raise BNDoctorError(f"expected finding codes or prefixes such as 'BN1' (got {code!r})", hint="e.g. BN101")
+    if any(known.startswith(code) for known in CHECKS):
+        return
+    near = difflib.get_close_matches(code, list(CHECKS), n=3, cutoff=0.5)
+    raise BNDoctorError(
+        f"unknown finding code {code!r} in {option}: no check has a code that starts with it",
+        hint=(f"did you mean {' or '.join(near)}? " if near else "")
+        + f"the codes: {', '.join(sorted(CHECKS))}; a prefix such as BN1 selects BN101-BN106",
+    )
 
 
 def checks_for(module: nn.Module) -> list[Check]:

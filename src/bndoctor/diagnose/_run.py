@@ -111,12 +111,14 @@ def check(
     if ctx.pairs is None:
         ctx.pairs = _pairs_without_trace(model, records, names)
     findings: list[Finding] = []
+    unchecked = [c.code for c in CHECKS.values() if c.needs_setup and setup is None]
     for registered in list(CHECKS.values()):
-        if registered.applies_to is None:
+        if registered.applies_to is None and registered.code not in unchecked:
             findings.extend(_as_findings(registered.fn(ctx), registered))
     for module_name, module in model.named_modules():
         for registered in checks_for(module):
-            findings.extend(_as_findings(registered.fn(ctx, module_name, module), registered))
+            if registered.code not in unchecked:
+                findings.extend(_as_findings(registered.fn(ctx, module_name, module), registered))
     findings.sort(key=lambda f: (_ORDER[f.severity], f.code, f.module or ""))
     report = Report(
         findings,
@@ -127,6 +129,7 @@ def check(
         traced=ctx.input_shapes is not None,
         trace_error=trace_error,
         layer_shapes=dict(ctx.input_shapes or {}),
+        unchecked=unchecked,
     )
     if strict:
         report.raise_for_errors()

@@ -84,7 +84,7 @@ def _values_per_channel(ctx: Context, records: list[BNInfo]) -> dict[str, int]:
     return out
 
 
-@register_check("BN101", "normalisation batch too small")
+@register_check("BN101", "normalisation batch too small", needs_setup=True)
 def small_normalisation_batch(ctx: Context) -> Iterator[Finding]:
     """Layers whose training statistics span fewer than 8 samples (error) or 16 (warning).
 
@@ -134,7 +134,7 @@ def small_normalisation_batch(ctx: Context) -> Iterator[Finding]:
         )
 
 
-@register_check("BN102", "one value per channel")
+@register_check("BN102", "one value per channel", needs_setup=True)
 def one_value_per_channel(ctx: Context) -> Iterator[Finding]:
     """A layer that gets one value per channel per batch (needs an input shape).
 
@@ -164,7 +164,7 @@ def one_value_per_channel(ctx: Context) -> Iterator[Finding]:
             )
 
 
-@register_check("BN103", "gradient accumulation with BN learning statistics")
+@register_check("BN103", "gradient accumulation with BN learning statistics", needs_setup=True)
 def accumulation_with_bn(ctx: Context) -> Finding | None:
     """Gradient accumulation while BN layers learn statistics.
 
@@ -193,7 +193,7 @@ def accumulation_with_bn(ctx: Context) -> Finding | None:
     )
 
 
-@register_check("BN104", "DDP without SyncBN at a small per-device batch")
+@register_check("BN104", "DDP without SyncBN at a small per-device batch", needs_setup=True)
 def ddp_without_sync(ctx: Context) -> Finding | None:
     """Several processes train with local BN at a per-device batch below 16.
 
@@ -220,7 +220,7 @@ def ddp_without_sync(ctx: Context) -> Finding | None:
     )
 
 
-@register_check("BN105", "fine-tuning with BN in training mode")
+@register_check("BN105", "fine-tuning with BN in training mode", needs_setup=True)
 def finetune_with_bn_training(ctx: Context) -> Finding | None:
     """Fine-tuning with BN layers still learning statistics.
 
@@ -248,7 +248,7 @@ def finetune_with_bn_training(ctx: Context) -> Finding | None:
     )
 
 
-@register_check("BN106", "fine-tuning logical batch outside 32-128")
+@register_check("BN106", "fine-tuning logical batch outside 32-128", needs_setup=True)
 def finetune_logical_batch(ctx: Context) -> Finding | None:
     """Fine-tuning with a logical batch outside 32-128 (information).
 
