@@ -1,38 +1,37 @@
-"""A progress bar on stderr, without a terminal library."""
+"""The progress bar of the harness (``bench``, ``demo``): tqdm, as ``recalibrate`` uses it."""
 
 from __future__ import annotations
 
-import sys
-import time
-from typing import TextIO
+from typing import Any, TextIO
 
 
 class ProgressBar:
-    """``bar(done, total, label)``; redraws in place on a terminal, prints every 10% otherwise."""
+    """``bar(done, total, label)``: a ``tqdm.auto`` bar on stderr (terminal, notebook or log file).
 
-    def __init__(self, stream: TextIO | None = None, width: int = 28) -> None:
-        self.stream = stream or sys.stderr
-        self.width = width
-        self.start = time.perf_counter()
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last_decile = -1
+    The bar starts at the first report, so the time before it (worker processes starting, data loading)
+    does not enter the rate: the estimate of the time left shows once a second report has come, from the
+    work done since the first. ``label`` says what runs now.
+    """
+
+    def __init__(self, stream: TextIO | None = None, unit: str = "step") -> None:
+        self.stream = stream
+        self.unit = unit
+        self.bar: Any = None
 
     def __call__(self, done: int, total: int, label: str) -> None:
-        fraction = done / total if total else 1.0
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / fraction * (1 - fraction) if fraction > 0 else 0.0
-        filled = int(self.width * fraction)
-        line = (
-            f"[{'#' * filled}{'.' * (self.width - filled)}] {100 * fraction:3.0f}% "
-            f"{elapsed:4.0f}s elapsed, ~{eta:3.0f}s left  {label}"
-        )
-        if self.tty:
-            self.stream.write("\r" + line[:120].ljust(120))
-            if done >= total:
-                self.stream.write("\n")
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=total, initial=done, unit=self.unit, file=self.stream, dynamic_ncols=True, postfix=label
+            )
         else:
-            decile = int(fraction * 10)
-            if decile != self._last_decile:
-                self._last_decile = decile
-                self.stream.write(line + "\n")
-        self.stream.flush()
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
