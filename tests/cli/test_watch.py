@@ -81,6 +81,28 @@ def test_watch_errors_are_one_line_with_a_hint(tmp_path):
     assert done.returncode != 0 and "no such program" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_watch_never_replaces_a_file_that_is_not_a_run_file(tmp_path, capsys):
+    """`watch --out train.py -- python train.py` used to truncate the script; a run file is replaced as before."""
+    script = tmp_path / "train.py"
+    script.write_text("print('training')\n")
+    for out in (script, tmp_path / "notes.txt"):
+        if out != script:
+            out.write_text('{"kind": "sample"}\nnot a run\n')
+        before = out.read_bytes()
+        code = main(["watch", "--out", str(out), "--", sys.executable, str(script)])
+        err = capsys.readouterr().err
+        assert code == 2 and out.read_bytes() == before
+        assert "is not a bndoctor run file" in err and "--overwrite" in err and len(err.strip().splitlines()) == 2
+    (tmp_path / "f").write_text("a file")
+    assert main(["watch", "--out", str(tmp_path / "f" / "run.jsonl"), "--", sys.executable, str(script)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    run = tmp_path / "run.jsonl"
+    run.write_text(json.dumps({"kind": "start", "bndoctor": "0"}) + "\n")  # an earlier run: replaced
+    assert main(["watch", "--out", str(run), "--", sys.executable, str(script)]) == 0
+    assert main(["watch", "--out", str(script), "--overwrite", "--", sys.executable, "-c", "pass"]) == 0
+    assert script.read_text() == ""  # asked for: replaced by this run's (empty) records
+
+
 def test_watcher_adopts_models_with_bn_only_and_removes_its_hooks(tmp_path):
     from torch.nn.modules import module as torch_module
 

@@ -38,18 +38,13 @@ class ReportResult:
 
 
 def run(args: argparse.Namespace) -> ReportResult:
-    from ..errors import BNDoctorError
     from ..monitor.report import load_run, write_run_report
+    from ._paths import require_folder
 
     monitor_run = load_run(args.run)
     source = Path(args.run)
     out = args.out if args.out is not None else source.with_suffix("") if source.suffix else Path(f"{source}-report")
-    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
-    if blocked is not None:
-        raise BNDoctorError(
-            f"cannot write the report into {str(out)!r}: {str(blocked)!r} is a file",
-            hint="pass --out with a folder path (it is created if missing)",
-        )
+    require_folder(out, "the report")
     path = write_run_report(monitor_run, out, plots=not args.no_plots)
     return ReportResult(path, len(monitor_run.samples), len(monitor_run.layers), monitor_run.alerts)
 

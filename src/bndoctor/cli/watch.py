@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import BNDoctorError
 from ._command import Command, positive_int
+from ._paths import is_run_file, require_folder
 
 
 @dataclass
@@ -147,6 +148,12 @@ def run(args: argparse.Namespace) -> WatchResult:
     out = Path(args.out).resolve()
     if out.is_dir():
         raise BNDoctorError(f"--out {args.out} is a folder", hint="pass a file path, e.g. --out run.jsonl")
+    require_folder(out.parent, "the run file")
+    if out.exists() and not args.overwrite and not is_run_file(out):
+        raise BNDoctorError(
+            f"--out {args.out} exists and is not a bndoctor run file; it is left as it is",
+            hint="pass another --out (e.g. run.jsonl), or --overwrite to replace that file",
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("")  # this run's records only
     options = {
@@ -178,6 +185,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out", default="bndoctor-watch.jsonl", help="the run file (JSONL; default bndoctor-watch.jsonl)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even when it is not a bndoctor run file (default: refuse; a run file is replaced)",
     )
     parser.add_argument(
         "--warmup",
