@@ -112,3 +112,9 @@ def test_an_unknown_code_in_select_or_ignore_is_a_usage_error_with_a_suggestion(
     assert "unknown finding code" in err and option.lstrip("-") in err and "BN101" in err
     if value.endswith("10x"):
         assert "did you mean BN10" in err
+
+
+@pytest.mark.parametrize("spec", ["missing.pt", "weights/model.pth", "MODEL.CKPT"])
+def test_a_missing_checkpoint_is_no_such_file_not_an_unknown_model(capsys, tmp_path, spec):
+    code, out, err = run(capsys, "check", str(tmp_path / spec) if "/" in spec else spec, "--isolated")
+    assert code == 2 and not out and "no such file" in err and "unknown MODEL" not in err

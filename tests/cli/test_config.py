@@ -70,3 +70,12 @@ def test_an_unknown_code_in_the_config_is_a_usage_error(tmp_path, monkeypatch, c
     monkeypatch.chdir(_project(tmp_path, 'micro-batch = 2\nselect = ["XX9"]\n'))
     code, report, err = _check(capsys)
     assert code == 2 and report is None and "unknown finding code 'XX9' in select" in err
+
+
+def test_a_config_file_that_is_not_utf8_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    sub = _project(tmp_path, "micro-batch = 2\n")
+    with (tmp_path / "pyproject.toml").open("ab") as handle:
+        handle.write(b"# \xff\xfe latin-1 bytes\n")
+    monkeypatch.chdir(sub)
+    code, report, err = _check(capsys)
+    assert code == 2 and report is None and "is not UTF-8 text" in err and "--isolated" in err

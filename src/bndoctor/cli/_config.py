@@ -81,7 +81,13 @@ def load_settings(
     if path is None:
         return {}, None
     toml = _toml()
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BNDoctorError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); TOML files are UTF-8",
+            hint="save the file as UTF-8, or pass --isolated to ignore it",
+        ) from None
     if toml is None:
         if "[tool.bndoctor]" in text:
             raise BNDoctorError(

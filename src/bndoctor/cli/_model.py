@@ -127,7 +127,13 @@ def load_model(
         return _from_file(spec, trust_pickle)
     if ":" in spec:
         return _from_callable(spec)
+    if os.path.splitext(spec)[1].lower() in _CHECKPOINT_SUFFIXES or os.sep in spec:
+        raise ModelSpecError(f"no such file: {spec!r} (MODEL looks like a file path)", hint="check the path")
     raise ModelSpecError(f"unknown MODEL {spec!r}", hint=f"MODEL is {_forms()}")
+
+
+#: endings that make a MODEL that does not exist a missing file rather than an unknown name
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".safetensors")
 
 
 def load_weights(model: nn.Module, path: str) -> None:
