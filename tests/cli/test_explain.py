@@ -31,3 +31,14 @@ def test_an_unknown_code_lists_the_known_ones(capsys):
     assert main(["explain", "BN999"]) == 2
     err = capsys.readouterr().err
     assert "unknown finding code 'BN999'" in err and "BN101" in err
+
+
+def test_explain_without_a_code_lists_every_code_with_its_title(capsys):
+    assert main(["explain"]) == 0
+    out = capsys.readouterr().out
+    for code in [*BUILT_IN, *RUNTIME_CODES]:
+        assert code in out
+    assert "BN501  NaN or Inf" in out and "bndoctor explain CODE" in out
+    assert main(["explain", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["code"] for r in rows} == {*BUILT_IN, *RUNTIME_CODES} and all(r["title"] for r in rows)

@@ -37,9 +37,29 @@ class Explanation:
         return f"{self.code}: {self.title}\n\n{self.text}\n\n({self.source})"
 
 
-def run(args: argparse.Namespace) -> Explanation:
+@dataclass
+class CodeList:
+    """Every code with its title: what ``bndoctor explain`` without a code prints."""
+
+    rows: list[tuple[str, str, str]]  # code, title, where it is found
+
+    def to_json(self) -> list[dict[str, str]]:
+        return [{"code": code, "title": title, "source": source} for code, title, source in self.rows]
+
+    def to_text(self) -> str:
+        width = max(len(code) for code, _, _ in self.rows)
+        lines = [f"{code.ljust(width)}  {title}" for code, title, _ in self.rows]
+        return "\n".join([*lines, "", "bndoctor explain CODE says what a code means, why it matters and how to fix it"])
+
+
+def run(args: argparse.Namespace) -> Explanation | CodeList:
     from ..diagnose import CHECKS
 
+    if args.code is None:
+        rows = [(c.code, c.title, "bndoctor check") for c in CHECKS.values()]
+        runtime = [a for a in RUNTIME_CODES.values() if a.code not in CHECKS]
+        rows += [(a.code, a.title, "found while a model trains") for a in runtime]
+        return CodeList(sorted(rows))
     code = args.code.strip().upper()
     if code in CHECKS:
         check = CHECKS[code]
@@ -53,7 +73,7 @@ def run(args: argparse.Namespace) -> Explanation:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("code", metavar="CODE", help="a finding code, e.g. BN101")
+    parser.add_argument("code", metavar="CODE", nargs="?", help="a finding code, e.g. BN101 (none: list them all)")
 
 
 COMMAND = Command("explain", "what a finding code means, why it matters and how to fix it", add_arguments, run)

@@ -224,6 +224,7 @@ class Check:
 
     With ``applies_to`` (looked up along each module's MRO) ``fn(ctx, name,
     module)`` runs per matching module; without it ``fn(ctx)`` runs once.
+    ``needs_setup``: it runs only when ``check`` has a training setup.
     """
 
     code: str
