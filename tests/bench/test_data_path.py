@@ -89,3 +89,47 @@ def test_a_folder_of_mixed_sizes_or_one_class_is_refused(tmp_path, capsys):
     single.mkdir(parents=True)
     assert main(["bench", "--data", str(tmp_path / "single"), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "one subfolder per class" in capsys.readouterr().err
+
+
+def _pickle_as_npz(p):
+    import pickle
+
+    (p / "d.npz").write_bytes(pickle.dumps({"x": [1, 2], "y": [0, 1]}))
+
+
+def _nan_rows(p):
+    x = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+    x[3, 2], x[7, 0] = np.nan, np.inf
+    np.savez(p / "d.npz", x=x, y=np.arange(40) % 2)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: np.savez(p / "d.npz", x=np.array([object()] * 30), y=np.zeros(30, int)), "cannot read d.npz"),
+        (lambda p: np.savez(p / "d.npz", x=np.zeros((30, 5)), y=np.array([None] * 30)), "cannot read d.npz"),
+        (_pickle_as_npz, "cannot read d.npz"),
+        (lambda p: (p / "d.npz").write_text("not a zip file"), "cannot read d.npz"),
+        (lambda p: np.savez(p / "d.npz", x=np.array(["a"] * 30), y=np.arange(30) % 2), "x must hold numbers"),
+        (_nan_rows, "2 of 40 samples hold NaN or Inf (the first: sample 3)"),
+    ],
+    ids=["object-x", "object-y", "pickle", "not-zip", "strings", "nan-inf"],
+)
+def test_unreadable_or_non_finite_npz_is_refused_before_training(tmp_path, capsys, make, message):
+    make(tmp_path)
+    out = tmp_path / "out"
+    code = main(["bench", "--data", str(tmp_path / "d.npz"), "--out", str(out), "--quiet", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 2
+    assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    "content", [b"this is text, not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20], ids=["text", "truncated"]
+)
+def test_an_unreadable_image_in_a_class_folder_is_named(tmp_path, capsys, content):
+    folder = _image_folder(tmp_path / "imgs", classes=2, per_class=12)
+    (folder / "class1" / "broken.png").write_bytes(content)
+    assert main(["bench", "--data", str(folder), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "broken.png" in err and "Traceback" not in err

@@ -13,9 +13,11 @@ statistics go stale and need recalibration on the target data.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -166,7 +168,19 @@ def _from_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
             "class (at least two) with images inside",
             hint="lay it out as DIR/cat/1.png, DIR/dog/2.png, ... or pass an .npz with x and y",
         )
-    images = [Image.open(f) for f, _ in files]
+
+    def read(path: Path) -> Any:
+        try:
+            with Image.open(path) as image:
+                image.load()  # a truncated file fails here, not later
+                return image.copy()
+        except (OSError, ValueError, SyntaxError) as exc:  # Pillow: not an image, truncated, broken header
+            raise BNDoctorError(
+                f"cannot read image {str(path)!r}: {exc}",
+                hint="remove or replace that file (the class folders must hold images only)",
+            ) from None
+
+    images = [read(f) for f, _ in files]
     mode = "RGB" if any(im.mode not in ("L", "1", "I", "I;16", "F") for im in images) else "L"
     arrays = [np.asarray(im.convert(mode), dtype=np.float32) for im in images]
     sizes = {a.shape for a in arrays}
@@ -183,13 +197,21 @@ def _from_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from ..errors import BNDoctorError
 
-    with np.load(path, allow_pickle=False) as archive:
-        if "x" not in archive or "y" not in archive:
-            raise BNDoctorError(
-                f"{path.name} holds {sorted(archive.files)}; expected arrays named x and y",
-                hint="np.savez(path, x=inputs, y=integer_labels)",
-            )
-        x, y = archive["x"].astype(np.float32), archive["y"]
+    hint = "write it with np.savez(path, x=inputs, y=integer_labels): numeric arrays, no Python objects"
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise BNDoctorError(f"{path.name} is a single .npy array, not an .npz archive", hint=hint)
+            if "x" not in archive or "y" not in archive:
+                raise BNDoctorError(
+                    f"{path.name} holds {sorted(archive.files)}; expected arrays named x and y", hint=hint
+                )
+            x, y = archive["x"], archive["y"]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # not a zip, pickled data, object arrays
+        raise BNDoctorError(f"cannot read {path.name} as an .npz archive: {exc}", hint=hint) from None
+    if not (np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)):
+        raise BNDoctorError(f"{path.name}: x must hold numbers (got dtype {x.dtype})", hint=hint)
+    x = x.astype(np.float32)
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x) or y.min() < 0:
         raise BNDoctorError(
             f"{path.name}: y must be one non-negative integer label per sample (got {y.dtype} of shape {y.shape} "
@@ -231,6 +253,13 @@ def load_path(path: str) -> Digits:
     else:
         raise BNDoctorError(
             f"no image folder or .npz file at {path!r}", hint="pass a folder with one subfolder per class, or an .npz"
+        )
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1) if len(x) else np.zeros(0, dtype=bool)
+    if bad.any():
+        raise BNDoctorError(
+            f"{source.name}: {int(bad.sum())} of {len(x)} samples hold NaN or Inf (the first: sample "
+            f"{int(np.flatnonzero(bad)[0])}); nothing was trained",
+            hint="clean the data first, e.g. drop those samples or replace the values with np.nan_to_num",
         )
     if len(np.unique(y)) < 2 or len(y) < 20:
         raise BNDoctorError(
