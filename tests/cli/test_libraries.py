@@ -100,3 +100,42 @@ def test_a_model_that_needs_a_missing_package_is_a_one_line_error(capsys, monkey
     monkeypatch.setitem(_libraries.LIBRARIES, "transformers", needs_timm)
     code, _, err = run(capsys, "inspect", "transformers:DetrConfig")
     assert code == 2 and "needs a package that is not installed" in err and "use_timm_backbone=False" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["transformers:ResNetConfig", "--model-kwargs", "num_channels=abc"], "rejected these --model-kwargs"),
+        (["timm:resnet18", "--model-kwargs", "act_layer=nosuchact"], "rejected these --model-kwargs"),
+        (["transformers:ResNetConfig", "--model-kwargs", "hidden_act=nosuchact"], "rejected these --model-kwargs"),
+        (["transformers:UperNetConfig", "--model-kwargs", "backbone_config=abc"], "rejected these --model-kwargs"),
+        (["timm:resnet18", "--model-kwargs", "drop_rate=" + "1" * 50_000], "characters long"),
+        (["timm:resnet18", "--model-kwargs", "drop_rate=__import__('os').getcwd()"], "neither a Python literal"),
+    ],
+    ids=["hf-validation", "timm-act", "hf-act", "upernet-backbone", "huge-value", "code"],
+)
+def test_model_kwargs_a_library_rejects_are_usage_errors(capsys, argv, message):
+    code, out, err = run(capsys, "inspect", *argv)
+    assert code == 2 and not out and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 2  # one line and a hint
+
+
+def test_a_timm_name_with_a_pretrained_tag_builds_with_random_weights(capsys):
+    code, out, _ = run(capsys, "inspect", "timm:resnet18.a1_in1k")
+    assert code == 0 and "bn1" in out
+
+
+def test_a_library_that_is_installed_but_broken_is_named(capsys, monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def broken(name, *args, **kwargs):
+        if name == "timm":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", broken)
+    code, _, err = run(capsys, "inspect", "timm:resnet18")
+    assert code == 2 and "timm, which is installed but fails to import" in err and "torchvision::nms" in err
+    assert "installation is broken" in err and "internal error" not in err

@@ -16,6 +16,7 @@ import difflib
 import importlib
 import inspect
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -51,8 +52,17 @@ def _split_top_level(text: str) -> list[str]:
     return items
 
 
+#: the longest value --model-kwargs evaluates (a literal longer than this is not a model argument)
+MAX_VALUE = 1000
+_WORD = re.compile(r"[A-Za-z_][\w.\-]*")
+
+
 def parse_model_kwargs(text: str | None) -> dict[str, Any]:
-    """``"num_classes=10,drop_rate=0.1,act=relu"`` -> dict; values are Python literals, else strings."""
+    """``"num_classes=10,drop_rate=0.1,act=relu"`` -> dict.
+
+    Values are Python literals (numbers, strings, lists, ``True``/``true``, ``None``) or plain words such as
+    ``relu`` (kept as strings); anything else (an expression, a call) is an error, not a string passed on.
+    """
     out: dict[str, Any] = {}
     if not text:
         return out
@@ -65,9 +75,19 @@ def parse_model_kwargs(text: str | None) -> dict[str, Any]:
                 hint="e.g. --model-kwargs num_classes=10,drop_rate=0.1",
             )
         raw = raw.strip()
+        if len(raw) > MAX_VALUE:
+            raise ModelSpecError(
+                f"--model-kwargs {key}= is {len(raw)} characters long; values are short literals",
+                hint="e.g. --model-kwargs num_classes=10,depths=[2,2,2,2]",
+            )
         try:
             out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            if not _WORD.fullmatch(raw):
+                raise ModelSpecError(
+                    f"--model-kwargs {key}={raw!r} is neither a Python literal nor a plain word",
+                    hint="numbers, 'strings', [lists], True/False/None, or a bare name such as relu",
+                ) from None
             out[key] = {"true": True, "false": False, "none": None}.get(raw.lower(), raw)
     return out
 
@@ -80,6 +100,23 @@ def _import(name: str, extra: str) -> Any:
             f"MODEL needs {name}, which cannot be imported here ({exc})",
             hint=f"pip install {extra} (bndoctor never imports it unless a MODEL asks for it)",
         ) from exc
+    except Exception as exc:  # installed but broken, e.g. torchvision's compiled ops built for another torch
+        raise ModelSpecError(
+            f"MODEL needs {name}, which is installed but fails to import: {_brief(exc)}",
+            hint=f"the installation is broken, not the model: reinstall {extra} for torch {_torch_version()}",
+        ) from exc
+
+
+def _brief(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 160 characters)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def _suggest(name: str, choices: list[str]) -> str:
@@ -91,8 +128,9 @@ def _timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
     timm = _import("timm", "timm")
     if kwargs.get("pretrained"):
         raise ModelSpecError(f"timm:{name} with pretrained=True would download weights", hint=_DOWNLOAD_HINT)
-    if name not in timm.list_models():
-        raise ModelSpecError(f"timm has no model named {name!r}", hint=_suggest(name, timm.list_models()))
+    arch = name.partition(".")[0]  # a pretrained tag (resnet18.a1_in1k) names weights, which are not loaded
+    if arch not in timm.list_models():
+        raise ModelSpecError(f"timm has no model named {arch!r}", hint=_suggest(arch, timm.list_models()))
     return timm.create_model(name, **{**kwargs, "pretrained": False})
 
 
@@ -175,6 +213,16 @@ def build(library: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
     except OSError as exc:  # the hub was asked for something: offline, nothing is downloaded
         raise ModelSpecError(
             f"{library}:{name} would need a download ({' '.join(str(exc).split())[:160]})", hint=_DOWNLOAD_HINT
+        ) from exc
+    except Exception as exc:  # the library's own check of what it was given (ValueError, KeyError, ...)
+        if kwargs:
+            raise ModelSpecError(
+                f"{library}:{name} rejected these --model-kwargs ({_brief(exc)})",
+                hint="check the values against the model's (or config's) documentation",
+            ) from exc
+        raise ModelSpecError(
+            f"{library}:{name} could not be built here ({_brief(exc)})",
+            hint=f"if a package it imports is broken, reinstall it for torch {_torch_version()}",
         ) from exc
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"{library}:{name} did not build an nn.Module (got {type(model).__name__})")

@@ -112,7 +112,7 @@ def load_model(
     """Resolve MODEL; a state_dict comes back as a mapping of tensors."""
     kwargs = parse_model_kwargs(model_kwargs)
     library, sep, name = spec.partition(":")
-    if sep and library in LIBRARIES and name and "." not in name:
+    if sep and library in LIBRARIES and name and ("." not in name or library == "timm"):  # timm: arch.tag
         return build(library, name, kwargs)
     if kwargs:
         raise ModelSpecError(
