@@ -438,3 +438,14 @@ def test_a_check_that_needs_a_setup_is_listed_unchecked_without_one_and_selector
         assert report.filtered(select=["TST"]).findings == []  # a prefix of a registered code is fine
     finally:
         CHECKS.pop("TST901")
+
+
+def test_a_lazy_model_is_checked_without_shapes_and_stays_lazy():
+    """`check(model, input_shape=...)` on a model whose lazy layers have not run: no trace, a note, no error."""
+    model = nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.ReLU())
+    report = bd.check(model, bd.TrainingSetup(micro_batch=2), input_shape=(3, 8, 8))
+    assert not report.traced and "lazy layer(s) '0', '1' have not run yet" in report.trace_error
+    assert "BN901" in report.codes()  # the lazy BN is named as not analysable yet
+    assert isinstance(model[0].weight, nn.parameter.UninitializedParameter)  # nothing materialised
+    model(torch.randn(2, 3, 8, 8))  # once it has run, the trace works
+    assert bd.check(model, bd.TrainingSetup(micro_batch=2), input_shape=(3, 8, 8)).traced

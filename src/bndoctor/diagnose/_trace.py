@@ -42,10 +42,20 @@ class TraceError(Exception):
         return isinstance(self.cause, (RuntimeError, ValueError, IndexError)) and any(w in text for w in words)
 
 
+class UninitializedModelError(Exception):
+    """Lazy layers have no shapes yet, so there is nothing to put on the meta device; the model stays lazy."""
+
+
 @dataclass
 class Trace:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # first call of each watched layer
     pairs: list[tuple[str, str]] = field(default_factory=list)  # (producer, norm) with nothing in between
+
+
+def _has_uninitialized(module: nn.Module) -> bool:
+    """Whether ``module`` holds a lazy parameter or buffer that has not been materialised (torch's lazy modules)."""
+    tensors = (*module._parameters.values(), *module._buffers.values())
+    return any(isinstance(t, nn.parameter.UninitializedTensorMixin) for t in tensors)
 
 
 def _to_meta(model: nn.Module) -> list[tuple[dict, str, object]]:
@@ -82,6 +92,13 @@ def trace(model: nn.Module, shape: tuple[int, ...], watched: dict[int, str], nam
     ``names`` maps ``id(module)`` to its qualified name (the caller has it already).
     """
     result = Trace()
+    lazy = [names.get(id(m), "") for m in model.modules() if _has_uninitialized(m)]
+    if lazy:
+        cause = UninitializedModelError(
+            f"lazy layer(s) {', '.join(repr(n) for n in lazy[:3])} have not run yet, so they have no shapes; run "
+            "the model once on a real batch before tracing it"
+        )
+        raise TraceError(lazy[0], cause)
 
     def shape_keeping(module: nn.Module) -> object:
         name = watched[id(module)]
