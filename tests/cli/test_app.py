@@ -51,3 +51,20 @@ def test_module_entry_point_runs():
         check=True,
     )
     assert json.loads(out.stdout)["summary"]["bn_layers"] == 9
+
+
+def test_control_characters_in_layer_names_reach_the_terminal_escaped(capsys, tmp_path, monkeypatch):
+    """A layer named with a terminal escape sequence cannot clear the screen or recolour the output."""
+    (tmp_path / "hostile_model.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    model = nn.Sequential(nn.Conv2d(3, 4, 3))\n"
+        "    model.add_module('\\x1b[2Jred\\r', nn.BatchNorm2d(4))\n"
+        "    return model\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for command in (["inspect"], ["check", "--isolated", "--micro-batch", "2"]):
+        main([*command[:1], "hostile_model:build", *command[1:]])
+        captured = capsys.readouterr()
+        assert "\x1b" not in captured.out + captured.err and "\r" not in captured.out
+        assert "\\x1b[2Jred" in captured.out  # escaped, visible

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -65,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: control characters a terminal would act on (escape sequences, carriage returns, bells); newlines and tabs stay
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters written as escapes (``\\x1b``): names from a model or a file (a layer
+    called ``"\\x1b[2J"``) reach the terminal as text, never as commands."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def _quiet_on_closed_pipe() -> int:
     """`bndoctor inspect resnet50 | head -3`: the reader left; exit quietly, as a Unix tool does."""
     import os
@@ -90,11 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         result = args._run(args)
         if args.format == "json":
-            print(json.dumps(result.to_json(), indent=2))
+            print(json.dumps(result.to_json(), indent=2))  # escapes control characters itself
         elif args.format == "github":
-            print(result.to_github())  # type: ignore[attr-defined]
+            print(printable(result.to_github()))  # type: ignore[attr-defined]
         else:
-            print(result.to_text())
+            print(printable(result.to_text()))
         sys.stdout.flush()
         return int(getattr(result, "exit_code", EXIT_OK))
     except BrokenPipeError:
@@ -103,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failure = describe(exc)
         if args.debug and failure.code != EXIT_USAGE:
             traceback.print_exc()
-        sys.stderr.write(f"bndoctor: error: {failure.message}\n")
+        sys.stderr.write(f"bndoctor: error: {printable(failure.message)}\n")
         if failure.hint:
-            sys.stderr.write(f"hint: {failure.hint}\n")
+            sys.stderr.write(f"hint: {printable(failure.hint)}\n")
         return failure.code
