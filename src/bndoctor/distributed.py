@@ -8,6 +8,7 @@ deadlock by skipping a call on a rank with an empty share.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "gather_rows",
     "pool_over_ranks",
     "rank",
+    "require_agreement",
     "subgroup",
     "world_size",
 ]
@@ -55,6 +57,24 @@ class HasProcessGroup:
     @process_group.setter
     def process_group(self, group: Any) -> None:
         self._group = GroupRef(group)
+        self.__dict__["_layout_agreed"] = False  # another group: check again
+
+    def require_same_layout(self, x: torch.Tensor, num_features: int) -> None:
+        """Before a layer's first collective: every rank of its group has this layer, with the same channels.
+
+        Once agreed, a flag on the layer skips the check (no cost per step). A rank whose model differs
+        would otherwise abort gloo's gather (sizes differ) on that rank only; here every rank raises.
+        """
+        if self.__dict__.get("_layout_agreed"):
+            return
+        require_agreement(
+            [num_features, x.dim()],
+            self.process_group,
+            what=f"{type(self).__name__} pools statistics across ranks and needs the same layer on each",
+            describe=lambda row: f"{int(row[0])} channels, {int(row[1])}-D input",
+            hint="build the same model on every rank (the same layers, channels and input rank)",
+        )
+        self.__dict__["_layout_agreed"] = True
 
 
 def active(group: Any = None) -> bool:
@@ -91,6 +111,30 @@ def all_ok(ok: bool, group: Any = None) -> list[bool]:
     """Every rank's ``ok`` flag (one all_gather); lets ranks agree to stop together after a failure."""
     flag = torch.tensor([1.0 if ok else 0.0], device=_collective_device(group, torch.device("cpu")))
     return [bool(v) for v in gather_rows(flag, group).view(-1).tolist()]
+
+
+def require_agreement(
+    values: Sequence[float], group: Any, *, what: str, describe: Callable[[list[float]], str], hint: str
+) -> None:
+    """Raise the same :class:`~bndoctor.errors.BNDoctorError` on every rank unless all ranks pass equal ``values``.
+
+    One ``all_gather`` of the values (float64: integers up to 2^53 compare exactly). Callers check what must be
+    equal before a collective whose sizes depend on it, which would otherwise abort (gloo) or hang.
+
+    Args:
+        values: this rank's numbers (the same count on every rank).
+        group: the process group.
+        what: the requirement, e.g. ``"SyncBatchNorm 'bn1' needs the same channels on every rank"``.
+        describe: one rank's values in words, for the message.
+        hint: how to fix it.
+    """
+    from .errors import BNDoctorError
+
+    rows = all_gather_stack(torch.tensor([float(v) for v in values], dtype=torch.float64), group).tolist()
+    differ = [r for r, row in enumerate(rows) if row != rows[0]]
+    if differ:
+        details = "; ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(rows))
+        raise BNDoctorError(f"{what}, but rank(s) {differ} differ from rank 0 ({details})", hint=hint)
 
 
 def all_gather_stack(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:

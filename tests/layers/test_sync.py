@@ -94,20 +94,49 @@ def test_equals_bn_over_the_concatenated_batch(world_size, sizes, dims):
 
 
 def _count_collectives(rank, world_size):
+    layer = _layer()
+    x, g = _local_batch(rank, [2, 3])
+    x.requires_grad_(True)
+    calls = []
     with count_collectives() as counter:
-        layer = _layer()
-        x, g = _local_batch(rank, [2, 3])
-        x.requires_grad_(True)
-        (layer(x) * g).sum().backward()
+        for _ in range(2):
+            before = counter.calls
+            (layer(x) * g).sum().backward()
+            calls.append(counter.calls - before)
         train_calls = counter.calls
         layer.eval()
         layer(x)
-        return train_calls, counter.calls - train_calls
+        return calls, counter.calls - train_calls
 
 
 def test_two_collectives_per_training_step_none_in_eval():
+    """The first step also checks once that every rank has the same layer; then two collectives per step."""
     for train_calls, eval_calls in run_ranks(_count_collectives, 2):
-        assert (train_calls, eval_calls) == (2, 0)
+        assert (train_calls, eval_calls) == ([3, 2], 0)
+
+
+def _mismatched_rank(rank, world_size, layer_kind):
+    channels = C + (rank == world_size - 1)  # the last rank built another model
+    if layer_kind == "sync":
+        layer = bd.SyncBatchNorm(channels).double()
+    else:
+        layer = bd.AccumBatchNorm(channels, sync=True).double()
+        layer.acquire_control()
+    x = torch.randn(4, channels, 3, 3, dtype=torch.float64)
+    try:
+        layer(x)
+    except bd.BNDoctorError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("layer_kind", ["sync", "accum-sync"])
+def test_ranks_whose_layers_differ_all_raise_the_same_error_instead_of_aborting(world_size, layer_kind):
+    messages = run_ranks(_mismatched_rank, world_size, layer_kind, timeout=30)
+    assert len(set(messages)) == 1, messages  # every rank: the same error
+    assert f"rank(s) [{world_size - 1}] differ from rank 0" in messages[0]
+    assert f"rank {world_size - 1}: {C + 1} channels" in messages[0]
 
 
 def _only_rank_zero_evaluates(rank, world_size):

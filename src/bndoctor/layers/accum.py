@@ -366,6 +366,8 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         renorm = self.mode == "renorm"
         if renorm and not synced:
             require_batch(x)  # as torch's BN, and before the window takes the micro-batch in
+        if synced:
+            self.require_same_layout(x, self.num_features)
         in_place = self._writes_window_in_place(synced)
         with torch.no_grad():
             if n == 0:  # nothing to normalise here; the other ranks' statistics are pooled all the same

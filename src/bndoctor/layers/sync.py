@@ -86,6 +86,7 @@ class SyncBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
                 f"expected {self.num_features} channels in dimension 1 (got input of shape {tuple(x.shape)})",
                 hint="check the layer's num_features against the preceding layer",
             )
+        self.require_same_layout(x, self.num_features)
         out, mean, var, n = _SyncNorm.apply(x, self.weight, self.bias, self.eps, self.process_group)
         self._update_running_stats(mean, var, n)
         return out

@@ -351,18 +351,13 @@ def _require_same_layout(records: list[BNInfo], group: Any) -> None:
     written into another); every rank raises the same error instead.
     """
     layout = ";".join(f"{r.name}:{r.num_features}" for r in records)
-    mine = torch.tensor([len(records), sum(int(r.num_features or 0) for r in records), zlib.crc32(layout.encode())])
-    rows = distributed.all_gather_stack(mine.double(), group).tolist()
-    differ = [rank for rank, row in enumerate(rows) if row != rows[0]]
-    if differ:
-        counts = ", ".join(
-            f"rank {rank}: {int(row[0])} layers / {int(row[1])} channels" for rank, row in enumerate(rows)
-        )
-        raise BNDoctorError(
-            f"recalibrate needs the same BN layers on every rank, but rank(s) {differ} differ from rank 0 ({counts}); "
-            "statistics left unchanged on every rank",
-            hint="build the same model on every rank (and pass the same modules=) before recalibrating",
-        )
+    distributed.require_agreement(
+        [len(records), sum(int(r.num_features or 0) for r in records), zlib.crc32(layout.encode())],
+        group,
+        what="recalibrate needs the same BN layers on every rank (statistics left unchanged on every rank)",
+        describe=lambda row: f"{int(row[0])} layers / {int(row[1])} channels",
+        hint="build the same model on every rank (and pass the same modules=) before recalibrating",
+    )
 
 
 def _gather_moments(local: list[Moments], used: int, group: Any) -> tuple[list[Moments], int]:
