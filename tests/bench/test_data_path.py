@@ -110,7 +110,7 @@ def _nan_rows(p):
         (lambda p: np.savez(p / "d.npz", x=np.zeros((30, 5)), y=np.array([None] * 30)), "cannot read d.npz"),
         (_pickle_as_npz, "cannot read d.npz"),
         (lambda p: (p / "d.npz").write_text("not a zip file"), "cannot read d.npz"),
-        (lambda p: np.savez(p / "d.npz", x=np.array(["a"] * 30), y=np.arange(30) % 2), "x must hold numbers"),
+        (lambda p: np.savez(p / "d.npz", x=np.array(["a"] * 30), y=np.arange(30) % 2), "x must hold real numbers"),
         (_nan_rows, "2 of 40 samples hold NaN or Inf (the first: sample 3)"),
     ],
     ids=["object-x", "object-y", "pickle", "not-zip", "strings", "nan-inf"],

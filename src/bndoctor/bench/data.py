@@ -209,8 +209,10 @@ def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
             x, y = archive["x"], archive["y"]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # not a zip, pickled data, object arrays
         raise BNDoctorError(f"cannot read {path.name} as an .npz archive: {exc}", hint=hint) from None
-    if not (np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.bool_)):
-        raise BNDoctorError(f"{path.name}: x must hold numbers (got dtype {x.dtype})", hint=hint)
+    if not any(np.issubdtype(x.dtype, kind) for kind in (np.integer, np.floating, np.bool_)):
+        raise BNDoctorError(f"{path.name}: x must hold real numbers (got dtype {x.dtype})", hint=hint)
+    if len(x) == 0:
+        raise BNDoctorError(f"{path.name}: x holds no samples (shape {x.shape})", hint=hint)
     x = x.astype(np.float32)
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x) or y.min() < 0:
         raise BNDoctorError(
