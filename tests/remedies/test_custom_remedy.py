@@ -119,3 +119,16 @@ def test_registries_reject_bad_input(registries):
         families.register_family(families.Family("x", "batchnorm", lambda m: False), before="nope")
     with pytest.raises(bd.BNDoctorError, match="already registered"):
         families.register_family(families.Family("torch", "batchnorm", lambda m: False))
+
+
+def test_a_layers_qconfig_travels_through_every_class_swap_and_back():
+    """torch.ao.quantization's per-module ``qconfig`` is kept by to_/from_ sync, accumulation-aware and renorm."""
+    qconfig = torch.ao.quantization.get_default_qconfig("fbgemm")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model[1].qconfig = qconfig
+    for to, back in ((bd.to_sync_bn, bd.from_sync_bn), (bd.to_accum_bn, bd.from_accum_bn),
+                     (bd.to_batch_renorm, bd.from_batch_renorm)):  # fmt: skip
+        converted = to(model, inplace=True)
+        assert converted[1].qconfig is qconfig, to.__name__
+        model = back(converted, inplace=True)
+        assert type(model[1]) is nn.BatchNorm2d and model[1].qconfig is qconfig, back.__name__

@@ -55,6 +55,8 @@ def transfer_bn_state(source: nn.Module, target: nn.Module) -> nn.Module:
         target._modules[name] = child
     for attr in ("momentum", "eps", "affine", "track_running_stats", "training"):
         setattr(target, attr, getattr(source, attr))
+    if "qconfig" in source.__dict__:  # torch.ao.quantization's per-module setting travels with the layer
+        target.qconfig = source.qconfig
     return target
 
 
