@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._version import __version__
-from ..errors import BNDoctorError
 from ._command import Command
 from ._errors import EXIT_OK, EXIT_USAGE, describe
 
@@ -50,17 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Diagnose and repair BatchNorm when the physical batch is tiny.",
     )
     parser.add_argument("-V", "--version", action="version", version=f"bndoctor {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--format",
-        choices=("text", "json", "github"),
-        default="text",
-        help="output for people (text, default), for programs (json), or GitHub Actions annotations (github; check)",
-    )
-    common.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for command in _commands():
-        child = sub.add_parser(command.name, help=command.help, description=command.help, parents=[common])
+        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        words = {"text": "for people (text, default)", "json": "for programs (json)", "github": "as GitHub Actions "
+                 "annotations (github)"}  # fmt: skip
+        child.add_argument(
+            "--format",
+            choices=command.formats,
+            default="text",
+            help="output " + ", or ".join(words[f] for f in command.formats),
+        )
+        child.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
         command.add_arguments(child)
         child.set_defaults(_run=command.run)
     return parser
@@ -95,10 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        if args.format == "github" and args.command != "check":
-            raise BNDoctorError(
-                f"--format github applies to bndoctor check (got it for {args.command})", hint="use text or json"
-            )
         result = args._run(args)
         if args.format == "json":
             print(json.dumps(result.to_json(), indent=2))  # escapes control characters itself

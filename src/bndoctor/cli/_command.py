@@ -30,6 +30,7 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], Result]
+    formats: tuple[str, ...] = ("text", "json")  # "github": its result also has to_github()
 
 
 def positive_int(text: str) -> int:

@@ -145,4 +145,5 @@ COMMAND = Command(
     "diagnose a model's BatchNorm for a training setup (exit 1 on error-level findings)",
     add_arguments,
     run,
+    formats=("text", "json", "github"),
 )
