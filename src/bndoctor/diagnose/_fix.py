@@ -32,9 +32,9 @@ class FixResult:
         return iter((self.model, self.changes))
 
 
-def _merge(findings: list[Finding]) -> tuple[dict[str, list[Action]], list[str]]:
-    """Distinct actions per remedy name, and the findings whose action no fixer is registered for."""
-    merged: dict[str, list[Action]] = {}
+def _fixable(findings: list[Finding]) -> tuple[list[Action], list[str]]:
+    """The findings' actions that a fixer is registered for, and the findings whose action has none."""
+    actions: list[Action] = []
     unknown = []
     for finding in findings:
         action = finding.action
@@ -47,10 +47,8 @@ def _merge(findings: list[Finding]) -> tuple[dict[str, list[Action]], list[str]]
                 "bndoctor.remedies.register_fix)"
             )
             continue
-        actions = merged.setdefault(action.name, [])
-        if action not in actions:
-            actions.append(action)
-    return merged, unknown
+        actions.append(action)  # apply_actions merges the actions of one remedy, each distinct one once
+    return actions, unknown
 
 
 def fix(model: nn.Module, report: Report, *, inplace: bool = False) -> FixResult:
@@ -83,9 +81,9 @@ def fix(model: nn.Module, report: Report, *, inplace: bool = False) -> FixResult
     target = model if inplace else copy.deepcopy(model)
     result = FixResult(target)
     result.skipped = [f"{f.code} {f.where}" for f in report.findings if f.action is None and f.severity != "info"]
-    merged, unknown = _merge(report.findings)
+    actions, unknown = _fixable(report.findings)
     result.skipped += unknown
-    done = apply_actions(target, [a for named in merged.values() for a in named], layer_shapes=report.layer_shapes)
+    done = apply_actions(target, actions, layer_shapes=report.layer_shapes)
     result.model = done.model
     result.changes += done.changes
     result.skipped += done.skipped

@@ -334,9 +334,10 @@ def _plots(run: MonitorRun, out: Path) -> list[tuple[str, str]]:
             1,
         ),
     )
-    made = [(name, title) for metric, title, ylabel, name, smooth in stage_plots if _stage_plot(
-        run, out, metric, title, ylabel, name, smooth
-    )]  # fmt: skip
+    made = []
+    for metric, title, ylabel, name, smooth in stage_plots:
+        if _stage_plot(run, out, metric, title, ylabel, name, smooth):
+            made.append((name, title))
     if _divergence_plot(run, out):
         made.append(("monitor-divergence.png", "cross-rank divergence"))
     if _noise_plot(run, out):

@@ -193,7 +193,7 @@ class _Pass:
     Layers take one of two paths. *Fast* (plain torch BN with float32/64
     buffers): the layer runs in training mode with ``momentum=1``, so after a
     call its buffers hold exactly that call's batch mean and unbiased
-    variance; they are read once per batch for all fast layers together (two
+    variance; they are read once per batch for all fast layers together (one
     ``torch.cat``), and only a layer called twice in one forward has its first
     call's values copied. *Exact*: the batch moments are computed in float64
     from the layer's input. Calls are intercepted by a per-instance
@@ -251,7 +251,7 @@ class _Pass:
                     self._keep(layer)
                 out = original(x, *args, **kwargs)
                 layer.calls_in_batch += 1
-                layer.last_n = x.numel() // x.shape[1] if x.dim() > 1 else x.numel()
+                layer.last_n = _values_per_channel(x)
                 return out
 
             return fast_forward
@@ -287,10 +287,10 @@ class _Pass:
     def nonfinite_batches(self) -> dict[int, str]:
         """Batch index -> the first layer whose statistics of that batch hold NaN or Inf (one host read per layer)."""
         first: dict[int, int] = {}  # batch -> index of the first bad layer (module order)
-        index = {id(layer): i for i, layer in enumerate(self.layers)}
+        index = {layer: i for i, layer in enumerate(self.layers)}  # _Layer hashes by identity
 
         def mark(batch: int, layer: _Layer) -> None:
-            first[batch] = min(first.get(batch, index[id(layer)]), index[id(layer)])
+            first[batch] = min(first.get(batch, index[layer]), index[layer])
 
         if self.fast_stats:
             stats = torch.isfinite(torch.stack(self.fast_stats))
@@ -313,7 +313,7 @@ class _Pass:
         fast = self._fast_moments(skip)
         out = []
         for layer in self.layers:
-            parts = [fast[id(layer)]] if id(layer) in fast else []
+            parts = [fast[layer]] if layer in fast else []
             samples = [sample for sample in layer.samples if sample.batch not in skip]
             if samples:
                 counts = torch.tensor([sample.count for sample in samples], dtype=torch.float64)
@@ -325,8 +325,8 @@ class _Pass:
             out.append(merge(parts) if len(parts) > 1 else parts[0])
         return out
 
-    def _fast_moments(self, skip: frozenset[int]) -> dict[int, Moments]:
-        """id(layer) -> the fast layers' pooled moments over the kept batches, pooled for all layers at once."""
+    def _fast_moments(self, skip: frozenset[int]) -> dict[_Layer, Moments]:
+        """Each fast layer's pooled moments over the kept batches, pooled for all layers at once."""
         keep = [b for b in range(len(self.fast_stats)) if b not in skip]
         if not keep:
             return {}
@@ -339,7 +339,7 @@ class _Pass:
         total, mean, m2 = pool_columns(counts, means, variances)
         out, start = {}, 0
         for layer, c in zip(self.fast, channels):
-            out[id(layer)] = Moments(float(total[start]), mean[start : start + c], m2[start : start + c])
+            out[layer] = Moments(float(total[start]), mean[start : start + c], m2[start : start + c])
             start += c
         return out
 
