@@ -70,6 +70,52 @@ def test_lightning_callback_monitors_recalibrates_and_checkpoints(tmp_path):
     resumed.teardown(trainer, module, "fit")
 
 
+@pytest.mark.parametrize("pattern", ["self.net(x)", "self.model(x)", "two submodules"])
+def test_lightning_modules_that_call_their_parts_are_monitored(tmp_path, pattern):
+    """training_step calls submodules, never self(x): the monitor samples the BN layers all the same."""
+    lightning = pytest.importorskip("lightning")
+    from bndoctor.integrations.lightning import BNMonitorCallback
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            if pattern == "two submodules":
+                self.encoder = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+                self.head = nn.Sequential(nn.Linear(144, 16), nn.BatchNorm1d(16), nn.Linear(16, 10))
+            else:
+                setattr(self, pattern[5:-3], tiny_resnet())
+
+        def training_step(self, batch, _):
+            x, y = batch
+            if pattern == "two submodules":
+                return F.cross_entropy(self.head(self.encoder(x)), y)
+            return F.cross_entropy(getattr(self, pattern[5:-3])(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    callback = BNMonitorCallback(every=2, warmup=0)
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(Module(), train_dataloaders=loader)
+    lines = [json.loads(line) for line in (tmp_path / "bn_monitor.jsonl").read_text().splitlines()]
+    samples = [r for r in lines if r["kind"] == "sample"]
+    assert [r["step"] for r in samples] == [0, 2, 4, 6]  # 8 training forwards, one per optimizer step
+    layers = 2 if pattern == "two submodules" else 9
+    assert all(len(r["layers"]) == layers for r in samples)
+    assert not [r for r in lines if r["kind"] == "warning"]
+
+
 def test_huggingface_trainer_callback(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")

@@ -1,8 +1,10 @@
 """BNMonitor: the numbers it records (float64 oracles), when it samples, alerts, sinks, state, safety."""
 
+import contextlib
 import json
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -42,10 +44,12 @@ def test_recorded_statistics_match_float64_oracles():
         shift = ((x.mean((0, 2, 3)) - rm) ** 2 / scale).mean()
         spread = ((image_means - rm) ** 2 / scale).mean()
         spreads.append(float(spread))
+        within = (((image_means - image_means.mean(0)) ** 2).sum(0) / (len(x) - 1) / scale).mean()
         var_ratio = (x.var((0, 2, 3), unbiased=False) / scale).mean()
         assert got["n"] == 100 and not got["nonfinite"] and got["collapsed"] == 0.0
         assert got["shift"] == pytest.approx(float(shift), rel=1e-9)
         assert got["image_spread"] == pytest.approx(float(spread), rel=1e-9)
+        assert got["within"] == pytest.approx(float(within), rel=1e-9)
         assert got["n_eff"] == pytest.approx(sum(spreads) / len(spreads) / float(shift), rel=1e-9)
         assert got["var_ratio"] == pytest.approx(float(var_ratio), rel=1e-9)
         if previous is not None:
@@ -81,13 +85,15 @@ def test_effective_batch_tells_independent_from_alike_samples():
     assert 16 < iid < 64 and alike < 2, (iid, alike)
 
 
-def test_samples_one_training_forward_in_every_and_hooks_exist_only_then():
+def test_samples_one_training_forward_in_every_with_one_hook_per_layer():
     model = tiny_resnet()
     monitor = BNMonitor(model, every=3, keep=True)
     x = torch.randn(4, 1, 8, 8)
     for _ in range(7):
         model(x)
-        assert all(not m._forward_pre_hooks for m in model.modules() if m is not model)
+        hooked = [m for m in model.modules() if m is not model and m._forward_pre_hooks]
+        assert hooked == [r.module for r in monitor.layers.values()]
+        assert all(len(m._forward_pre_hooks) == 1 and not m._forward_hooks for m in hooked)
     model.eval()
     model(x)  # eval forwards are not counted
     samples = [r for r in monitor.records if r["kind"] == "sample"]
@@ -142,6 +148,7 @@ def test_a_failing_forward_leaves_no_hook_behind():
     model.fail = False
     model(torch.randn(2, C, 2, 2))
     assert len([r for r in monitor.records if r["kind"] == "sample"]) == 1  # the failed one is dropped
+    assert monitor.forwards == 2 and monitor.samples == 1
     monitor.close()
     assert not model.bn._forward_pre_hooks and not model._forward_pre_hooks
 
@@ -372,3 +379,93 @@ def test_every_non_finite_value_is_flagged(where):
     sample = _sample(monitor)
     monitor.close()
     assert sample["nonfinite"] and math.isnan(sample["shift"]) and sample["drift_mean"] is None
+
+
+class _TwoParts(nn.Module):
+    """A model trained by calling its parts, never itself (a LightningModule's training_step does this)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 36, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x: m.encoder(x),  # one submodule (self.net(x))
+        lambda m, x: m.head(m.encoder(x)),  # several submodules, one after the other
+        lambda m, x: m.head(m.encoder[1](m.encoder[0](x)).relu()),  # the layers' parents skipped too
+    ],
+    ids=["one part", "two parts", "layer by layer"],
+)
+def test_forwards_that_do_not_go_through_the_root_are_sampled(call):
+    torch.manual_seed(0)
+    model = _TwoParts()
+    x = torch.randn(4, 1, 8, 8)
+    with BNMonitor(model, every=2, keep=True, warmup=0, log=False) as monitor:
+        for step in range(5):
+            monitor.set_step(step)
+            call(model, x)
+        model.eval()
+        call(model, x)  # evaluation is not a training forward
+        model.train()
+        call(model, x)  # a second call of the same layer starts the next forward; close() ends the last one
+    samples = [r for r in monitor.records if r["kind"] == "sample"]
+    assert monitor.forwards == 6 and [r["forward"] for r in samples] == [1, 3, 5]
+    assert [r["step"] for r in samples] == [0, 2, 4]
+    assert set(samples[0]["layers"]) == {"encoder.1", "head.2"} & set(samples[0]["layers"]) != set()
+    assert all(math.isfinite(la["shift"]) for r in samples for la in r["layers"].values())
+
+
+def test_a_model_mixing_root_and_part_calls_counts_each_forward_once():
+    model = _TwoParts()
+    model.forward = lambda x: model.head(model.encoder(x))
+    x = torch.randn(4, 1, 8, 8)
+    with BNMonitor(model, every=1, keep=True, warmup=0, log=False) as monitor:
+        model(x)  # through the root: one forward however many layers it calls
+        model.encoder(x)  # outside: one more
+        model(x)  # the root ends the loose forward before its own
+    samples = [r for r in monitor.records if r["kind"] == "sample"]
+    assert monitor.forwards == 3 and [sorted(r["layers"]) for r in samples] == [
+        ["encoder.1", "head.2"],
+        ["encoder.1"],
+        ["encoder.1", "head.2"],
+    ]
+
+
+def test_a_monitor_on_layers_that_never_train_warns_once():
+    model = tiny_resnet()
+    monitor = BNMonitor(model, every=1)
+    converted = bd.to_accum_bn(model)  # a copy: the monitor still watches the original's layers
+    with pytest.warns(bd.BNDoctorWarning, match=r"none of the 9 BN layers .*\(to_accum_bn"):
+        for step in range(12):
+            monitor.set_step(step)
+            with bd.accumulation_window(converted):
+                converted(torch.randn(2, 1, 8, 8))
+    assert monitor.samples == 0
+    with warnings_as_errors():
+        monitor.close()  # said once already
+
+
+def test_a_root_that_trains_without_its_monitored_layers_warns_at_close_and_an_idle_monitor_does_not():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    monitor = BNMonitor(model, every=100, warmup=0)
+    model[1] = nn.BatchNorm2d(4)  # replaced after the monitor was made
+    for _ in range(3):
+        model(torch.randn(2, 1, 8, 8))
+    with pytest.warns(bd.BNDoctorWarning, match=r"none of the 1 BN layers it watches \(1\) .* 3 training forwards"):
+        monitor.close()
+    assert monitor.samples == 0
+    model = tiny_resnet()
+    with warnings_as_errors():
+        BNMonitor(model).close()
+        with BNMonitor(model, every=1):
+            model.eval()(torch.randn(2, 1, 8, 8))
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield

@@ -196,7 +196,7 @@ def _train(
         if scenario.bn_eval:
             _set_bn_eval(model)
         logical_batches = schedule(data.y_train, scenario.micro_batch, group, scenario.sampler, rng)
-        train_loss.append(_epoch(scenario, data, model, net, optimizer, lr_at, logical_batches, rank, world))
+        train_loss.append(_epoch(scenario, data, model, net, optimizer, lr_at, logical_batches, rank, world, monitor))
         diverged = not math.isfinite(train_loss[-1])
         if scenario.recalibrate and not diverged:
             diverged = _recalibrate(model, data, rng) is False
@@ -237,10 +237,12 @@ def _epoch(
     logical_batches: Iterable[list[Any]],
     rank: int,
     world: int,
+    monitor: Any = None,
 ) -> float:
     """One epoch of accumulated optimizer steps (this rank's micro-batches of each logical batch); the mean loss.
 
-    ``net`` is ``model``, or its DDP wrapper on several ranks.
+    ``net`` is ``model``, or its DDP wrapper on several ranks; ``monitor`` (a BNMonitor or None) labels its
+    records with the optimizer step.
     """
     group = scenario.accum_steps * world
     loss_sum, seen = torch.zeros((), dtype=torch.float64), 0
@@ -249,6 +251,8 @@ def _epoch(
             continue  # every rank must take the same number of micro-steps
         total = sum(len(idx) for idx in logical)
         mine = logical[rank::world]
+        if monitor is not None:
+            monitor.set_step(scheduler.last_epoch)  # optimizer steps taken so far
         optimizer.zero_grad(set_to_none=True)
         if scenario.two_pass:
             from ..remedies import collect_window

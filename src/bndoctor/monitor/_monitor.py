@@ -14,6 +14,11 @@ them):
   independent samples the batch statistics are worth. Correlated samples
   (one class per micro-batch), a stale running average, or a domain shift all
   make it smaller than the batch.
+* ``within``: the variance of the samples' own means within the batch
+  (unbiased, standardised like ``shift``; NaN for a batch of one sample). For
+  independent samples it matches ``image_spread``; for samples alike (one
+  class per micro-batch) it is much smaller, which is what the effective-batch
+  alert reads (see :mod:`bndoctor.monitor.alerts`).
 * ``var_ratio``: var_B / var_run (near 1 - 1/n when healthy).
 * ``drift_mean`` / ``drift_var``: how far the running statistics moved since
   the previous sample (standardised mean change; mean |log| variance ratio).
@@ -28,14 +33,23 @@ plus BN5xx for what only a running model shows; each is raised once per
 layer, kept in ``monitor.alerts``, written to the sinks and logged on rank
 zero.
 
-Between samples the only cost is a forward pre-hook and a forward hook on
-the root module that count training forwards; the per-layer hooks exist only
-during a sampled forward. A call of the root inside its own forward (Lightning
-runs ``training_step`` through the module's ``__call__`` under DDP, and
-``training_step`` calls ``self(x)``) is part of the outer forward, not a
-forward of its own. Alerts raised by one sample are logged as one line per
-code (``BN101 on 53 layers: layer1.0.bn1, ... (+50)``); the run file keeps
-one record per layer.
+A training forward is counted wherever the BN layers are called from: each
+monitored layer carries a forward pre-hook, so a LightningModule whose
+``training_step`` calls ``self.net(x)``, a loop that calls submodules one by
+one, or a wrapper around the model are all sampled. A forward of the root
+module (pre- and post-hooks on it) is one forward, also when it calls the root
+again inside (Lightning runs ``training_step`` through the module's
+``__call__`` under DDP, and ``training_step`` calls ``self(x)``); layers called
+outside the root's forward form one forward until a layer runs a second time
+(or :meth:`BNMonitor.set_step`, :meth:`BNMonitor.pop_metrics` or
+:meth:`BNMonitor.close` is called). Between samples the cost is those hooks
+counting; the figures are computed only in a sampled forward (the first
+training forward is always one). A run that trains while none of the monitored
+layers runs in training mode (they were replaced by a converted copy, or the
+model trains in eval mode) gets one :class:`bndoctor.BNDoctorWarning`, after
+10 steps or at :meth:`BNMonitor.close`. Alerts raised by one sample are logged as
+one line per code (``BN101 on 53 layers: layer1.0.bn1, ... (+50)``); the run
+file keeps one record per layer.
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -57,7 +72,7 @@ from .. import distributed
 from .._validate import positive_int
 from .._version import __version__
 from .._walk import ModuleSelection, with_running_stats
-from ..errors import BNDoctorError, require_module
+from ..errors import BNDoctorError, BNDoctorWarning, require_module
 from ..findings import Finding
 from ..layers import normalisation_statistics
 from . import alerts
@@ -67,6 +82,9 @@ from .sinks import JsonlSink, Sink
 __all__ = ["BNMonitor"]
 
 log = logging.getLogger("bndoctor.monitor")
+
+#: set_step calls with no monitored layer run in training mode before the monitor warns that it sees nothing
+_SILENT_STEPS = 10
 
 
 @dataclass
@@ -81,6 +99,7 @@ class _Figures:
     window: float
     shift: float
     image_spread: float
+    within: float
     var_ratio: float
     collapsed: float
     drift_mean: float
@@ -116,6 +135,7 @@ class LayerSample:
     window: float | None
     shift: float
     image_spread: float
+    within: float
     n_eff: float
     var_ratio: float
     collapsed: float
@@ -290,13 +310,22 @@ class BNMonitor:
         self._spread: dict[str, list[float]] = {name: [] for name in self.layers}
         self._previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._current: dict[str, _Measured] = {}
-        self._armed: list[Any] = []
         self._depth = 0  # calls of the root in progress (1 in a forward; more when the root calls itself)
+        self._open = False  # a forward is in progress (through the root, or layers called outside it)
+        self._sampling = False  # the forward in progress is sampled
+        self._visited: set[str] = set()  # layers the forward in progress has called
+        self._layers_ran = False  # some monitored layer ran in a training forward
+        self._trained = 0  # training forwards of this monitor (forwards also counts a resumed run's)
+        self._steps: set[int] = set()  # steps set_step has seen while no monitored layer ran
+        self._warned = False
         self._pending: list[Finding] = []  # alerts of the current sample, logged together
         self._fresh: dict[str, float] = {}  # summaries since the last pop_metrics()
         self._closed = False
-        self._counter = self.root.register_forward_pre_hook(self._count)
-        self._leaver = self.root.register_forward_hook(self._leave, always_call=True)
+        self._counter = self.root.register_forward_pre_hook(self._enter_root)
+        self._leaver = self.root.register_forward_hook(self._leave_root, always_call=True)
+        self._layer_hooks = [
+            record.module.register_forward_pre_hook(self._layer_hook(name)) for name, record in self.layers.items()
+        ]
         self._emit(
             {
                 "kind": "start",
@@ -317,13 +346,19 @@ class BNMonitor:
         """Label the next records with this step (frameworks pass their global step).
 
         Called between forwards: a sampled forward that never finished (an
-        interrupt inside the model) is dropped here.
+        interrupt inside the model) is dropped here; layers called outside the
+        root's forward end their forward here.
         """
-        self.step = int(step)
         if self._depth:
             self._depth = 0
-            self._disarm()
-            self._current = {}
+            self._end_forward(record=False)
+        else:
+            self._end_forward()
+        self.step = int(step)
+        if not self._layers_ran:
+            self._steps.add(self.step)
+            if len(self._steps) >= _SILENT_STEPS:
+                self._warn_silent()
 
     def write(self, kind: str, **values: Any) -> None:
         """Add a record of your own (e.g. ``kind="noise"``) to the sinks, labelled with the current step."""
@@ -336,6 +371,8 @@ class BNMonitor:
         Includes ``bn/alerts``, the number of alerts raised so far, whenever
         anything new was recorded.
         """
+        if not self._depth:
+            self._end_forward()
         fresh, self._fresh = self._fresh, {}
         if fresh:
             fresh["bn/alerts"] = float(len(self.alerts))
@@ -366,10 +403,17 @@ class BNMonitor:
         """Remove every hook and close the sinks (idempotent)."""
         if self._closed:
             return
+        if not self._depth:
+            self._end_forward()
         self._closed = True
-        self._disarm()
+        self._open = self._sampling = False
+        self._current = {}
         self._counter.remove()
         self._leaver.remove()
+        for handle in self._layer_hooks:
+            handle.remove()
+        if not self._layers_ran and (self._trained or self._steps):
+            self._warn_silent()
         for sink in self.sinks:
             sink.close()
 
@@ -381,46 +425,69 @@ class BNMonitor:
 
     # ------------------------------------------------------------------ hooks
 
-    def _count(self, module: nn.Module, args: Any) -> None:
+    def _enter_root(self, module: nn.Module, args: Any) -> None:
         self._depth += 1
         if self._depth > 1:  # the root called inside its own forward: part of the outer call
             return
-        if self._armed:  # left over from an interrupted forward: drop it, in any mode
-            self._disarm()
-            self._current = {}
-        if not module.training:
+        self._end_forward()  # layers called outside the root before it: their forward ends here
+        self._begin_forward()
+
+    def _leave_root(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._depth = max(self._depth - 1, 0)
+        if self._depth:
+            return
+        # the forward raised: drop its sample
+        self._end_forward(record=not (output is None and sys.exc_info()[1] is not None))
+
+    def _begin_forward(self) -> None:
+        self._open, self._visited, self._current = True, set(), {}
+        self._sampling = False
+        if self._closed or not self.root.training:
             return
         self.forwards += 1
-        if (self.forwards - 1) % self.every == 0:
-            self._arm()
+        self._trained += 1
+        self._sampling = (self.forwards - 1) % self.every == 0
 
-    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._depth = max(self._depth - 1, 0)
-        if self._depth or not self._armed:
+    def _end_forward(self, record: bool = True) -> None:
+        if not self._open:
             return
-        if output is None and sys.exc_info()[1] is not None:  # the forward raised: drop the sample
-            self._disarm()
-            self._current = {}
-            return
-        self._finish()
-
-    def _arm(self) -> None:
+        self._open = False
+        if self._sampling:
+            self._sampling = False
+            if record and self._current:
+                self._finish()
         self._current = {}
-        for name, record in self.layers.items():
-            self._armed.append(record.module.register_forward_pre_hook(self._layer_hook(name)))
-
-    def _disarm(self) -> None:
-        for handle in self._armed:
-            handle.remove()
-        self._armed = []
 
     def _layer_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
-            if name in self._current or not args or not isinstance(args[0], torch.Tensor):
+            if self._closed:
+                return
+            if not self._depth and (not self._open or name in self._visited):
+                self._end_forward()  # outside the root, a layer that runs again starts the next forward
+                self._begin_forward()
+            self._visited.add(name)
+            if self.root.training:
+                self._layers_ran = True
+            if not self._sampling or name in self._current or not args or not isinstance(args[0], torch.Tensor):
                 return
             self._current[name] = self._measure(name, module, args[0])
 
         return hook
+
+    def _warn_silent(self) -> None:
+        """One warning per monitor when a run trains and none of the monitored layers runs in training mode."""
+        if self._warned:
+            return
+        self._warned = True
+        names = _layer_list(list(self.layers))
+        where = f"{self._trained} training forwards of the root" if self._trained else f"{len(self._steps)} steps"
+        message = (
+            f"BNMonitor sampled nothing: none of the {len(self.layers)} BN layers it watches ({names}) ran in "
+            f"training mode during {where}. Create the monitor on the model that trains, after any conversion "
+            "(to_accum_bn, convert_bn, to_sync_bn return copies unless inplace=True), and train in train() mode"
+        )
+        warnings.warn(message, BNDoctorWarning, stacklevel=3)
+        self._emit({"kind": "warning", "step": self.step, "message": message, "time": time.time()})
 
     @torch.no_grad()
     def _measure(self, name: str, module: nn.Module, x: torch.Tensor) -> _Measured:
@@ -450,6 +517,8 @@ class BNMonitor:
                 mean_b, var_b = window[1], window[2]
             figures["shift"] = ((mean_b - running_mean) ** 2 / scale).mean()
             figures["image_spread"] = ((image_means - running_mean.unsqueeze(1)) ** 2 / scale.unsqueeze(1)).mean()
+            if x.shape[0] > 1:
+                figures["within"] = (image_means.var(1) / scale).mean()
             figures["var_ratio"] = (var_b / scale).mean()
         figures["collapsed"] = (running_var < eps).double().mean()
         previous = self._previous.get(name)
@@ -474,9 +543,9 @@ class BNMonitor:
     def _sample(self, name: str, measured: _Measured, figures: _Figures) -> LayerSample:
         nonfinite = not math.isfinite(figures.check)
         ok = not nonfinite and measured.n >= 1
-        shift = spread = n_eff = var_ratio = math.nan
+        shift = spread = within = n_eff = var_ratio = math.nan
         if ok:
-            shift, spread, var_ratio = figures.shift, figures.image_spread, figures.var_ratio
+            shift, spread, within, var_ratio = figures.shift, figures.image_spread, figures.within, figures.var_ratio
             images = self._spread[name]
             images.append(spread)
             del images[: -self.window]
@@ -490,6 +559,7 @@ class BNMonitor:
             window=figures.window if measured.window and ok else None,
             shift=shift,
             image_spread=spread,
+            within=within,
             n_eff=n_eff,
             var_ratio=var_ratio,
             collapsed=figures.collapsed,
@@ -498,7 +568,6 @@ class BNMonitor:
         )
 
     def _finish(self) -> None:
-        self._disarm()
         self.samples += 1
         step = self.step if self.step is not None else self.forwards
         layers = self._read(self._current)
