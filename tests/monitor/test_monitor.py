@@ -85,15 +85,15 @@ def test_effective_batch_tells_independent_from_alike_samples():
     assert 16 < iid < 64 and alike < 2, (iid, alike)
 
 
-def test_samples_one_training_forward_in_every_and_hooks_layers_only_then():
+def test_samples_one_training_forward_in_every_with_one_hook_per_layer():
     model = tiny_resnet()
     monitor = BNMonitor(model, every=3, keep=True)
     x = torch.randn(4, 1, 8, 8)
-    hooked = [m for m in model.modules() if m is not model and m._forward_pre_hooks]
-    assert hooked == [r.module for r in monitor.layers.values()]  # until a forward of the root runs them
     for _ in range(7):
         model(x)
-        assert all(not m._forward_pre_hooks for m in model.modules() if m is not model)
+        hooked = [m for m in model.modules() if m is not model and m._forward_pre_hooks]
+        assert hooked == [r.module for r in monitor.layers.values()]
+        assert all(len(m._forward_pre_hooks) == 1 and not m._forward_hooks for m in hooked)
     model.eval()
     model(x)  # eval forwards are not counted
     samples = [r for r in monitor.records if r["kind"] == "sample"]
@@ -423,16 +423,14 @@ def test_a_model_mixing_root_and_part_calls_counts_each_forward_once():
     model.forward = lambda x: model.head(model.encoder(x))
     x = torch.randn(4, 1, 8, 8)
     with BNMonitor(model, every=1, keep=True, warmup=0, log=False) as monitor:
-        model.encoder(x)  # outside the root: the layers stay hooked for the rest of the run
-        model(x)  # through the root: one forward however many layers it calls; it ends the loose one first
-        model.encoder(x)
-        model.encoder(x)
+        model(x)  # through the root: one forward however many layers it calls
+        model.encoder(x)  # outside: one more
+        model(x)  # the root ends the loose forward before its own
     samples = [r for r in monitor.records if r["kind"] == "sample"]
-    assert monitor.forwards == 4 and [sorted(r["layers"]) for r in samples] == [
-        ["encoder.1"],
+    assert monitor.forwards == 3 and [sorted(r["layers"]) for r in samples] == [
         ["encoder.1", "head.2"],
         ["encoder.1"],
-        ["encoder.1"],
+        ["encoder.1", "head.2"],
     ]
 
 
@@ -471,3 +469,18 @@ def warnings_as_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         yield
+
+
+def test_a_model_compiled_after_the_monitor_was_made_is_sampled():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8))
+    monitor = BNMonitor(model, every=3, keep=True, warmup=0, log=False)
+    compiled = torch.compile(model)
+    x = torch.randn(4, 3, 12, 12)
+    for _ in range(7):
+        compiled(x).sum().backward()
+    monitor.close()
+    samples = [r for r in monitor.records if r["kind"] == "sample"]
+    assert monitor.forwards == 7 and [r["forward"] for r in samples] == [1, 4, 7]
+    assert all(sorted(r["layers"]) == ["1", "4"] for r in samples)
+    assert samples[-1]["layers"]["1"]["n"] == 4 * 10 * 10 and math.isfinite(samples[-1]["layers"]["4"]["shift"])

@@ -33,21 +33,22 @@ plus BN5xx for what only a running model shows; each is raised once per
 layer, kept in ``monitor.alerts``, written to the sinks and logged on rank
 zero.
 
-A training forward is counted wherever the BN layers are called from. Each
-monitored layer carries a forward pre-hook until a forward of the root module
-has run them: from then on a pre-hook and a forward hook on the root count
-forwards, and the layers are hooked during sampled forwards only. When layers
-run outside the root's forward (a LightningModule whose ``training_step``
-calls ``self.net(x)``, a loop that calls submodules one by one) the layer hooks
-stay, and those calls form one forward until a layer runs a second time (or
-:meth:`BNMonitor.set_step`, :meth:`BNMonitor.pop_metrics` or
-:meth:`BNMonitor.close` is called). A forward of the root is one forward, also
-when it calls the root again inside (Lightning runs ``training_step`` through
-the module's ``__call__`` under DDP, and ``training_step`` calls ``self(x)``).
-The figures are computed only in a sampled forward (the first training
-forward is always one). A run that trains while none of the monitored layers
-runs in training mode (they were replaced by a converted copy, or the model
-trains in eval mode) gets one :class:`bndoctor.BNDoctorWarning`, after
+A training forward is counted wherever the BN layers are called from: each
+monitored layer carries a forward pre-hook, so a LightningModule whose
+``training_step`` calls ``self.net(x)``, a loop that calls submodules one by
+one, or a wrapper around the model are all sampled. A forward of the root
+module (pre- and post-hooks on it) is one forward, also when it calls the root
+again inside (Lightning runs ``training_step`` through the module's
+``__call__`` under DDP, and ``training_step`` calls ``self(x)``); layers called
+outside the root's forward form one forward until a layer runs a second time
+(or :meth:`BNMonitor.set_step`, :meth:`BNMonitor.pop_metrics` or
+:meth:`BNMonitor.close` is called). The hooks stay the same for the whole run,
+so a model compiled with ``torch.compile`` after the monitor was made is
+sampled too. Between samples the cost is those hooks counting; the figures
+are computed only in a sampled forward (the first training forward is always
+one). A run that trains while none of the monitored
+layers runs in training mode (they were replaced by a converted copy, or the
+model trains in eval mode) gets one :class:`bndoctor.BNDoctorWarning`, after
 10 steps or at :meth:`BNMonitor.close`. Alerts raised by one sample are logged as
 one line per code (``BN101 on 53 layers: layer1.0.bn1, ... (+50)``); the run
 file keeps one record per layer.
@@ -316,9 +317,6 @@ class BNMonitor:
         self._sampling = False  # the forward in progress is sampled
         self._visited: set[str] = set()  # layers the forward in progress has called
         self._layers_ran = False  # some monitored layer ran in a training forward
-        self._root_ran_layers = False  # ... inside a forward of the root
-        self._loose = False  # a forward ran monitored layers outside the root's forward
-        self._armed: list[Any] = []  # hooks of a sampled forward while the layers are not watched
         self._trained = 0  # training forwards of this monitor (forwards also counts a resumed run's)
         self._steps: set[int] = set()  # steps set_step has seen while no monitored layer ran
         self._warned = False
@@ -414,7 +412,8 @@ class BNMonitor:
         self._current = {}
         self._counter.remove()
         self._leaver.remove()
-        self._unwatch()
+        for handle in self._layer_hooks:
+            handle.remove()
         if not self._layers_ran and (self._trained or self._steps):
             self._warn_silent()
         for sink in self.sinks:
@@ -441,13 +440,6 @@ class BNMonitor:
             return
         # the forward raised: drop its sample
         self._end_forward(record=not (output is None and sys.exc_info()[1] is not None))
-        if self._layer_hooks and self._root_ran_layers and not self._loose:
-            self._unwatch()  # the root drives the layers: counting at the root is enough
-
-    def _unwatch(self) -> None:
-        for handle in self._layer_hooks:
-            handle.remove()
-        self._layer_hooks = []
 
     def _begin_forward(self) -> None:
         self._open, self._visited, self._current = True, set(), {}
@@ -457,16 +449,11 @@ class BNMonitor:
         self.forwards += 1
         self._trained += 1
         self._sampling = (self.forwards - 1) % self.every == 0
-        if self._sampling and not self._layer_hooks:  # the layers are hooked for this forward only
-            self._armed = [r.module.register_forward_pre_hook(self._layer_hook(n)) for n, r in self.layers.items()]
 
     def _end_forward(self, record: bool = True) -> None:
         if not self._open:
             return
         self._open = False
-        for handle in self._armed:
-            handle.remove()
-        self._armed = []
         if self._sampling:
             self._sampling = False
             if record and self._current:
@@ -475,9 +462,9 @@ class BNMonitor:
 
     def _layer_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
-            if self._depth:  # inside the root's forward, which counted it
-                if not self._root_ran_layers:
-                    self._root_ran_layers = self._layers_ran = self.root.training
+            if self._depth:  # inside the root's forward, which counted it: between samples, little to do
+                if not self._layers_ran:
+                    self._layers_ran = self.root.training
                 if self._sampling:
                     self._measure_input(name, module, args)
                 return
@@ -486,7 +473,6 @@ class BNMonitor:
             if not self._open or name in self._visited:
                 self._end_forward()  # outside the root, a layer that runs again starts the next forward
                 self._begin_forward()
-                self._loose = True
             self._visited.add(name)
             if not self._layers_ran:
                 self._layers_ran = self.root.training
