@@ -49,8 +49,8 @@ def _samples(path):
 def test_lightning_page_trains_on_two_processes_with_the_plugin_and_the_callback(tmp_path):
     pytest.importorskip("lightning")
     _run(tmp_path, "lightning.md", sys.executable)
-    # 256 samples / 2 ranks / batch 2 = 64 batches per rank, one in 8 sampled
-    assert len(_samples(tmp_path / "bn_monitor.jsonl")) == 8
+    # 256 samples / 2 ranks / batch 2 = 64 batches per rank, one in 8 sampled; the run file is in the logger's folder
+    assert len(_samples(tmp_path / "lightning_logs" / "version_0" / "bn_monitor.jsonl")) == 8
     # the metrics reached Lightning's default logger (TensorBoard when installed, else CSV)
     events = list(tmp_path.rglob("events.out.tfevents.*"))
     if events:

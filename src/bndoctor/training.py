@@ -12,9 +12,11 @@ from typing import Any
 from ._validate import positive_int
 from .errors import BNDoctorError
 
-__all__ = ["PRECISIONS", "TrainingSetup", "torch_optimizer"]
+__all__ = ["PRECISIONS", "TRAINERS", "TrainingSetup", "torch_optimizer"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+#: the trainers whose bndoctor callback does the training-loop steps itself (fix texts say so)
+TRAINERS = ("lightning", "huggingface")
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,11 @@ class TrainingSetup:
     ``accum_steps`` the micro-batches per optimizer step, ``world_size`` the
     number of data-parallel processes, ``sync_bn`` whether BN statistics are
     synchronised across them (e.g. by the framework), ``finetune`` whether the
-    model starts from pretrained weights, ``precision`` the training precision.
+    model starts from pretrained weights, ``precision`` the training precision,
+    ``trainer`` the framework that trains it with bndoctor's callback
+    (``"lightning"`` or ``"huggingface"``; ``None`` for a loop of your own):
+    the fixes then name the step that fits it (the callback attaches what a
+    loop of your own would call by hand).
     """
 
     micro_batch: int
@@ -34,6 +40,7 @@ class TrainingSetup:
     sync_bn: bool = False
     finetune: bool = False
     precision: str = "fp32"
+    trainer: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("micro_batch", "accum_steps", "world_size"):
@@ -46,6 +53,11 @@ class TrainingSetup:
             raise BNDoctorError(
                 f"expected precision one of {', '.join(PRECISIONS)} (got {self.precision!r})",
                 hint="fp16 and bf16 mean mixed precision (autocast) or a model cast to that type",
+            )
+        if self.trainer is not None and self.trainer not in TRAINERS:
+            raise BNDoctorError(
+                f"expected trainer one of {', '.join(TRAINERS)} or None (got {self.trainer!r})",
+                hint="None means a training loop of your own",
             )
 
     @property
@@ -61,6 +73,7 @@ class TrainingSetup:
             "sync_bn": self.sync_bn,
             "finetune": self.finetune,
             "precision": self.precision,
+            "trainer": self.trainer,
             "logical_batch": self.logical_batch,
         }
 

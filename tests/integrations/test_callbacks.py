@@ -116,6 +116,53 @@ def test_lightning_modules_that_call_their_parts_are_monitored(tmp_path, pattern
     assert not [r for r in lines if r["kind"] == "warning"]
 
 
+def test_lightning_callback_checks_the_trainers_setup_and_writes_beside_the_logger(tmp_path, caplog):
+    """A plain-BN run with accumulate_grad_batches=4 gets check's accumulation finding, with Lightning's fix."""
+    lightning = pytest.importorskip("lightning")
+    from lightning.pytorch.loggers import CSVLogger
+
+    from bndoctor.integrations.lightning import BNMonitorCallback
+
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_resnet()
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    x, y = _data(16)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+    callback = BNMonitorCallback(every=4)
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=4,
+        callbacks=[callback],
+        logger=CSVLogger(str(tmp_path)),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+    )
+    with caplog.at_level("WARNING", logger="bndoctor.integrations"):
+        trainer.fit(Module(), train_dataloaders=loader)
+    report = callback.check_report
+    assert report.setup.micro_batch == 2 and report.setup.accum_steps == 4 and report.setup.trainer == "lightning"
+    accumulation = [f for f in report.findings if f.code == "BN103"]
+    assert accumulation and "BNMonitorCallback attaches the window control" in accumulation[0].fix
+    assert "accumulate_bn(" not in " ".join(f.fix for f in report.findings)
+    lines = [r.getMessage() for r in caplog.records if r.name == "bndoctor.integrations"]
+    assert len(lines) == 1 and "lightning, micro-batch 2 x 4 accumulation steps" in lines[0] and "BN103" in lines[0]
+    run_file = tmp_path / "lightning_logs" / "version_0" / "bn_monitor.jsonl"  # in the logger's folder
+    assert run_file.exists() and str(run_file.parent) == trainer.log_dir
+    assert not (tmp_path / "bn_monitor.jsonl").exists()
+    assert [r["kind"] for r in map(json.loads, run_file.read_text().splitlines())][:2] == ["start", "check"]
+
+
 def test_huggingface_trainer_callback(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -169,6 +216,15 @@ def test_huggingface_trainer_callback(tmp_path):
     restored.on_train_begin(args, trainer.state, trainer.control, model=trainer.model)
     assert restored.monitor.forwards == 16
     restored.on_train_end(args, trainer.state, trainer.control)
+    # check ran at the start with the Trainer's setup, and its fix names the callback's step, not a manual call
+    report = callback.check_report
+    assert report.setup.micro_batch == 4 and report.setup.accum_steps == 2 and report.setup.trainer == "huggingface"
+    fixes = " ".join(f.fix for f in report.errors + report.warnings)
+    assert "BNMonitorTrainerCallback attaches the window control" in fixes and "accumulate_bn(" not in fixes
+    checked = [r for r in lines if r["kind"] == "check"]
+    assert len(checked) == 1 and {f["code"] for f in checked[0]["findings"]} == {
+        f.code for f in report.findings if f.severity != "info"
+    }
 
 
 def test_huggingface_trainer_attaches_windows_and_reports_metrics_to_tensorboard(tmp_path):

@@ -193,6 +193,16 @@ def accumulation_with_bn(ctx: Context) -> Finding | None:
     )
 
 
+#: BN104's fix for a loop of your own ("") and for each trainer whose callback or plugin does the step
+_SYNC_FIX = {
+    "": "model = bndoctor.to_sync_bn(model) before wrapping in DDP (or pass sync_batchnorm=True to the framework "
+    "and TrainingSetup(sync_bn=True))",
+    "lightning": "Trainer(plugins=[BNDoctorSync()]) (bndoctor.integrations.lightning) converts the layers when fit "
+    "sets up DDP (unlike sync_batchnorm=True it keeps accumulation-aware layers and trains on CPU)",
+    "huggingface": "model = bndoctor.to_sync_bn(model) before Trainer(...)",
+}
+
+
 @register_check("BN104", "DDP without SyncBN at a small per-device batch", needs_setup=True)
 def ddp_without_sync(ctx: Context) -> Finding | None:
     """Several processes train with local BN at a per-device batch below 16.
@@ -214,8 +224,7 @@ def ddp_without_sync(ctx: Context) -> Finding | None:
         f"{setup.world_size} processes train with local BN: each normalises over its own {setup.micro_batch} "
         "sample(s) and keeps its own running statistics, which drift apart between ranks",
         {"world_size": setup.world_size, "micro_batch": setup.micro_batch, "layers": len(layers)},
-        "model = bndoctor.to_sync_bn(model) before wrapping in DDP (or pass sync_batchnorm=True to the framework "
-        "and TrainingSetup(sync_bn=True))",
+        _SYNC_FIX.get(setup.trainer or "", _SYNC_FIX[""]),
         Action("to_sync_bn", tuple(r.name for r in layers)),
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from typing import Any
 
@@ -12,6 +13,8 @@ from .. import distributed
 from .._validate import positive_int
 from ..errors import BNDoctorError
 from ..monitor import BNMonitor
+
+log = logging.getLogger("bndoctor.integrations")
 
 
 def make_monitor(model: nn.Module, sink: Any, default_dir: str, options: dict[str, Any]) -> BNMonitor:
@@ -63,6 +66,11 @@ class MonitorCallbackCore:
       control of accumulation-aware BN (:func:`bndoctor.accumulate_bn`), so
       ``to_accum_bn`` models need no extra call. Skipped where the user
       attached it already.
+    * ``check``: run :func:`bndoctor.check` when training starts, with the
+      setup the trainer knows (micro-batch, accumulation steps, world size,
+      synchronised BN, the trainer itself, so the fixes name its steps); the
+      findings are logged as one line (``bndoctor.integrations`` logger), kept
+      in ``callback.check_report`` and written to the run file (default ``True``).
     * ``log_metrics``: send summary scalars (``bn/effective_batch_min``, ...,
       see :meth:`bndoctor.BNMonitor.pop_metrics`) to the trainer's loggers
       (default ``True``).
@@ -83,6 +91,7 @@ class MonitorCallbackCore:
         noise_scale: bool = False,
         noise_micro_batch: int | None = None,
         attach: bool = True,
+        check: bool = True,
         log_metrics: bool = True,
         **monitor_options: Any,
     ) -> None:
@@ -109,6 +118,8 @@ class MonitorCallbackCore:
         self.noise_scale = bool(noise_scale)
         self.noise_micro_batch = noise_micro_batch
         self.attach = bool(attach)
+        self.check = bool(check)
+        self.check_report: Any = None  # the Report of check=True, once training starts
         self.log_metrics = bool(log_metrics)
         self.monitor_options = monitor_options
         self.attached: list[Any] = []  # handles of what attach=True attached
@@ -122,6 +133,28 @@ class MonitorCallbackCore:
         self.monitor = make_monitor(model, self.sink, default_dir, self.monitor_options)
         if state is not None:
             self.monitor.load_state_dict(state)
+
+    def _check(self, model: nn.Module, trainer: str, micro_batch: Any, **setup: Any) -> None:
+        """Run bndoctor.check with the trainer's setup; one log line and a ``check`` record for its findings.
+
+        Skipped when the trainer does not say its micro-batch (a loader with a batch sampler).
+        """
+        if not self.check or self.check_report is not None or not isinstance(micro_batch, int) or micro_batch < 1:
+            return
+        from ..diagnose import check
+        from ..monitor import group_alerts
+        from ..training import TrainingSetup
+
+        training = TrainingSetup(micro_batch=micro_batch, trainer=trainer, **setup)
+        self.check_report = report = check(model, training)
+        findings = report.errors + report.warnings
+        if self.monitor is not None:
+            self.monitor.write("check", setup=training.as_dict(), findings=[f.as_dict() for f in findings])
+        if findings and (self.monitor is None or self.monitor.writes):
+            numbers = f"micro-batch {training.micro_batch} x {training.accum_steps} accumulation steps"
+            numbers += f" x {training.world_size} ranks" if training.world_size > 1 else ""
+            lines = "; ".join(group_alerts(findings, shown=2))
+            log.warning("bndoctor check (%s, %s): %s; bndoctor explain CODE for more", trainer, numbers, lines)
 
     def _epoch_end(self, model: nn.Module, data: Any, epoch: Any) -> None:
         if not (self.recalibrate or self.merge_ranks):

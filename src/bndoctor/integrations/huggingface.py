@@ -50,6 +50,13 @@ class BNMonitorTrainerCallback(MonitorCallbackCore, TrainerCallback, ExportableS
         if model is not None:
             self._start(model, args.output_dir, self.monitor_state)
             self.monitor_state = None
+            self._check(
+                model,
+                "huggingface",
+                args.per_device_train_batch_size,
+                accum_steps=int(args.gradient_accumulation_steps),
+                world_size=int(args.world_size),
+            )
             self._attach(model, kwargs.get("optimizer"))
             if self.noise_scale and kwargs.get("optimizer") is not None:
                 self._start_noise(

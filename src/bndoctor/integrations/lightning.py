@@ -3,7 +3,8 @@
     from bndoctor.integrations.lightning import BNMonitorCallback
     trainer = lightning.Trainer(callbacks=[BNMonitorCallback(every=100, recalibrate=True)])
 
-Records go to ``<default_root_dir>/bn_monitor.jsonl`` by default (rank 0);
+Records go to ``bn_monitor.jsonl`` beside the logger's files (``lightning_logs/version_N``; the
+trainer's ``default_root_dir`` without a logger) by default (rank 0);
 render them with ``bndoctor report``. Summary scalars (``bn/effective_batch_min``,
 ``bn/rank_divergence``, ``noise/b_simple``, ...) go to the trainer's loggers
 through ``LightningModule.log_dict``. Models with accumulation-aware BN get
@@ -52,11 +53,23 @@ def _own_methods(module: Any) -> set[str]:
     return names
 
 
+def _run_dir(trainer: Any) -> str:
+    """The logger's folder (``lightning_logs/version_N``) when the trainer has a logger, else its root folder."""
+    if trainer.loggers:
+        log_dir = trainer.log_dir
+        if log_dir:
+            return str(log_dir)
+    return str(trainer.default_root_dir)
+
+
 class BNMonitorCallback(MonitorCallbackCore, Callback):
     """Monitor BN health while Lightning trains; optionally recalibrate and merge ranks each epoch.
 
-    ``sink="auto"`` writes ``bn_monitor.jsonl`` in the trainer's
-    ``default_root_dir``; pass a path, a sink object, a list, or ``None``.
+    ``sink="auto"`` writes ``bn_monitor.jsonl`` in the logger's folder
+    (``trainer.log_dir``), or the trainer's ``default_root_dir`` when it has
+    no logger; pass a path, a sink object, a list, or ``None``. When training
+    starts, :func:`bndoctor.check` runs with the trainer's setup
+    (``check=False`` turns it off).
     Other keyword arguments go to :class:`bndoctor.BNMonitor` (``every``,
     ``modules``, ``warmup``, ...). ``recalibrate_samples`` caps the samples
     used for recalibration (default: the whole training loader).
@@ -78,8 +91,16 @@ class BNMonitorCallback(MonitorCallbackCore, Callback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # here, not in setup(): the strategy's layer sync (BNDoctorSync) has replaced the BN layers by now
-        self._start(pl_module, trainer.default_root_dir, self._pending_state)
+        self._start(pl_module, _run_dir(trainer), self._pending_state)
         self._pending_state = None
+        self._check(
+            pl_module,
+            "lightning",
+            getattr(trainer.train_dataloader, "batch_size", None),
+            accum_steps=int(trainer.accumulate_grad_batches),
+            world_size=int(trainer.world_size),
+            sync_bn=getattr(trainer.strategy, "_layer_sync", None) is not None,
+        )
         if trainer.optimizers:
             self._attach(pl_module, trainer.optimizers[0])
         if self.noise_scale:

@@ -131,7 +131,7 @@ class Watcher:
         self.cores.append((weakref.ref(inner), core))
         if inner is module and core.monitor is not None:
             # torch collected this call's pre-hooks before the monitor existed; its forward hook will run
-            core.monitor._count(module, args)
+            core.monitor._enter_root(module, args)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.steps += 1

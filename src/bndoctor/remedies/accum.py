@@ -329,11 +329,23 @@ def _prescribe(setup: TrainingSetup) -> Prescription | None:
     if setup.accum_steps == 1 or setup.finetune:
         return None
     span = "micro-batch x accumulation" + (" x world size" if setup.world_size > 1 else "")
+    ranks = setup.world_size > 1
+    if setup.trainer == "lightning":
+        how = "model = bndoctor.to_accum_bn(model) before Trainer.fit; BNMonitorCallback attaches the window control"
+        how += " and Trainer(plugins=[BNDoctorSync()]) pools the windows across ranks" if ranks else ""
+    elif setup.trainer == "huggingface":
+        how = (
+            f"model = bndoctor.to_accum_bn({'bndoctor.to_sync_bn(model)' if ranks else 'model'}) before "
+            "Trainer(...); BNMonitorTrainerCallback attaches the window control"
+        )
+    else:
+        how = (
+            f"model = bndoctor.to_accum_bn({'bndoctor.to_sync_bn(model)' if ranks else 'model'}); "
+            "bndoctor.accumulate_bn(model, optimizer)"
+        )
     return Prescription(
-        f"accumulation-aware BN normalises over the window ({span}): model = bndoctor.to_accum_bn("
-        f"{'bndoctor.to_sync_bn(model)' if setup.world_size > 1 else 'model'}); "
-        "bndoctor.accumulate_bn(model, optimizer)",
-        Action("to_accum_bn", options=(("sync", setup.world_size > 1),)),
+        f"accumulation-aware BN normalises over the window ({span}): {how}",
+        Action("to_accum_bn", options=(("sync", ranks),)),
     )
 
 

@@ -109,10 +109,10 @@ def _fix_from_sync(step: FixStep) -> nn.Module:
 def _prescribe(setup: TrainingSetup) -> Prescription | None:
     if setup.world_size == 1 or setup.finetune:
         return None
-    return Prescription(
-        f"SyncBatchNorm normalises over all {setup.world_size} processes: model = bndoctor.to_sync_bn(model)",
-        Action("to_sync_bn"),
-    )
+    how = "model = bndoctor.to_sync_bn(model)"
+    if setup.trainer == "lightning":
+        how = "Trainer(plugins=[BNDoctorSync()]) (unlike sync_batchnorm=True it trains on CPU)"
+    return Prescription(f"SyncBatchNorm normalises over all {setup.world_size} processes: {how}", Action("to_sync_bn"))
 
 
 register_remedy(
