@@ -93,8 +93,30 @@ def test_noise_records_are_reported(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     write_run_report(load_run(path), tmp_path / "out")
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "last B_simple 44 for a logical batch of 8, tail index 1.60" in text
+    assert "B_simple over the last steps 42 for a logical batch of 8, tail index 1.60" in text  # median of 40-44
     assert (tmp_path / "out" / "monitor-noise.png").exists()
+
+
+def test_a_noise_scale_that_is_not_measurable_reads_the_same_in_watch_report_and_plot(tmp_path, monkeypatch):
+    """Mostly unresolved estimates (inf) with a few huge finite ones: every output says 'not measurable'."""
+    from bndoctor.cli.watch import WatchResult, _summarise
+    from bndoctor.monitor import report
+
+    path = tmp_path / "run.jsonl"
+    values = [float("inf"), 3e7, float("inf"), float("inf"), 2e5, float("inf"), float("inf")]
+    lines = [{"kind": "start", "layers": ["bn"], "every": 1, "model": "M"}]
+    lines += [{"kind": "noise", "step": i, "b_simple": v, "logical_batch": 64} for i, v in enumerate(values)]
+    lines += [{"kind": "sample", "step": 1, "layers": {"bn": {"n_eff": 3.0, "drift_mean": None, "collapsed": 0}}}]
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    titles = []
+    real_finish = report._finish
+    monkeypatch.setattr(report, "_finish", lambda fig, ax, out, name, x, y, title, legend: (
+        titles.append(title), real_finish(fig, ax, out, name, x, y, title, legend)))  # fmt: skip
+    write_run_report(load_run(path), tmp_path / "out")
+    assert "B_simple over the last steps not measurable" in (tmp_path / "out" / "report.md").read_text()
+    assert any("B_simple: not measurable" in t and "5 of 7 steps had no estimate" in t for t in titles)
+    summary = _summarise(WatchResult(command=["train.py"], exit_code=0, out=path))
+    assert summary.noise["b_simple"] is None and "gradient noise scale: not measurable" in summary.to_text()
 
 
 def _write(path, *records):
@@ -110,7 +132,7 @@ def test_the_files_bndoctor_writes_with_non_finite_values_render(tmp_path, capsy
 
     run = _write(tmp_path / "r.jsonl", START, {"kind": "noise", "step": 1, "b_simple": "inf", "logical_batch": 64})
     assert main(["report", str(run), "--no-plots"]) == 0
-    assert "last B_simple inf for a logical batch of 64" in (tmp_path / "r" / "report.md").read_text()
+    assert "B_simple over the last steps not measurable" in (tmp_path / "r" / "report.md").read_text()
 
 
 @pytest.mark.parametrize(

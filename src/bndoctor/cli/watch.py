@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
-import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -133,11 +131,12 @@ def _summarise(result: WatchResult) -> WatchResult:
     if run.divergence:
         result.divergence_max = max(float(d["max"]) for d in run.divergence)
     if run.noise:
-        recent = run.noise[-10:]
-        finite = [float(r["b_simple"]) for r in recent if math.isfinite(float(r["b_simple"]))]
+        from ..noise import recent_b_simple
+        from ..noise.scale import RECENT_STEPS
+
         result.noise = {
-            "b_simple": statistics.median(finite) if 2 * len(finite) > len(recent) else None,
-            "samples": len(recent),
+            "b_simple": recent_b_simple([r["b_simple"] for r in run.noise]),
+            "samples": len(run.noise[-RECENT_STEPS:]),
             "logical_batch": run.noise[-1]["logical_batch"],
         }
     return result

@@ -300,15 +300,26 @@ def _divergence_plot(run: MonitorRun, out: Path) -> bool:
 def _noise_plot(run: MonitorRun, out: Path) -> bool:
     import matplotlib.pyplot as plt
 
+    from ..noise import recent_b_simple
+
     noise = [r for r in run.noise if isinstance(r.get("b_simple"), (int, float)) and math.isfinite(r["b_simple"])]
     if not noise:
         return False
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot([r["step"] for r in noise], [r["b_simple"] for r in noise], label="B_simple")
-    ax.axhline(noise[-1]["logical_batch"], color="gray", linestyle="--", linewidth=1, label="logical batch")
+    recent = recent_b_simple([r["b_simple"] for r in run.noise])
+    unresolved = len(run.noise) - len(noise)
+    # estimates of a noise scale that is not measurable are drawn faint: single steps, not a measurement
+    style = dict(color="gray", alpha=0.5, marker=".", linestyle="none") if recent is None else {}
+    ax.plot([r["step"] for r in noise], [r["b_simple"] for r in noise], label="B_simple per step", **style)
+    ax.axhline(run.noise[-1]["logical_batch"], color="gray", linestyle="--", linewidth=1, label="logical batch")
     ax.set_yscale("log")
-    _finish(fig, ax, out, "monitor-noise.png", "optimizer step", "samples (log)", "gradient noise scale B_simple",
-            dict(fontsize=8))  # fmt: skip
+    title = "gradient noise scale B_simple" + (
+        f": not measurable (the mean gradient is lost in the noise; {unresolved} of {len(run.noise)} steps had no "
+        "estimate)"
+        if recent is None
+        else f": {recent:.3g} (median of the last steps)"
+    )
+    _finish(fig, ax, out, "monitor-noise.png", "optimizer step", "samples (log)", title, dict(fontsize=8))
     return True
 
 
@@ -404,10 +415,14 @@ def _notes(run: MonitorRun) -> list[str]:
             f"max {_num(last['max'], '.3f')}."
         )
     if run.noise:
+        from ..noise import recent_b_simple
+
         last = run.noise[-1]
         alpha = last.get("alpha")
+        recent = recent_b_simple([r["b_simple"] for r in run.noise])
+        measured = "not measurable (the mean gradient is lost in the noise)" if recent is None else f"{recent:.3g}"
         notes.append(
-            f"\nGradient noise scale: {len(run.noise)} steps; last B_simple {_num(last['b_simple'], '.0f')} for a "
+            f"\nGradient noise scale: {len(run.noise)} steps; B_simple over the last steps {measured} for a "
             f"logical batch of {_num(last['logical_batch'], 'g')}"
             + ("" if _num(alpha, ".2f") == "-" else f", tail index {_num(alpha, '.2f')}")
             + "."
