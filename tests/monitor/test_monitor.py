@@ -1,9 +1,11 @@
 """BNMonitor: the numbers it records (float64 oracles), when it samples, alerts, sinks, state, safety."""
 
 import contextlib
+import copy
 import json
 import logging
 import math
+import statistics
 import warnings
 
 import pytest
@@ -33,7 +35,7 @@ def test_recorded_statistics_match_float64_oracles():
     monitor = BNMonitor(model, every=1, keep=True, window=3)
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(4, C, 5, 5, generator=gen, dtype=torch.float64) * 1.5 + 0.2 for _ in range(3)]
-    spreads = []
+    spreads, designs = [], []
     previous = None
     for x in xs:
         rm, rv = model[0].running_mean.clone(), model[0].running_var.clone()
@@ -50,7 +52,10 @@ def test_recorded_statistics_match_float64_oracles():
         assert got["shift"] == pytest.approx(float(shift), rel=1e-9)
         assert got["image_spread"] == pytest.approx(float(spread), rel=1e-9)
         assert got["within"] == pytest.approx(float(within), rel=1e-9)
-        assert got["n_eff"] == pytest.approx(sum(spreads) / len(spreads) / float(shift), rel=1e-9)
+        designs.append(float(shift) * len(x) / float(within))  # the design effect of a batch of 4 samples
+        rho = min(max(statistics.median(designs) - 1, 0) / 3, 1)
+        assert got["images"] == 4 and got["batch"] == 4 and got["norm"] == "batch"
+        assert got["n_eff"] == pytest.approx(4 / (1 + 3 * rho), rel=1e-9)
         assert got["var_ratio"] == pytest.approx(float(var_ratio), rel=1e-9)
         if previous is not None:
             new_rm, new_rv = previous
@@ -72,17 +77,17 @@ def test_effective_batch_tells_independent_from_alike_samples():
     layer.running_var.copy_(population.var((0, 2, 3)))
     layer.momentum = 0.0  # keep the population statistics as the reference
     model = nn.Sequential(layer)
-    monitor = BNMonitor(model, every=1, keep=True, window=50, warmup=0)
 
     def median_n_eff(batches):
-        for batch in batches:
-            model(batch)
-        values = [r["layers"]["0"]["n_eff"] for r in monitor.records if r["kind"] == "sample"][-len(batches) :]
+        with BNMonitor(model, every=1, keep=True, window=50, warmup=0) as monitor:
+            for batch in batches:
+                model(batch)
+        values = [r["layers"]["0"]["n_eff"] for r in monitor.records if r["kind"] == "sample"]
         return sorted(values)[len(values) // 2]
 
     iid = median_n_eff([population[i * 32 : (i + 1) * 32] for i in range(50)])
     alike = median_n_eff([population[i : i + 1].repeat(32, 1, 1, 1) for i in range(50)])  # 32 copies of one
-    assert 16 < iid < 64 and alike < 2, (iid, alike)
+    assert 16 < iid <= 32 and alike < 2, (iid, alike)  # never above the 32 samples of the batch
 
 
 def test_samples_one_training_forward_in_every_with_one_hook_per_layer():
@@ -162,8 +167,8 @@ def test_alerts_are_findings_raised_once_and_logged(caplog):
     with caplog.at_level(logging.WARNING, logger="bndoctor.monitor"):
         for _ in range(8):
             model(x)  # all samples alike and far from the running mean
-    assert [(f.code, f.severity, f.module) for f in monitor.alerts] == [("BN101", "error", "0")]
-    assert monitor.alerts[0].evidence["effective_batch"] < 8
+    assert [(f.code, f.severity, f.module) for f in monitor.alerts] == [("BN101", "error", None)]  # the model's
+    assert monitor.alerts[0].evidence["alike"] > 0.9 and monitor.alerts[0].evidence["effective_batch"] < 1.5
     assert "BN101" in caplog.text and caplog.text.count("BN101") == 1
     assert [r["finding"]["code"] for r in monitor.records if r["kind"] == "alert"] == ["BN101"]
 
@@ -209,7 +214,7 @@ def test_an_alert_carries_the_fix_that_explain_shows_from_the_same_table(capsys)
         assert finding.fix == alert.fix and finding.severity == alert.severity
         assert main(["explain", finding.code, "--format", "json"]) == 0
         assert alert.fix in json.loads(capsys.readouterr().out)["text"]
-    assert set(ALERTS) == {"BN101", "BN501", "BN502", "BN503"}
+    assert set(ALERTS) == {"BN101", "BN501", "BN502", "BN503", "BN504"}
 
 
 def test_state_dict_resumes_without_repeating_alerts():
@@ -484,3 +489,50 @@ def test_a_model_compiled_after_the_monitor_was_made_is_sampled():
     assert monitor.forwards == 7 and [r["forward"] for r in samples] == [1, 4, 7]
     assert all(sorted(r["layers"]) == ["1", "4"] for r in samples)
     assert samples[-1]["layers"]["1"]["n"] == 4 * 10 * 10 and math.isfinite(samples[-1]["layers"]["4"]["shift"])
+
+
+def test_the_train_eval_gap_matches_its_definition_and_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3))
+    model[1].running_mean.fill_(0.3)
+    frozen = nn.BatchNorm1d(3).eval()  # a layer the user keeps in eval mode while the rest trains
+    model.append(frozen)
+    x = torch.randn(4, 1, 8, 8)
+    with BNMonitor(model, every=1, keep=True, warmup=0, log=False) as monitor:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        trained = model(x)
+    after_train = {k: v.clone() for k, v in model.state_dict().items()}
+    assert monitor.forwards == 1 and model[1].training and not frozen.training  # modes as they were
+    assert int(after_train["1.num_batches_tracked"]) == int(before["1.num_batches_tracked"]) + 1  # one update only
+    # the oracle: the trained model (running statistics updated by this forward) in eval mode, float64
+    reference = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        evaluated = reference(x.double())
+    a, b = trained.detach().double(), evaluated
+    expected = float(((a - b) ** 2).sum() / (a**2).sum())
+    sample = next(r for r in monitor.records if r["kind"] == "sample")
+    assert sample["mode_gap"] == pytest.approx(expected, rel=1e-5)  # float32 model against its float64 copy
+
+
+def test_the_gap_is_taken_with_keyword_inputs_and_skipped_for_outputs_it_cannot_compare():
+    from bndoctor.monitor._probe import output_tensor
+
+    class KeywordModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+
+        def forward(self, *, pixel_values, labels=None):
+            logits = self.net(pixel_values)
+            return {"loss": logits.pow(2).mean(), "logits": logits}
+
+    model = KeywordModel()
+    with BNMonitor(model, every=1, keep=True, warmup=0, log=False) as monitor:
+        model(pixel_values=torch.randn(8, 5))
+    gap = next(r for r in monitor.records if r["kind"] == "sample")["mode_gap"]
+    assert math.isfinite(gap) and gap > 0
+    assert output_tensor({"loss": torch.ones(()), "logits": torch.ones(8, 2)}).shape == (8, 2)
+    assert output_tensor([torch.ones(3, dtype=torch.long)]) is None
+    with BNMonitor(model, every=1, keep=True, warmup=0, log=False, probe=False) as monitor:
+        model(pixel_values=torch.randn(8, 5))
+    assert math.isnan(next(r for r in monitor.records if r["kind"] == "sample")["mode_gap"])

@@ -5,20 +5,24 @@ averaged over channels (running statistics read *before* the layer updates
 them):
 
 * ``shift``: (mu_B - mu_run)^2 / (var_run + eps), the standardised distance
-  between the batch mean (for :class:`bndoctor.AccumBatchNorm`: the window
-  statistics it normalises with) and the running mean, and ``image_spread``: the
-  same for each sample's own mean (over its spatial positions). For a batch
-  of n independent samples the first is about the second divided by n, so
-  ``n_eff = image_spread / shift`` (spread averaged over the last ``window``
-  samples) estimates the *effective normalisation batch*: how many
-  independent samples the batch statistics are worth. Correlated samples
-  (one class per micro-batch), a stale running average, or a domain shift all
-  make it smaller than the batch.
-* ``within``: the variance of the samples' own means within the batch
-  (unbiased, standardised like ``shift``; NaN for a batch of one sample). For
-  independent samples it matches ``image_spread``; for samples alike (one
-  class per micro-batch) it is much smaller, which is what the effective-batch
-  alert reads (see :mod:`bndoctor.monitor.alerts`).
+  between the mean the layer normalises with (the micro-batch's; for
+  :class:`bndoctor.AccumBatchNorm` its window so far) and the running mean;
+  ``image_spread``: the same for each sample's own mean (over its spatial
+  positions); ``within``: the variance of the samples' own means inside the
+  micro-batch (unbiased, standardised like ``shift``; NaN for one sample).
+* ``images``: samples in the micro-batch; ``batch``: samples behind the
+  statistics the layer normalises with (the micro-batch, the micro-batches of
+  all ranks for SyncBN, the window so far for accumulation-aware BN); ``norm``:
+  which of those (``batch``, ``ranks``, ``window``; ``running`` for layers in
+  eval mode and Batch Renormalization, which normalise with running statistics).
+* ``n_eff``: the *effective normalisation batch*, how many independent samples
+  the statistics are worth: ``batch / (1 + (images - 1) * rho)``, where
+  ``rho`` (the share of variance the samples of a micro-batch have in common)
+  comes from how much further the mean sits from the running mean than
+  ``within`` predicts for independent samples (the design effect of cluster
+  sampling, Kish 1965; median over the layer's last ``window`` samples). It
+  never exceeds ``batch``: shuffled micro-batches give about ``batch``, one
+  class per micro-batch about ``batch / images``.
 * ``var_ratio``: var_B / var_run (near 1 - 1/n when healthy).
 * ``drift_mean`` / ``drift_var``: how far the running statistics moved since
   the previous sample (standardised mean change; mean |log| variance ratio).
@@ -28,10 +32,14 @@ them):
 Every ``divergence_every`` samples under torch.distributed, the cross-rank
 spread of running statistics (:func:`bndoctor.rank_divergence`, one
 collective) is recorded too. Alerts are :class:`bndoctor.Finding` objects
-with the codes of ``bndoctor check`` (BN101 for a small effective batch)
-plus BN5xx for what only a running model shows; each is raised once per
-layer, kept in ``monitor.alerts``, written to the sinks and logged on rank
-zero.
+with the codes of ``bndoctor check`` (BN101: micro-batches of alike
+samples) plus BN5xx for what only a running model shows; each is raised once
+per layer (or once for the model), kept in ``monitor.alerts``, written to the
+sinks and logged on rank zero. The rules and their thresholds, measured on
+labelled runs, are in :mod:`bndoctor.monitor.alerts`. A sampled forward through
+the root also records ``mode_gap``, the train/eval gap of the model's output
+(:mod:`bndoctor.monitor._probe`; ``probe=False`` skips that extra no-grad
+forward).
 
 A training forward is counted wherever the BN layers are called from: each
 monitored layer carries a forward pre-hook, so a LightningModule whose
@@ -77,8 +85,10 @@ from .._walk import ModuleSelection, with_running_stats
 from ..errors import BNDoctorError, BNDoctorWarning, require_module
 from ..findings import Finding
 from ..layers import normalisation_statistics
-from . import alerts
-from .alerts import MIN_EFFECTIVE_BATCH
+from ..layers._base import compiling, pools_ranks
+from ..layers.renorm import BatchRenorm
+from ._probe import mode_gap
+from .alerts import LayerSample, Rules
 from .sinks import JsonlSink, Sink
 
 __all__ = ["BNMonitor"]
@@ -121,34 +131,8 @@ class _Measured:
     figures: torch.Tensor  # stacked in _FIGURES order
     window: bool  # the layer normalised with an accumulation window
     drift: bool  # an earlier sample exists to measure drift against
-
-
-@dataclass
-class LayerSample:
-    """What one sample recorded at one layer, in the run file's terms (module docstring).
-
-    ``window`` is None unless the layer normalises with an accumulation window; ``drift_mean`` and
-    ``drift_var`` are None at a layer's first sample; figures that could not be measured are NaN.
-    """
-
-    n: int
-    frozen: bool
-    nonfinite: bool
-    window: float | None
-    shift: float
-    image_spread: float
-    within: float
-    n_eff: float
-    var_ratio: float
-    collapsed: float
-    drift_mean: float | None
-    drift_var: float | None
-
-    def to_json(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        if out["window"] is None:
-            del out["window"]
-        return out
+    images: int = 0  # samples in the micro-batch
+    norm: str = "batch"  # which statistics the layer normalises with (alerts.LayerSample)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -252,10 +236,10 @@ class BNMonitor:
     ``sink``: a JSONL path, a sink object, or a list of them (default: none,
     records only in memory when ``keep=True``). ``modules`` selects layers as
     everywhere in bndoctor. ``warmup``: training forwards before the
-    effective-batch alert may fire (early in training the running statistics
-    lag behind the fast-changing weights, which looks like a small batch);
-    ``window``: samples whose median decides the effective-batch alert, which
-    fires below ``min_effective_batch`` (default 8).
+    batch-statistics alerts may fire (early in training the running statistics
+    lag behind the fast-changing weights; default 50); ``window``: samples
+    whose median those alerts read (default 5). ``probe``: record the
+    train/eval gap of sampled forwards (default ``True``).
     ``divergence_every``: samples between cross-rank checks (0: never).
     ``all_ranks``: write and log on every rank (default: rank 0 only);
     ``log=False`` keeps alerts off the ``bndoctor.monitor`` logger. ``keep``
@@ -270,13 +254,13 @@ class BNMonitor:
         every: int = 100,
         sink: Any = None,
         modules: ModuleSelection = None,
-        warmup: int = 200,
+        warmup: int = 50,
         window: int = 5,
-        min_effective_batch: float = MIN_EFFECTIVE_BATCH,
         divergence_every: int = 10,
         keep: bool = False,
         all_ranks: bool = False,
         log: bool = True,
+        probe: bool = True,
     ) -> None:
         require_module(model)
         positive_int(every, "every", hint="e.g. every=100")
@@ -294,7 +278,7 @@ class BNMonitor:
         self.every = every
         self.warmup = warmup
         self.window = window
-        self.min_effective_batch = float(min_effective_batch)
+        self.rules = Rules(warmup=warmup, window=window)
         self.divergence_every = divergence_every
         self.rank = distributed.rank()
         self.world_size = distributed.world_size()
@@ -302,14 +286,12 @@ class BNMonitor:
         self.sinks = _sinks(sink) if self.writes else []
         self.keep = keep
         self.log = log
+        self.probe = bool(probe)
         self.records: list[dict[str, Any]] = []
         self.alerts: list[Finding] = []
         self.forwards = 0
         self.samples = 0
         self.step: int | None = None  # set by set_step (e.g. the optimizer step of a framework)
-        self._raised: set[tuple[str, str | None]] = set()
-        self._history: dict[str, list[float]] = {name: [] for name in self.layers}
-        self._spread: dict[str, list[float]] = {name: [] for name in self.layers}
         self._previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._current: dict[str, _Measured] = {}
         self._depth = 0  # calls of the root in progress (1 in a forward; more when the root calls itself)
@@ -320,11 +302,13 @@ class BNMonitor:
         self._trained = 0  # training forwards of this monitor (forwards also counts a resumed run's)
         self._steps: set[int] = set()  # steps set_step has seen while no monitored layer ran
         self._warned = False
+        self._probing = False  # the eval-mode forward of the train/eval gap is running
+        self._gap: torch.Tensor | None = None  # that gap, until the sample is read
         self._pending: list[Finding] = []  # alerts of the current sample, logged together
         self._fresh: dict[str, float] = {}  # summaries since the last pop_metrics()
         self._closed = False
-        self._counter = self.root.register_forward_pre_hook(self._enter_root)
-        self._leaver = self.root.register_forward_hook(self._leave_root, always_call=True)
+        self._counter = self.root.register_forward_pre_hook(self._enter_root, with_kwargs=True)
+        self._leaver = self.root.register_forward_hook(self._leave_root, with_kwargs=True, always_call=True)
         self._layer_hooks = [
             record.module.register_forward_pre_hook(self._layer_hook(name)) for name, record in self.layers.items()
         ]
@@ -382,20 +366,12 @@ class BNMonitor:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs: counters, alerts already raised, the recent history."""
-        return {
-            "forwards": self.forwards,
-            "samples": self.samples,
-            "raised": sorted([list(k) for k in self._raised], key=str),
-            "history": {k: list(v[-self.window :]) for k, v in self._history.items()},
-        }
+        return {"forwards": self.forwards, "samples": self.samples, **self.rules.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.forwards = int(state.get("forwards", 0))
         self.samples = int(state.get("samples", 0))
-        self._raised = {(code, module) for code, module in state.get("raised", [])}
-        for name, values in state.get("history", {}).items():
-            if name in self._history:
-                self._history[name] = [float(v) for v in values]
+        self.rules.load_state_dict(state)
 
     @property
     def closed(self) -> bool:
@@ -427,19 +403,29 @@ class BNMonitor:
 
     # ------------------------------------------------------------------ hooks
 
-    def _enter_root(self, module: nn.Module, args: Any) -> None:
+    def _enter_root(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
+        if self._probing:
+            return
         self._depth += 1
         if self._depth > 1:  # the root called inside its own forward: part of the outer call
             return
         self._end_forward()  # layers called outside the root before it: their forward ends here
         self._begin_forward()
 
-    def _leave_root(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _leave_root(self, module: nn.Module, args: Any, kwargs: Any = None, output: Any = None) -> None:
+        if self._probing:
+            return
         self._depth = max(self._depth - 1, 0)
         if self._depth:
             return
-        # the forward raised: drop its sample
-        self._end_forward(record=not (output is None and sys.exc_info()[1] is not None))
+        raised = output is None and sys.exc_info()[1] is not None  # the forward raised: drop its sample
+        if self._sampling and self._current and not raised and self.probe and not compiling():
+            self._probing = True
+            try:
+                self._gap = mode_gap(module, args, kwargs or {}, output)
+            finally:
+                self._probing = False
+        self._end_forward(record=not raised)
 
     def _begin_forward(self) -> None:
         self._open, self._visited, self._current = True, set(), {}
@@ -462,6 +448,8 @@ class BNMonitor:
 
     def _layer_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
+            if self._probing:
+                return
             if self._depth:  # inside the root's forward, which counted it: between samples, little to do
                 if not self._layers_ran:
                     self._layers_ran = self.root.training
@@ -539,31 +527,51 @@ class BNMonitor:
             figures["drift_var"] = (scale / (p_var + eps)).log().abs().mean()
         self._previous[name] = (running_mean.clone(), running_var.clone())
         stacked = torch.stack([figures[k].reshape(()) for k in _FIGURES])
-        return _Measured(n, record.frozen, stacked, window is not None, previous is not None)
+        images = int(x.shape[0]) if x.dim() > 1 else 1
+        if not module.training:
+            norm = "running"
+        elif window is not None:
+            norm = "window"
+        elif isinstance(module, BatchRenorm):  # corrected towards the running statistics (r, d)
+            norm = "running"
+        elif pools_ranks(module):
+            norm = "ranks"
+        else:
+            norm = "batch"
+        return _Measured(n, record.frozen, stacked, window is not None, previous is not None, images, norm)
 
-    def _read(self, measured: dict[str, _Measured]) -> dict[str, LayerSample]:
-        """Every layer's device figures as numbers, with one host read for the whole sample."""
+    def _read(self, measured: dict[str, _Measured], gap: torch.Tensor | None) -> tuple[dict[str, LayerSample], float]:
+        """Every layer's device figures and the train/eval gap as numbers, with one host read for the sample."""
         if not measured:
-            return {}
+            return {}, math.nan
         stacked = [m.figures for m in measured.values()]
+        extra = torch.full_like(stacked[0], math.nan)
+        if gap is not None:
+            extra[0] = gap.to(extra.device)
+        stacked.append(extra)
         if len({t.device for t in stacked}) > 1:  # a model spread over devices: gather on the host
             stacked = [t.cpu() for t in stacked]
-        rows = torch.stack(stacked).tolist()
-        return {name: self._sample(name, m, _Figures(*row)) for (name, m), row in zip(measured.items(), rows)}
+        *rows, last = torch.stack(stacked).tolist()
+        layers = {name: self._sample(name, m, _Figures(*row)) for (name, m), row in zip(measured.items(), rows)}
+        return layers, last[0]
 
     def _sample(self, name: str, measured: _Measured, figures: _Figures) -> LayerSample:
         nonfinite = not math.isfinite(figures.check)
         ok = not nonfinite and measured.n >= 1
-        shift = spread = within = n_eff = var_ratio = math.nan
+        shift = spread = within = var_ratio = math.nan
         if ok:
             shift, spread, within, var_ratio = figures.shift, figures.image_spread, figures.within, figures.var_ratio
-            images = self._spread[name]
-            images.append(spread)
-            del images[: -self.window]
-            # one image's mean varies around the running mean by `spread`; n independent images by spread / n
-            n_eff = min(statistics.fmean(images) / shift, 1e6) if shift > 0 else 1e6
         drift = measured.drift and not nonfinite
-        return LayerSample(
+        images = measured.images
+        if measured.norm == "window" and ok and measured.n:
+            batch = figures.window * images / measured.n  # the window's values per channel, in samples
+        elif measured.norm == "ranks":
+            batch = float(images * self.world_size)
+        elif measured.norm == "batch":
+            batch = float(images)
+        else:
+            batch = math.nan
+        sample = LayerSample(
             n=measured.n,
             frozen=measured.frozen,
             nonfinite=nonfinite,
@@ -571,18 +579,23 @@ class BNMonitor:
             shift=shift,
             image_spread=spread,
             within=within,
-            n_eff=n_eff,
+            n_eff=math.nan,
             var_ratio=var_ratio,
             collapsed=figures.collapsed,
             drift_mean=figures.drift_mean if drift else None,
             drift_var=figures.drift_var if drift else None,
+            images=images,
+            batch=batch,
+            norm=measured.norm,
         )
+        sample.n_eff = self.rules.layer_effective_batch(name, sample) if ok else math.nan
+        return sample
 
     def _finish(self) -> None:
         self.samples += 1
         step = self.step if self.step is not None else self.forwards
-        layers = self._read(self._current)
-        self._current = {}
+        layers, gap = self._read(self._current, self._gap)
+        self._current, self._gap = {}, None
         self._emit(
             {
                 "kind": "sample",
@@ -590,6 +603,7 @@ class BNMonitor:
                 "forward": self.forwards,
                 "rank": self.rank,
                 "time": time.time(),
+                "mode_gap": gap,
                 "layers": {name: sample.to_json() for name, sample in layers.items()},
             }
         )
@@ -601,10 +615,6 @@ class BNMonitor:
     # ------------------------------------------------------------------ alerts
 
     def _alert(self, step: int, finding: Finding) -> None:
-        key = (finding.code, finding.module)
-        if key in self._raised:
-            return
-        self._raised.add(key)
         self.alerts.append(finding)
         self._emit({"kind": "alert", "step": step, "finding": finding.as_dict()})
         self._pending.append(finding)
@@ -618,24 +628,8 @@ class BNMonitor:
             log.warning("step %s: %s", step, line)
 
     def _alerts_from_sample(self, step: int, layers: dict[str, LayerSample]) -> None:
-        for name, sample in layers.items():
-            found = alerts.nonfinite(name, step, sample.nonfinite)
-            if found is not None:
-                self._alert(step, found)
-                continue
-            found = alerts.collapsed(name, step, sample.collapsed)
-            if found is not None:
-                self._alert(step, found)
-            history = self._history[name]
-            history.append(sample.n_eff)
-            del history[: -self.window]
-            if sample.frozen or self.forwards <= self.warmup or len(history) < self.window:
-                continue
-            found = alerts.small_effective_batch(
-                name, step, statistics.median(history), sample.n, self.window, self.min_effective_batch
-            )
-            if found is not None:
-                self._alert(step, found)
+        for finding in self.rules.sample(step, self.forwards, layers):
+            self._alert(step, finding)
 
     def _divergence(self, step: int) -> None:
         from ..ranks import rank_divergence
@@ -643,10 +637,10 @@ class BNMonitor:
         report = rank_divergence(self.root, modules=list(self.layers))
         layers = {la.name: {"mean_max": la.mean_max, "var_max": la.var_max} for la in report.layers}
         self._emit({"kind": "divergence", "step": step, "max": report.max, "layers": layers})
-        for la in report.layers:
-            found = alerts.diverged(la.name, step, self.world_size, la.mean_max, la.var_max)
-            if found is not None:
-                self._alert(step, found)
+        for finding in self.rules.divergence(
+            step, self.world_size, {la.name: (la.mean_max, la.var_max) for la in report.layers}
+        ):
+            self._alert(step, finding)
 
     def _emit(self, record: dict[str, Any]) -> None:
         self._fresh.update(metrics_of(record))

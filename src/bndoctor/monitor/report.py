@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BNDoctorError
-from .alerts import DIVERGENCE_ALERT, MIN_EFFECTIVE_BATCH
+from .alerts import DIVERGENCE_ALERT
 
 __all__ = ["MonitorRun", "load_run", "write_run_report"]
 
@@ -272,7 +272,8 @@ def _stage_plot(run: MonitorRun, out: Path, metric: str, title: str, ylabel: str
             ax.fill_between(steps, [max(v, 1e-6) for v in low], [max(v, 1e-6) for v in high], color=color,
                             alpha=0.15, linewidth=0)  # fmt: skip
     if metric == "n_eff":
-        ax.axhline(MIN_EFFECTIVE_BATCH, color="red", linestyle="--", linewidth=1, label="alert threshold (8)")
+        for value, text, style in _batch_lines(run):
+            ax.axhline(value, color="gray", linestyle=style, linewidth=1, label=text)
     ax.set_yscale("log")
     plain = FuncFormatter(_plain_log_ticks)
     ax.yaxis.set_major_formatter(plain)
@@ -281,6 +282,24 @@ def _stage_plot(run: MonitorRun, out: Path, metric: str, title: str, ylabel: str
     legend = dict(fontsize=7, ncol=2, title="median and range per stage" if grouped else None, title_fontsize=7)
     _finish(fig, ax, out, name, "optimizer step", ylabel, title, legend)
     return True
+
+
+def _batch_lines(run: MonitorRun) -> list[tuple[float, str, str]]:
+    """The micro-batch and the normalisation batch (window, ranks) the layers recorded: lines for the n_eff plot."""
+    images: list[float] = []
+    batches: list[float] = []
+    for record in run.samples:
+        for layer in (record.get("layers") or {}).values():
+            if isinstance(layer.get("images"), (int, float)) and layer["images"] > 0:
+                images.append(float(layer["images"]))
+            if isinstance(layer.get("batch"), (int, float)) and math.isfinite(layer["batch"]):
+                batches.append(float(layer["batch"]))
+    lines = []
+    if images:
+        lines.append((statistics.median(images), f"micro-batch ({statistics.median(images):g} samples)", ":"))
+    if batches and max(batches) > (max(images) if images else 0):
+        lines.append((max(batches), f"normalisation batch (window or ranks, up to {max(batches):g})", "--"))
+    return lines
 
 
 def _divergence_plot(run: MonitorRun, out: Path) -> bool:
@@ -332,7 +351,7 @@ def _plots(run: MonitorRun, out: Path) -> list[tuple[str, str]]:
     stage_plots = (
         (
             "n_eff",
-            f"effective normalisation batch (median of the last {window} samples, as the alert)",
+            f"effective normalisation batch (median of the last {window} samples), in samples",
             "independent samples (log)",
             "monitor-neff.png",
             window,
@@ -404,9 +423,10 @@ def _alert_rows(run: MonitorRun) -> list[list[Any]]:
 def _notes(run: MonitorRun) -> list[str]:
     """The paragraphs under the layer table: what the figures mean, divergence and noise summaries."""
     notes = [
-        "\nEffective batch: how many independent samples the batch statistics are worth, from the spread of "
-        "each sample's mean around the running mean against the spread of the batch mean (alerts below "
-        f"{MIN_EFFECTIVE_BATCH:g}). Drift: change of the running mean between samples, in standard deviations."
+        "\nEffective batch: how many independent samples the statistics a layer normalises with are worth: its "
+        "normalisation batch (the micro-batch, or the window or ranks it pools), divided by the design effect "
+        "of micro-batches whose samples are alike; never more than that batch (the plot's dashed lines). "
+        "Drift: change of the running mean between samples, in standard deviations."
     ]
     if run.divergence:
         last = run.divergence[-1]

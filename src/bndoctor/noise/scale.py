@@ -267,6 +267,13 @@ def recent_b_simple(values: list[float], steps: int = RECENT_STEPS) -> float | N
     gradient is lost in the noise). When more than half of the recent estimates are unresolved the noise
     scale is not measurable at this batch, and None says so; the monitor's summary (``bndoctor watch``),
     ``bndoctor report`` and its plot all use this one rule.
+
+    Args:
+        values: the B_simple estimates of the steps so far, oldest first (``inf`` or NaN where unresolved).
+        steps: how many of the last estimates to summarise.
+
+    Returns:
+        The median of the resolved recent estimates, or None when most of them are unresolved.
     """
     recent = [float(v) for v in values[-steps:]]
     finite = [v for v in recent if math.isfinite(v) and v > 0]
