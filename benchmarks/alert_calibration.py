@@ -37,11 +37,16 @@ _FIELDS = ("n", "frozen", "nonfinite", "window", "shift", "within", "images", "b
 
 
 def _reference(name: str, group: str, dataset: str) -> str:
-    prefix = "m1d-" if dataset == "mnist1d" else ("data-" if dataset.startswith("path:") else "")
+    prefix = "m1d-" if dataset == "mnist1d" else ("data-" if dataset.startswith(("path:", "folder:")) else "")
     kind = group.replace("mnist1d-", "").replace("mnist1d", "core")
     if name.endswith("-5ep"):
         return prefix + "bn-64-5ep"
     return prefix + REFERENCES.get(kind, "bn-64")
+
+
+def _dataset(name: str) -> str:
+    """``digits``, ``mnist1d``, or ``folder:<name>`` for ``bench --data`` (no local path in the stored records)."""
+    return "folder:" + Path(name[5:]).name if name.startswith("path:") else name
 
 
 def _round(value: Any) -> Any:
@@ -56,7 +61,7 @@ def _layer(data: dict[str, Any], spec: dict[str, Any]) -> list[Any]:
     images = data.get("images") or spec["micro_batch"]
     norm = data.get("norm")
     if norm is None:
-        if data.get("frozen"):
+        if data.get("frozen") or spec.get("bn_eval"):
             norm = "running"
         elif data.get("window") is not None:
             norm = "window"
@@ -95,7 +100,7 @@ def collect(out_dir: Path) -> list[dict[str, Any]]:
             {
                 "scenario": run["scenario"],
                 "seed": run["seed"],
-                "dataset": spec["dataset"],
+                "dataset": _dataset(spec["dataset"]),
                 "group": spec["group"],
                 "epochs": len(run["val_acc"]),
                 "final": round(100 * run["final_acc"], 2),
