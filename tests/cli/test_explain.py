@@ -42,3 +42,13 @@ def test_explain_without_a_code_lists_every_code_with_its_title(capsys):
     assert main(["explain", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["code"] for r in rows} == {*BUILT_IN, *RUNTIME_CODES} and all(r["title"] for r in rows)
+
+
+def test_a_code_of_check_that_the_monitor_raises_too_explains_both(capsys):
+    from bndoctor.cli import main
+    from bndoctor.monitor.alerts import ALERTS
+
+    assert main(["explain", "BN101"]) == 0
+    text = capsys.readouterr().out
+    assert "normalisation batch too small" in text and ALERTS["BN101"].explanation in text
+    assert ALERTS["BN101"].fix in text and "(bndoctor check; found while a model trains)" in text

@@ -64,6 +64,10 @@ def run(args: argparse.Namespace) -> Explanation | CodeList:
     if code in CHECKS:
         check = CHECKS[code]
         text = inspect.getdoc(check.fn) or "(this check has no docstring)"
+        if code in RUNTIME_CODES:  # the monitor measures the same failure while the model trains: both claims
+            alert = RUNTIME_CODES[code]
+            text += f"\n\nWhile a model trains (the monitor): {alert.explanation}"
+            return Explanation(code, check.title, text, "bndoctor check; found while a model trains")
         return Explanation(code, check.title, text, "bndoctor check")
     if code in RUNTIME_CODES:
         alert = RUNTIME_CODES[code]
