@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> Explanation | CodeList:
         text = inspect.getdoc(check.fn) or "(this check has no docstring)"
         if code in RUNTIME_CODES:  # the monitor measures the same failure while the model trains: both claims
             alert = RUNTIME_CODES[code]
-            text += f"\n\nWhile a model trains (the monitor): {alert.explanation}"
+            text += f"\n\nWhile a model trains: {alert.title}. {alert.explanation}"
             return Explanation(code, check.title, text, "bndoctor check; found while a model trains")
         return Explanation(code, check.title, text, "bndoctor check")
     if code in RUNTIME_CODES:
