@@ -536,3 +536,17 @@ def test_the_gap_is_taken_with_keyword_inputs_and_skipped_for_outputs_it_cannot_
     with BNMonitor(model, every=1, keep=True, warmup=0, log=False, probe=False) as monitor:
         model(pixel_values=torch.randn(8, 5))
     assert math.isnan(next(r for r in monitor.records if r["kind"] == "sample")["mode_gap"])
+
+
+def test_alerts_of_one_code_on_many_layers_are_one_line():
+    from bndoctor.findings import Finding
+    from bndoctor.monitor import group_alerts
+
+    findings = [Finding("BN502", "warning", f"layer{i}.bn", f"{i}0% of the channels: dead", {}) for i in range(5)]
+    findings.append(Finding("BN101", "error", None, "the samples of each micro-batch share about 90%", {}))
+    lines = group_alerts(findings)
+    assert (
+        lines[0]
+        == "BN502 warning on 5 layers: layer0.bn, layer1.bn, layer2.bn, ... (+2): 00% of the channels (at layer0.bn)"
+    )
+    assert lines[1].startswith("BN101 error (model): the samples") and len(lines) == 2

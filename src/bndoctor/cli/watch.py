@@ -131,8 +131,7 @@ def _summarise(result: WatchResult) -> WatchResult:
     if run.divergence:
         result.divergence_max = max(float(d["max"]) for d in run.divergence)
     if run.noise:
-        from ..noise import recent_b_simple
-        from ..noise.scale import RECENT_STEPS
+        from ..monitor.report import RECENT_STEPS, recent_b_simple
 
         result.noise = {
             "b_simple": recent_b_simple([r["b_simple"] for r in run.noise]),

@@ -304,6 +304,7 @@ class BNMonitor:
         self._warned = False
         self._probing = False  # the eval-mode forward of the train/eval gap is running
         self._gap: torch.Tensor | None = None  # that gap, until the sample is read
+        self._forward_at_entry: Any = None  # the root's instance-level forward when its forward began
         self._pending: list[Finding] = []  # alerts of the current sample, logged together
         self._fresh: dict[str, float] = {}  # summaries since the last pop_metrics()
         self._closed = False
@@ -411,6 +412,8 @@ class BNMonitor:
             return
         self._end_forward()  # layers called outside the root before it: their forward ends here
         self._begin_forward()
+        # a framework may swap the root's forward for this call (Lightning runs training_step through it)
+        self._forward_at_entry = module.__dict__.get("forward")
 
     def _leave_root(self, module: nn.Module, args: Any, kwargs: Any = None, output: Any = None) -> None:
         if self._probing:
@@ -419,13 +422,21 @@ class BNMonitor:
         if self._depth:
             return
         raised = output is None and sys.exc_info()[1] is not None  # the forward raised: drop its sample
-        if self._sampling and self._current and not raised and self.probe and not compiling():
-            self._probing = True
-            try:
-                self._gap = mode_gap(module, args, kwargs or {}, output)
-            finally:
-                self._probing = False
+        redirected = module.__dict__.get("forward") is not self._forward_at_entry
+        if self._sampling and self._current and not raised and self.probe and not redirected and not compiling():
+            self._probe(module, args, kwargs or {}, output)
         self._end_forward(record=not raised)
+
+    def _probe(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        """The train/eval gap of this forward; a model the eval-mode call fails on is not probed again."""
+        self._probing = True
+        try:
+            self._gap = mode_gap(module, args, kwargs, output)
+        except Exception as exc:  # the probe must never break training: the gap is simply not recorded
+            self.probe = False
+            log.debug("train/eval gap not measured for %s: %s", type(module).__name__, exc)
+        finally:
+            self._probing = False
 
     def _begin_forward(self) -> None:
         self._open, self._visited, self._current = True, set(), {}

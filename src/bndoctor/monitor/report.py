@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import BNDoctorError
 from .alerts import DIVERGENCE_ALERT
 
-__all__ = ["MonitorRun", "load_run", "write_run_report"]
+__all__ = ["RECENT_STEPS", "MonitorRun", "load_run", "recent_b_simple", "write_run_report"]
 
 
 @dataclass
@@ -319,8 +319,6 @@ def _divergence_plot(run: MonitorRun, out: Path) -> bool:
 def _noise_plot(run: MonitorRun, out: Path) -> bool:
     import matplotlib.pyplot as plt
 
-    from ..noise import recent_b_simple
-
     noise = [r for r in run.noise if isinstance(r.get("b_simple"), (int, float)) and math.isfinite(r["b_simple"])]
     if not noise:
         return False
@@ -435,8 +433,6 @@ def _notes(run: MonitorRun) -> list[str]:
             f"max {_num(last['max'], '.3f')}."
         )
     if run.noise:
-        from ..noise import recent_b_simple
-
         last = run.noise[-1]
         alpha = last.get("alpha")
         recent = recent_b_simple([r["b_simple"] for r in run.noise])
@@ -500,3 +496,27 @@ def write_run_report(run: MonitorRun, out: str | Path, *, plots: bool = True) ->
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
     _write_html(run, out, summary, alert_rows, layer_rows, images)
     return md_path
+
+
+#: steps whose B_simple :func:`recent_b_simple` summarises
+RECENT_STEPS = 10
+
+
+def recent_b_simple(values: list[float], steps: int = RECENT_STEPS) -> float | None:
+    """The noise scale of the last ``steps`` estimates: their median, or None when it is not measurable.
+
+    An estimate is unresolved when it is not finite (the smoothed ``|G|^2`` was not positive: the mean
+    gradient is lost in the noise). When more than half of the recent estimates are unresolved the noise
+    scale is not measurable at this batch, and None says so; the monitor's summary (``bndoctor watch``),
+    ``bndoctor report`` and its plot all use this one rule.
+
+    Args:
+        values: the B_simple estimates of the steps so far, oldest first (``inf`` or NaN where unresolved).
+        steps: how many of the last estimates to summarise.
+
+    Returns:
+        The median of the resolved recent estimates, or None when most of them are unresolved.
+    """
+    recent = [float(v) for v in values[-steps:]]
+    finite = [v for v in recent if math.isfinite(v) and v > 0]
+    return statistics.median(finite) if recent and 2 * len(finite) > len(recent) else None

@@ -19,7 +19,6 @@ tensor hooks, at no extra forward or backward.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -254,27 +253,3 @@ class GradientNoiseScale:
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
-
-
-#: steps whose B_simple :func:`recent_b_simple` summarises
-RECENT_STEPS = 10
-
-
-def recent_b_simple(values: list[float], steps: int = RECENT_STEPS) -> float | None:
-    """The noise scale of the last ``steps`` estimates: their median, or None when it is not measurable.
-
-    An estimate is unresolved when it is not finite (the smoothed ``|G|^2`` was not positive: the mean
-    gradient is lost in the noise). When more than half of the recent estimates are unresolved the noise
-    scale is not measurable at this batch, and None says so; the monitor's summary (``bndoctor watch``),
-    ``bndoctor report`` and its plot all use this one rule.
-
-    Args:
-        values: the B_simple estimates of the steps so far, oldest first (``inf`` or NaN where unresolved).
-        steps: how many of the last estimates to summarise.
-
-    Returns:
-        The median of the resolved recent estimates, or None when most of them are unresolved.
-    """
-    recent = [float(v) for v in values[-steps:]]
-    finite = [v for v in recent if math.isfinite(v) and v > 0]
-    return statistics.median(finite) if recent and 2 * len(finite) > len(recent) else None
