@@ -550,3 +550,23 @@ def test_alerts_of_one_code_on_many_layers_are_one_line():
         == "BN502 warning on 5 layers: layer0.bn, layer1.bn, layer2.bn, ... (+2): 00% of the channels (at layer0.bn)"
     )
     assert lines[1].startswith("BN101 error (model): the samples") and len(lines) == 2
+
+
+def test_a_model_the_probe_cannot_run_in_eval_mode_trains_on_and_is_not_probed_again():
+    class TrainOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            if not self.training:
+                raise RuntimeError("this model only runs in training mode")
+            return self.bn(x)
+
+    model = TrainOnly()
+    with BNMonitor(model, every=1, keep=True, warmup=0, log=False) as monitor:
+        for _ in range(3):
+            model(torch.randn(4, 3))
+    samples = [r for r in monitor.records if r["kind"] == "sample"]
+    assert len(samples) == 3 and all(math.isnan(r["mode_gap"]) for r in samples)
+    assert not monitor.probe and model.training and model.bn.training

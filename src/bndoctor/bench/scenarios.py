@@ -176,6 +176,13 @@ def frozen_bn(model: nn.Module) -> nn.Module:
     return freeze_bn(model, inplace=True)
 
 
+def group_norm(model: nn.Module) -> nn.Module:
+    """Remedy: convert BN to GroupNorm (affine kept) before training, e.g. a pretrained model before fine-tuning."""
+    from ..remedies import convert_bn
+
+    return convert_bn(model, inplace=True)
+
+
 # --------------------------------------------------------------------------- built-in scenarios
 # Each data set's catalogue is a list of rows (name, description, fields) that one builder registers, in
 # order; the rows of a family are written once, with the data set's names and words filled in.
@@ -471,6 +478,24 @@ _catalogue(
             "m1d-ft-bn-frozen-2x32-corr-recal",
             "MNIST-1D: fine-tune on the shifted domain at 2 x 32, BN frozen and recalibrated on the target each epoch",
             dict(_TINY, sampler="correlated", remedy=frozen_bn, recalibrate=True),
+        ),
+        (
+            "m1d-ft-accbn-renorm-2x32-corr",
+            "MNIST-1D: fine-tune on the shifted domain at 2 x 32 (one class per micro-batch), the pretrained BN made "
+            "accumulation-aware (renorm; its running statistics kept and updated once per window)",
+            dict(_TINY, sampler="correlated", accum_bn="renorm"),
+        ),
+        (
+            "m1d-ft-brn-2x32-corr",
+            "MNIST-1D: fine-tune on the shifted domain at 2 x 32 (one class per micro-batch), the pretrained BN made "
+            "Batch Renormalization (r_max 3, d_max 5 from the first step: the running statistics are trained)",
+            dict(_TINY, sampler="correlated", batch_renorm=True, brn_warmup=0),
+        ),
+        (
+            "m1d-ft-gn-2x32-corr",
+            "MNIST-1D: fine-tune on the shifted domain at 2 x 32 (one class per micro-batch), the pretrained BN "
+            "converted to GroupNorm (bndoctor.convert_bn: affine kept, statistics dropped)",
+            dict(_TINY, sampler="correlated", remedy=group_norm),
         ),
     ],
     group="mnist1d-finetune",
