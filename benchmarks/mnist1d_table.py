@@ -136,6 +136,10 @@ def main() -> None:
         for other in others:
             if ours in runs and other in runs:
                 lines.append(f"| {other} against {ours} | {paired(other, ours)} | – |")
+    ours = "m1d-ft-accbn-renorm-2x32-corr"  # fine-tuning: the other remedies against accumulation-aware BN
+    for other in ("m1d-ft-gn-2x32-corr", "m1d-ft-brn-2x32-corr", "m1d-ft-bn-frozen-2x32-corr"):
+        if ours in runs and other in runs:
+            lines.append(f"| {other} against {ours} | {paired(other, ours)} | – |")
     if "m1d-bn-2x32-corr" in runs:
         lines.append(f"| m1d-bn-2x32-corr (no remedy) | – | {paired('m1d-bn-2x32-corr', 'm1d-bn-64')} |")
     publish(
