@@ -33,7 +33,7 @@ Every ``divergence_every`` samples under torch.distributed, the cross-rank
 spread of running statistics (:func:`bndoctor.rank_divergence`, one
 collective) is recorded too. Alerts are :class:`bndoctor.Finding` objects
 with the codes of ``bndoctor check`` (BN101: micro-batches of alike
-samples) plus BN5xx for what only a running model shows; each is raised once
+samples) plus BN501-BN504 for what only a running model shows; each is raised once
 per layer (or once for the model), kept in ``monitor.alerts``, written to the
 sinks and logged on rank zero. The rules and their thresholds, measured on
 labelled runs, are in :mod:`bndoctor.monitor.alerts`. A sampled forward through
@@ -54,12 +54,12 @@ outside the root's forward form one forward until a layer runs a second time
 so a model compiled with ``torch.compile`` after the monitor was made is
 sampled too. Between samples the cost is those hooks counting; the figures
 are computed only in a sampled forward (the first training forward is always
-one). A run that trains while none of the monitored
-layers runs in training mode (they were replaced by a converted copy, or the
-model trains in eval mode) gets one :class:`bndoctor.BNDoctorWarning`, after
-10 steps or at :meth:`BNMonitor.close`. Alerts raised by one sample are logged as
-one line per code (``BN101 on 53 layers: layer1.0.bn1, ... (+50)``); the run
-file keeps one record per layer.
+one). A run that trains while none of the monitored layers runs in training
+mode (they were replaced by a converted copy, or the model trains in eval mode)
+gets one :class:`bndoctor.BNDoctorWarning`, after 10 steps or at
+:meth:`BNMonitor.close`. Alerts raised by one sample are logged as one line per
+code (``BN502 warning on 53 layers: layer1.0.bn1, ... (+50)``); the run file
+keeps one record per layer.
 """
 
 from __future__ import annotations
