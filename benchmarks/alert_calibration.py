@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from _publish import publish
-from bndoctor.monitor.alerts import LayerSample, Rules
+from bndoctor.monitor.alerts import LayerSample, Rules, normalisation_batch
 
 HARMED_BELOW = 1.0  # pp below the reference
 HEALTHY_WITHIN = 0.3
@@ -73,10 +73,8 @@ def _layer(data: dict[str, Any], spec: dict[str, Any]) -> list[Any]:
             norm = "batch"
     batch = data.get("batch")
     if batch is None:
-        n = data.get("n") or 0
-        batch = {"batch": images, "ranks": images * spec.get("world_size", 1)}.get(norm, math.nan)
-        if norm == "window" and n:
-            batch = data["window"] * images / n
+        world = spec.get("world_size", 1)
+        batch = normalisation_batch(norm, images, world_size=world, window=data.get("window"), n=data.get("n") or 0)
     values = {**data, "images": images, "norm": norm, "batch": batch}
     return [_round(values.get(k)) for k in _FIELDS]
 

@@ -88,7 +88,7 @@ from ..layers import normalisation_statistics
 from ..layers._base import compiling, pools_ranks
 from ..layers.renorm import BatchRenorm
 from ._probe import mode_gap
-from .alerts import LayerSample, Rules
+from .alerts import LayerSample, Rules, normalisation_batch
 from .sinks import JsonlSink, Sink
 
 __all__ = ["BNMonitor"]
@@ -336,11 +336,8 @@ class BNMonitor:
         interrupt inside the model) is dropped here; layers called outside the
         root's forward end their forward here.
         """
-        if self._depth:
-            self._depth = 0
-            self._end_forward(record=False)
-        else:
-            self._end_forward()
+        self._end_forward(record=not self._depth)
+        self._depth = 0
         self.step = int(step)
         if not self._layers_ran:
             self._steps.add(self.step)
@@ -574,14 +571,8 @@ class BNMonitor:
             shift, spread, within, var_ratio = figures.shift, figures.image_spread, figures.within, figures.var_ratio
         drift = measured.drift and not nonfinite
         images = measured.images
-        if measured.norm == "window" and ok and measured.n:
-            batch = figures.window * images / measured.n  # the window's values per channel, in samples
-        elif measured.norm == "ranks":
-            batch = float(images * self.world_size)
-        elif measured.norm == "batch":
-            batch = float(images)
-        else:
-            batch = math.nan
+        window = figures.window if ok else None
+        batch = normalisation_batch(measured.norm, images, world_size=self.world_size, window=window, n=measured.n)
         sample = LayerSample(
             n=measured.n,
             frozen=measured.frozen,

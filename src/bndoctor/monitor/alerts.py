@@ -37,6 +37,7 @@ __all__ = [
     "diverged",
     "effective_batch",
     "nonfinite",
+    "normalisation_batch",
 ]
 
 #: BN101 fires when the normalisation batch's share of shared variance, rho * m / N, reaches this. For a plain
@@ -165,6 +166,21 @@ def _number(value: Any, default: float = math.nan) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
 
 
+def normalisation_batch(
+    norm: str, images: int, *, world_size: int = 1, window: float | None = None, n: int = 0
+) -> float:
+    """Samples behind the statistics a layer normalises with (``LayerSample.batch``): the micro-batch's
+    ``images``, times ``world_size`` for ranks, the ``window``'s value count over the micro-batch's ``n`` values
+    per channel (times its images) for a window; NaN for running statistics or a window not measured."""
+    if norm == "batch":
+        return float(images)
+    if norm == "ranks":
+        return float(images * world_size)
+    if norm == "window" and window is not None and n:
+        return window * images / n
+    return math.nan
+
+
 def design_effect(sample: LayerSample) -> float:
     """``shift * k / within``: how many times further the normalisation mean sits from the running mean than
     k independent samples put it (k: the micro-batch, or the window's samples); NaN where not measurable."""
@@ -265,7 +281,7 @@ class Rules:
         if forwards <= self.warmup or len(recent) < self.window or not own:
             return None
         images = max(s.images for s in own.values())
-        batch = max(s.batch for s in own.values() if math.isfinite(s.batch)) if own else images
+        batch = max((s.batch for s in own.values() if math.isfinite(s.batch)), default=images)
         rho = alike(statistics.median(recent), images)
         share = rho * images / batch if batch > 0 else 0.0
         if not share >= ALIKE_ALERT:

@@ -330,19 +330,15 @@ def _prescribe(setup: TrainingSetup) -> Prescription | None:
         return None
     span = "micro-batch x accumulation" + (" x world size" if setup.world_size > 1 else "")
     ranks = setup.world_size > 1
-    if setup.trainer == "lightning":
+    convert = f"model = bndoctor.to_accum_bn({'bndoctor.to_sync_bn(model)' if ranks else 'model'})"
+    if setup.trainer == "lightning":  # the layer-sync plugin, not to_sync_bn, pools the windows across ranks
         how = "model = bndoctor.to_accum_bn(model) before Trainer.fit; BNMonitorCallback attaches the window control"
         how += " and Trainer(plugins=[BNDoctorSync()]) pools the windows across ranks" if ranks else ""
     elif setup.trainer == "huggingface":
-        how = (
-            f"model = bndoctor.to_accum_bn({'bndoctor.to_sync_bn(model)' if ranks else 'model'}) before "
-            "Trainer(...); BNMonitorTrainerCallback attaches the window control"
-        )
+        how = f"{convert} before Trainer(...); BNMonitorTrainerCallback attaches the window control"
     else:
-        how = (
-            f"model = bndoctor.to_accum_bn({'bndoctor.to_sync_bn(model)' if ranks else 'model'}); "
-            "bndoctor.accumulate_bn(model, optimizer)"
-        )
+        how = f"{convert}; bndoctor.accumulate_bn(model, optimizer)"
+
     return Prescription(
         f"accumulation-aware BN normalises over the window ({span}): {how}",
         Action("to_accum_bn", options=(("sync", ranks),)),
