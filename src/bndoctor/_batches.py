@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .errors import BNDoctorError
 
-__all__ = ["Forward", "batch_size", "default_forward", "model_device", "to_device"]
+__all__ = ["Forward", "batch_size", "concat_batches", "default_forward", "model_device", "to_device"]
 
 #: How a batch is fed: ``forward(model, batch)``.
 Forward = Callable[[nn.Module, Any], Any]
@@ -63,3 +63,33 @@ def batch_size(batch: Any) -> int:
 def model_device(model: nn.Module) -> torch.device | None:
     tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
     return None if tensor is None else tensor.device
+
+
+def concat_batches(batches: list[Any]) -> Any:
+    """One batch holding ``batches`` one after another: tensors joined along dimension 0, in any structure.
+
+    Tuples, lists, namedtuples and dicts are joined element by element; any
+    other value must be the same in every batch.
+    """
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        if not all(isinstance(b, torch.Tensor) and b.shape[1:] == first.shape[1:] for b in batches):
+            shapes = sorted({tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__ for b in batches}, key=str)
+            raise BNDoctorError(
+                f"cannot join the window's micro-batches into one batch: tensors of shapes {shapes[:4]}",
+                hint="the micro-batches of a window must share every dimension but the first",
+            )
+        return torch.cat(batches)
+    if isinstance(first, Mapping) and all(isinstance(b, Mapping) and b.keys() == first.keys() for b in batches):
+        return type(first)({k: concat_batches([b[k] for b in batches]) for k in first})  # type: ignore[call-arg]
+    if isinstance(first, (list, tuple)) and all(
+        type(b) is type(first) and len(b) == len(first) for b in batches  # type: ignore[arg-type]
+    ):
+        joined = [concat_batches([b[i] for b in batches]) for i in range(len(first))]
+        return type(first)(*joined) if hasattr(first, "_fields") else type(first)(joined)
+    if all(b == first for b in batches):
+        return first
+    raise BNDoctorError(
+        f"cannot join the window's micro-batches into one batch: their {type(first).__name__} parts differ",
+        hint="the micro-batches of a window must have the same structure (tensors, tuples, lists, dicts)",
+    )

@@ -70,11 +70,30 @@ from ..moments import pool_step, pool_two
 from ._base import BNDoctorLayer, compiling, snapshot
 from ._batch import batch_moments, batch_stats, require_batch
 from ._commit import commit_windows
+from ._exact import Call, ExactRenorm, Injection
 from ._renormalize import renormalize
 
-__all__ = ["AccumBatchNorm", "AccumMode", "close_windows_together"]
+__all__ = ["MODES", "AccumBatchNorm", "AccumMode", "close_windows_together", "require_mode"]
 
-AccumMode = Literal["progressive", "renorm", "blend"]
+
+def require_mode(mode: Any) -> None:
+    """Refuse a mode that is not one of :data:`MODES`."""
+    if mode not in MODES:
+        raise BNDoctorError(
+            f"expected mode 'progressive', 'renorm', 'blend' or 'exact' (got {mode!r})", hint="the default is fine"
+        )
+
+
+def require_passes(passes: Any) -> None:
+    """Refuse a number of correction passes that is not None or an int >= 0."""
+    if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 0):
+        raise BNDoctorError(
+            f"expected passes None (exact) or an int >= 0 (got {passes!r})",
+            hint="None replays the window until the gradient is exact; 1 or 2 cost less",
+        )
+
+AccumMode = Literal["progressive", "renorm", "blend", "exact"]
+MODES = ("progressive", "renorm", "blend", "exact")
 
 
 class _PooledNorm(torch.autograd.Function):
@@ -146,18 +165,18 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         device: Any = None,
         dtype: Any = None,
         warm_start: bool | None = None,
+        passes: int | None = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        if mode not in ("progressive", "renorm", "blend"):
-            raise BNDoctorError(
-                f"expected mode 'progressive', 'renorm' or 'blend' (got {mode!r})", hint="the default is fine"
-            )
+        require_mode(mode)
+        require_passes(passes)
         if warm_start not in (None, True, False):
             raise BNDoctorError(
                 f"expected warm_start True, False or None (got {warm_start!r})",
                 hint="None (the default) warm-starts layers whose running statistics are still the initial values",
             )
         self.mode = mode
+        self.passes = passes  # exact mode: the correction passes at the window's close (None: until exact)
         self.warm_start = warm_start
         self.warm_decision: torch.Tensor | None = None  # commit_windows decides it at the first commit
         self.sync = sync
@@ -177,6 +196,8 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         self._opened = [False]
         self._collected: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # two passes
         self._previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # blend: the last window
+        self._calls: list[Call] = []  # exact mode: this window's training calls, in order
+        self._replay: _Replay | None = None  # exact mode: set while the window is replayed
         self._match_window()
 
     # ----------------------------------------------------------------- window
@@ -232,6 +253,8 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         self._opened[0] = False
         # a plain attribute (None or a tuple): nn.Module.__setattr__'s checks would cost more than the rest of this
         self.__dict__["_collected"] = None
+        if self._calls:
+            self._calls.clear()
 
     def hold_collected(self) -> None:
         """Keep the open window's statistics as the whole window's (two passes), and start an empty window.
@@ -344,6 +367,8 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
                     stacklevel=caller_stacklevel(),
                 )
             return _BatchNorm.forward(self, input)
+        if self.mode == "exact":
+            return self._exact_forward(input)
         return self._window_forward(input)
 
     def _synced(self) -> bool:
@@ -363,7 +388,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         window = self._window[1]
         if window.device != x.device or window.dtype != wide:  # buffers replaced without .to()
             self._move_window(x.device, wide)
-        renorm = self.mode == "renorm"
+        renorm = self.mode in ("renorm", "exact")
         if renorm and not synced:
             require_batch(x)  # as torch's BN, and before the window takes the micro-batch in
         if synced:
@@ -392,8 +417,83 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             else:  # the pooled gradient saves the mean, which an in-place window moves on from: a copy then
                 use_count, use_mean, use_var = self._reference(count, w_mean.clone() if in_place else w_mean, w_m2)
         if renorm:
+            if self.mode == "exact" and torch.is_grad_enabled():  # a call the window's replays correct
+                call = Call(r, d, n)
+                self._calls.append(call)
+                return ExactRenorm.apply(x, self.weight, self.bias, (mean, var, invstd), self.eps, call, None)
             return renormalize(x, self.weight, self.bias, r, d, (mean, var, invstd), eps=self.eps)
         return self._pooled_norm(x, use_mean, use_var, n / use_count)
+
+    @torch.compiler.disable
+    def _exact_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact mode: the renorm forward that records its call, or, in a replay, the recorded call again.
+
+        Runs eagerly under torch.compile (its records and replays are Python state).
+        """
+        replay = self._replay
+        if replay is None:
+            return self._window_forward(x)
+        if replay.index >= len(self._calls):
+            raise BNDoctorError(
+                f"the replayed window calls this AccumBatchNorm more often than the recorded window did "
+                f"({len(self._calls)} calls recorded)",
+                hint="the exact mode replays the outermost module call of each micro-batch; a model must call its "
+                "BN layers the same way each time it is given the same input",
+            )
+        call = self._calls[replay.index]
+        replay.index += 1
+        if x.numel() // x.shape[1] != call.n:
+            raise BNDoctorError(
+                f"a replayed call of this AccumBatchNorm has {x.numel() // x.shape[1]} values per channel, "
+                f"the recorded one {call.n}",
+                hint="the exact mode needs the model to do the same with the same input (no data-dependent shapes)",
+            )
+        with torch.no_grad():
+            mean, var, invstd = batch_stats(x, self.eps)
+        out = ExactRenorm.apply(x, self.weight, self.bias, (mean, var, invstd), self.eps, call, replay.injection)
+        replay.outputs.append(out)
+        return out
+
+    # ----------------------------------------------------------------- exact mode's replays
+
+    @property
+    def recorded_calls(self) -> int:
+        """Exact mode: the training calls recorded in the open window."""
+        return len(self._calls)
+
+    @torch.no_grad()
+    def begin_pass(self) -> torch.Tensor | None:
+        """Start a replay pass: this pass injects what the previous one recorded. Returns the local totals (2, C).
+
+        ``None`` when the window recorded no call.
+        """
+        if not self._calls:
+            return None
+        for call in self._calls:
+            call.previous, call.sums = call.sums, torch.zeros_like(call.sums)
+        return torch.stack([call.previous for call in self._calls]).sum(0)
+
+    def open_pass(self, totals: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+        """Replay with the window's totals (summed over the ranks that share the window); outputs go to ``outputs``."""
+        count = self._window[0].reshape(()).to(totals.dtype)
+        self._replay = _Replay(Injection(totals, count), outputs)
+
+    def close_pass(self) -> None:
+        """End a replay pass; a pass that did not replay every recorded call is an error."""
+        replay, self._replay = self._replay, None
+        if replay is not None and replay.index != len(self._calls):
+            raise BNDoctorError(
+                f"the replayed window called this AccumBatchNorm {replay.index} times, the recorded one "
+                f"{len(self._calls)} times",
+                hint="the exact mode replays the outermost module call of each micro-batch; call the model "
+                "once per micro-batch, the same way each time",
+            )
+
+    def pending_correction(self) -> torch.Tensor:
+        """The size of what the next pass would inject (0 when this layer's gradient is exact): a 0-d tensor."""
+        if not self._calls:
+            return torch.zeros((), dtype=self._window[1].dtype, device=self._window[1].device)
+        return torch.stack([call.sums.abs().sum() for call in self._calls]).sum()
 
     def _writes_window_in_place(self, synced: bool) -> bool:
         """Whether this forward updates the window's tensors in place (else it replaces them).
@@ -445,7 +545,19 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
 
     def extra_repr(self) -> str:
         warm = "" if self.warm_start is None else f", warm_start={self.warm_start}"
-        return super().extra_repr() + f", mode={self.mode}" + (", sync=True" if self.sync else "") + warm
+        passes = f", passes={self.passes}" if self.mode == "exact" and self.passes is not None else ""
+        return super().extra_repr() + f", mode={self.mode}" + passes + (", sync=True" if self.sync else "") + warm
+
+
+class _Replay:
+    """A replay pass in progress: the next recorded call, the injection, and where outputs go."""
+
+    __slots__ = ("index", "injection", "outputs")
+
+    def __init__(self, injection: Injection, outputs: list[torch.Tensor]) -> None:
+        self.index = 0
+        self.injection = injection
+        self.outputs = outputs
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ from .accum import (
     accumulation_window,
     close_windows,
     collect_window,
+    correct_window,
     from_accum_bn,
     to_accum_bn,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "attach_all",
     "close_windows",
     "collect_window",
+    "correct_window",
     "convert_bn",
     "default_num_groups",
     "fold_bn",

@@ -18,6 +18,7 @@ explicitly.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,13 +26,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .._batches import Forward, batch_size, default_forward
+from .._batches import Forward, batch_size, concat_batches, default_forward
 from .._walk import ModuleSelection
 from ..errors import BNDoctorError, require_module
 from ..findings import Action
 from ..layers import AccumBatchNorm, AccumMode, pools_ranks
-from ..layers.accum import close_windows_together
+from ..layers.accum import close_windows_together, require_mode, require_passes
 from ..training import TrainingSetup, torch_optimizer
+from ._replay import WindowReplay, exact_layers, require_exact_passes
 from ._registry import FixStep, Prescription, Remedy, register_remedy
 from ._swap import revert_layers, swap_layers
 
@@ -41,6 +43,7 @@ __all__ = [
     "accumulation_window",
     "close_windows",
     "collect_window",
+    "correct_window",
     "from_accum_bn",
     "to_accum_bn",
 ]
@@ -53,6 +56,7 @@ def to_accum_bn(
     sync: bool | None = None,
     process_group: Any = None,
     warm_start: bool | None = None,
+    passes: int | None = None,
     modules: ModuleSelection = None,
     inplace: bool = False,
 ) -> nn.Module:
@@ -69,7 +73,12 @@ def to_accum_bn(
             Ioffe 2017: the micro-batch is normalised with its own statistics and corrected to the window's
             with constants r and d), ``"progressive"`` (the exact gradient of normalising with the window so
             far), or ``"blend"`` (progressive, and while the window fills, the previous window's statistics
-            stand in for the samples still missing).
+            stand in for the samples still missing), or ``"exact"``: batch-N BatchNorm's gradient, reached by
+            replaying the window ``passes`` times when it closes (docs/accumulation.md, "Exact mode"). With
+            :func:`collect_window` before each window's gradient pass the forward statistics are the whole
+            window's too, and the window's parameter gradient and running statistics are those of one batch
+            of micro-batch x accumulation steps (x world size with ``sync``), to rounding; without it, each
+            micro-batch is normalised with the window so far.
         sync: pool each window across the ranks of ``process_group`` too, so the normalisation batch is
             micro-batch x accumulation steps x world size; ``None`` (default) syncs exactly the layers that
             are SyncBatchNorm now (bndoctor's or torch's), keeping their process group unless one is given.
@@ -79,15 +88,21 @@ def to_accum_bn(
             plain BN takes). ``None`` (default): for layers whose running statistics are still the initial
             values (mean 0, variance 1, nothing counted) when their first window commits; statistics that
             were trained or loaded (fine-tuning) take plain EMA steps. ``True``/``False``: always/never.
+        passes: ``mode="exact"`` only: the correction passes at each window's close, the cost knob (each is
+            about one more forward and backward of the window). ``None`` (default): as many as the gradient
+            needs to be exact (the longest chain of BN layers); 1 or 2 come close at a fraction of that.
         modules: the layers to convert; default: all.
         inplace: change ``model`` itself; by default a copy is changed.
 
     Returns:
         The model's root (a new object unless ``inplace=True``).
     """
-    if mode not in ("progressive", "renorm", "blend"):
+    require_mode(mode)
+    require_passes(passes)
+    if passes is not None and mode != "exact":
         raise BNDoctorError(
-            f"expected mode 'progressive', 'renorm' or 'blend' (got {mode!r})", hint="the default is fine"
+            f"passes={passes} needs mode='exact' (got mode={mode!r})",
+            hint="to_accum_bn(model, mode='exact', passes=...) or drop passes",
         )
     if sync is not None and not isinstance(sync, bool):
         raise BNDoctorError(f"expected sync True, False or None (got {sync!r})", hint="None follows the model")
@@ -107,6 +122,7 @@ def to_accum_bn(
             device=None if source is None else source.device,
             dtype=None if source is None else source.dtype,
             warm_start=warm_start,
+            passes=passes,
         )
 
     return swap_layers(model, make, modules=modules, inplace=inplace, operation="to_accum_bn")
@@ -153,50 +169,131 @@ class AccumulationHandle:
     """Returned by :func:`accumulate_bn`; ``remove()`` detaches the window control.
 
     Built by ``accumulate_bn`` from the model, its accumulation-aware
-    ``layers`` and the optimizer ``hook``; ``steps`` counts the windows closed.
+    ``layers`` and the optimizer ``hooks``; ``steps`` counts the windows
+    closed. ``replay`` is the exact mode's :class:`~bndoctor.remedies._replay.WindowReplay`
+    (None without exact-mode layers).
     """
 
-    def __init__(self, model: nn.Module, layers: list[AccumBatchNorm], hook: Any) -> None:
+    def __init__(self, model: nn.Module, layers: list[AccumBatchNorm], hooks: list[Any]) -> None:
         self._model = model
         self._layers = layers
-        self._hook = hook
+        self._hooks = hooks
+        self.replay: WindowReplay | None = None
         self.steps = 0
 
+    def correct(self) -> int:
+        """Exact mode: replay the open window and correct the gradient now; returns the passes run.
+
+        ``optimizer.step()`` does it anyway; call it earlier when something between the last backward and
+        the step reads the gradient (clipping, a GradScaler's unscaling). Once per window.
+        """
+        if self.replay is None:
+            return 0
+        return self.replay.correct(list(self._model.parameters()))
+
     def remove(self) -> None:
-        if self._hook is None:
+        if not self._hooks:
             return
-        self._hook.remove()
-        self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self.replay is not None:
+            _REPLAYS.pop(self.replay.layers[0], None)
+            self.replay.remove()
+            self.replay = None
         for layer in self._layers:
             layer.release_control()
 
 
-def accumulate_bn(model: nn.Module, optimizer: torch.optim.Optimizer) -> AccumulationHandle:
+#: exact-mode layer (the first of a model's) -> the replay that corrects its windows, for correct_window
+_REPLAYS: weakref.WeakKeyDictionary[nn.Module, WindowReplay] = weakref.WeakKeyDictionary()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel: replays call it, not the wrapper (whose forward syncs)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def accumulate_bn(
+    model: nn.Module, optimizer: torch.optim.Optimizer, *, correct_at_step: bool = True
+) -> AccumulationHandle:
     """Close the accumulation window of every AccumBatchNorm of ``model`` after each ``optimizer.step()``.
 
     Framework wrappers (Accelerate's ``AcceleratedOptimizer``, Lightning's) are
     unwrapped: the hook sits on the torch optimizer inside, whose ``step()``
     runs once per real update.
 
+    With exact-mode layers (``to_accum_bn(model, mode="exact")``) it also
+    records each micro-batch's call into the model and, when the optimizer
+    steps, replays the window and corrects the gradient before the step runs
+    (:meth:`AccumulationHandle.correct` or :func:`correct_window` do it
+    earlier, for loops that clip or unscale gradients before stepping).
+
     Args:
         model: the model holding AccumBatchNorm layers.
         optimizer: the optimizer whose steps end the windows.
+        correct_at_step: exact mode: correct the gradient in a pre-hook of ``optimizer.step()``. ``False``
+            when something else calls :meth:`AccumulationHandle.correct` (bndoctor's Lightning callback,
+            whose optimizer steps run the last micro-batch inside ``step``).
 
     Returns:
-        An :class:`AccumulationHandle`; ``handle.remove()`` detaches the hook again.
+        An :class:`AccumulationHandle`; ``handle.remove()`` detaches the hooks again.
     """
     layers = _layers(model)
     optimizer = torch_optimizer(optimizer)
-    handle = AccumulationHandle(model, layers, None)
+    handle = AccumulationHandle(model, layers, [])
+    exact = exact_layers(model)
+    if exact:
+        handle.replay = WindowReplay(_unwrap(model), exact, require_exact_passes(exact))
+        _REPLAYS[exact[0]] = handle.replay
+
+    def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        handle.correct()
 
     def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         handle.steps += 1
         close_windows_together(layers)
+        if handle.replay is not None:
+            handle.replay.clear()
 
-    handle._hook = optimizer.register_step_post_hook(after_step)
+    if exact and correct_at_step:
+        handle._hooks.append(optimizer.register_step_pre_hook(before_step))
+    handle._hooks.append(optimizer.register_step_post_hook(after_step))
     for layer in layers:
         layer.acquire_control()
     return handle
+
+
+def correct_window(model: nn.Module) -> int:
+    """Exact mode: replay the open window and correct the gradient now; returns the passes run (0: nothing to do).
+
+    For loops that read the gradient between the last backward and ``optimizer.step()``::
+
+        loss.backward()                                  # the window's last micro-batch
+        bndoctor.correct_window(model)                   # before clipping
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()                                 # does not correct twice
+
+    Raises:
+        BNDoctorError: ``model`` has no exact-mode AccumBatchNorm layer, or no window control
+            (:func:`accumulate_bn` or :func:`accumulation_window`) records its calls.
+    """
+    layers = _layers(model)
+    exact = [layer for layer in layers if layer.mode == "exact"]
+    if not exact:
+        raise BNDoctorError(
+            f"{type(model).__name__} has no exact-mode AccumBatchNorm layer",
+            hint="convert it with bndoctor.to_accum_bn(model, mode='exact')",
+        )
+    replay = _REPLAYS.get(exact[0])
+    if replay is None:
+        raise BNDoctorError(
+            "nothing records this model's micro-batches for the exact mode's replays",
+            hint="attach the window control first: bndoctor.accumulate_bn(model, optimizer)",
+        )
+    return replay.correct(list(_unwrap(model).parameters()))
 
 
 @contextmanager
@@ -225,11 +322,18 @@ def accumulation_window(model: nn.Module) -> Iterator[nn.Module]:
             )
     acquired: list[AccumBatchNorm] = []
     ok = False
+    exact = exact_layers(model)
+    replay = _REPLAYS.get(exact[0]) if exact else None
+    own = replay is None and bool(exact)
     try:
         for layer in layers:
             layer.acquire_control(block=True)  # raises if a block is open already
             acquired.append(layer)
+        if own:  # exact mode without accumulate_bn: this block records the calls and corrects at its end
+            replay = _REPLAYS[exact[0]] = WindowReplay(_unwrap(model), exact, require_exact_passes(exact))
         yield model
+        if replay is not None:
+            replay.correct(list(_unwrap(model).parameters()))
         ok = True
         bad = next((layer for layer in layers if not layer.window_finite()), None)
         if bad is not None:
@@ -241,6 +345,9 @@ def accumulation_window(model: nn.Module) -> Iterator[nn.Module]:
                 hint="check the micro-batches and the weights (a learning rate too high, a bad sample)",
             )
     finally:
+        if own and replay is not None:
+            _REPLAYS.pop(exact[0], None)
+            replay.remove()
         for layer in acquired:
             layer.release_control(block=True)
             if not ok:
@@ -268,6 +375,17 @@ def collect_window(model: nn.Module, batches: Iterable[Any], *, forward: Forward
     statistics in the gradient pass, so their collected statistics are a
     close approximation.
 
+    With exact-mode layers (``to_accum_bn(model, mode="exact")``) the
+    micro-batches are joined into one batch (tensors along dimension 0) and
+    run at once, so every layer's statistics are exactly the whole window's:
+    each layer's depend on the layers before it having normalised with the
+    whole window's statistics too, which one forward of the joined batch
+    gives (a no-grad forward of micro-batch x accumulation steps samples; with
+    ``sync`` the layers pool it over the ranks). A model that draws random
+    numbers between BN layers (dropout) draws other numbers here than in the
+    gradient pass, so its statistics are then not exactly those the gradient
+    pass normalises.
+
     Args:
         model: the model holding AccumBatchNorm layers with window control attached.
         batches: the window's micro-batches.
@@ -291,6 +409,9 @@ def collect_window(model: nn.Module, batches: Iterable[Any], *, forward: Forward
             )
     feed = forward or default_forward
     samples = 0
+    if any(layer.mode == "exact" for layer in layers):  # the whole window's statistics, exactly: one batch
+        batches = list(batches)
+        batches = [concat_batches(batches)] if batches else []
     for layer in layers:
         layer.acquire_control()
     try:
