@@ -112,6 +112,16 @@ class BNMonitorCallback(MonitorCallbackCore, Callback):
                 trainer.world_size,
             )
 
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        # exact accumulation: the window's last micro-batch has run (inside the optimizer's closure), and
+        # gradient clipping comes next, so the window is replayed and its gradient corrected here
+        from ..remedies._replay import exact_layers
+
+        if any(layer.controlled for layer in exact_layers(pl_module)):
+            from ..remedies import correct_window
+
+            correct_window(pl_module)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.monitor is not None:
             self.monitor.set_step(trainer.global_step)

@@ -216,9 +216,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def accumulate_bn(
-    model: nn.Module, optimizer: torch.optim.Optimizer, *, correct_at_step: bool = True
-) -> AccumulationHandle:
+def accumulate_bn(model: nn.Module, optimizer: torch.optim.Optimizer) -> AccumulationHandle:
     """Close the accumulation window of every AccumBatchNorm of ``model`` after each ``optimizer.step()``.
 
     Framework wrappers (Accelerate's ``AcceleratedOptimizer``, Lightning's) are
@@ -229,14 +227,15 @@ def accumulate_bn(
     records each micro-batch's call into the model and, when the optimizer
     steps, replays the window and corrects the gradient before the step runs
     (:meth:`AccumulationHandle.correct` or :func:`correct_window` do it
-    earlier, for loops that clip or unscale gradients before stepping).
+    earlier, for loops that clip or unscale gradients before stepping). A
+    step given a closure runs the window's last micro-batch inside ``step``
+    (Lightning's), so the hook leaves it alone: bndoctor's Lightning callback
+    corrects in ``on_before_optimizer_step``, after the closure and before
+    gradient clipping.
 
     Args:
         model: the model holding AccumBatchNorm layers.
         optimizer: the optimizer whose steps end the windows.
-        correct_at_step: exact mode: correct the gradient in a pre-hook of ``optimizer.step()``. ``False``
-            when something else calls :meth:`AccumulationHandle.correct` (bndoctor's Lightning callback,
-            whose optimizer steps run the last micro-batch inside ``step``).
 
     Returns:
         An :class:`AccumulationHandle`; ``handle.remove()`` detaches the hooks again.
@@ -250,7 +249,8 @@ def accumulate_bn(
         _REPLAYS[exact[0]] = handle.replay
 
     def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        handle.correct()
+        if kwargs.get("closure") is None and not (args and callable(args[0])):
+            handle.correct()
 
     def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         handle.steps += 1
@@ -258,7 +258,7 @@ def accumulate_bn(
         if handle.replay is not None:
             handle.replay.clear()
 
-    if exact and correct_at_step:
+    if exact:
         handle._hooks.append(optimizer.register_step_pre_hook(before_step))
     handle._hooks.append(optimizer.register_step_post_hook(after_step))
     for layer in layers:
