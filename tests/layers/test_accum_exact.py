@@ -284,3 +284,79 @@ def test_exact_mode_under_torch_compile_matches_eager():
         assert handle.correct() == 4
         grads.append(_flat_grad(acc))
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7)
+
+
+def _lightning_module(lightning, model):
+    class Module(lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Module()
+
+
+def test_lightning_callback_corrects_each_window_before_clipping(tmp_path):
+    """Lightning runs the last micro-batch inside optimizer.step(closure): the callback corrects after it,
+    before gradient clipping, so one Lightning step equals a plain loop that corrects, clips and steps."""
+    lightning = pytest.importorskip("lightning")
+    from bndoctor.integrations.lightning import BNMonitorCallback
+
+    torch.manual_seed(8)
+    model = bd.to_accum_bn(_chain(), mode="exact", passes=2)
+    xs, ys = _window((1, 16))
+    xs = [x.float() for x in xs]
+    manual = copy.deepcopy(model)
+    opt = torch.optim.SGD(manual.parameters(), lr=0.1)
+    handle = bd.accumulate_bn(manual, opt)
+    for x, y in zip(xs, ys):
+        (F.cross_entropy(manual(x), y) / 2).backward()  # Lightning divides by accumulate_grad_batches too
+        if len(handle.replay.calls) == 2:
+            assert bd.correct_window(manual) == 2
+            torch.nn.utils.clip_grad_norm_(manual.parameters(), 0.05)
+            opt.step()
+            opt.zero_grad()
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys)), batch_size=2)
+    callback = BNMonitorCallback(every=100, check=False)
+    module = _lightning_module(lightning, model)
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.05,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, train_dataloaders=data)
+    (attached,) = callback.attached
+    assert attached.steps == 2 and attached.replay is None  # detached at the end of fit
+    for (name, a), b in zip(module.net.named_parameters(), manual.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_closure_step_without_the_callback_warns_that_the_window_went_uncorrected():
+    torch.manual_seed(9)
+    model = bd.to_accum_bn(_chain(), mode="exact", passes=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bd.accumulate_bn(model, opt)
+    x, y = _window((1, 16), k=1)
+    x = x[0].float()
+
+    def closure():
+        loss = F.cross_entropy(model(x), y[0])
+        loss.backward()
+        return loss
+
+    with pytest.warns(bd.BNDoctorWarning, match="did not correct this window"):
+        opt.step(closure)

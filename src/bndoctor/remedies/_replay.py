@@ -80,6 +80,7 @@ class WindowReplay:
         self.calls: list[_Recorded] = []
         self.corrected = False
         self.passes_run = 0  # passes the last correction ran
+        self.warned = False  # a window closed without its correction (a closure step), warned once
         self._depth = 0
         self._replaying = False
         ids = {id(layer) for layer in layers}

@@ -18,6 +18,7 @@ explicitly.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ import torch.nn as nn
 
 from .._batches import Forward, batch_size, concat_batches, default_forward
 from .._walk import ModuleSelection
-from ..errors import BNDoctorError, require_module
+from ..errors import BNDoctorError, BNDoctorWarning, caller_stacklevel, require_module
 from ..findings import Action
 from ..layers import AccumBatchNorm, AccumMode, pools_ranks
 from ..layers.accum import close_windows_together, require_mode, require_passes
@@ -255,8 +256,18 @@ def accumulate_bn(model: nn.Module, optimizer: torch.optim.Optimizer) -> Accumul
     def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         handle.steps += 1
         close_windows_together(layers)
-        if handle.replay is not None:
-            handle.replay.clear()
+        replay = handle.replay
+        if replay is not None:
+            if replay.calls and not replay.corrected and not replay.warned:
+                replay.warned = True
+                warnings.warn(
+                    "the exact accumulation mode did not correct this window: the optimizer stepped with a closure, "
+                    "which runs the last micro-batch inside step(); call bndoctor.correct_window(model) after the "
+                    "last backward (in Lightning, bndoctor's BNMonitorCallback does it)",
+                    BNDoctorWarning,
+                    stacklevel=caller_stacklevel(),
+                )
+            replay.clear()
 
     if exact:
         handle._hooks.append(optimizer.register_step_pre_hook(before_step))
