@@ -74,7 +74,8 @@ def concat_batches(batches: list[Any]) -> Any:
     first = batches[0]
     if isinstance(first, torch.Tensor):
         if not all(isinstance(b, torch.Tensor) and b.shape[1:] == first.shape[1:] for b in batches):
-            shapes = sorted({tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__ for b in batches}, key=str)
+            found = {tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__ for b in batches}
+            shapes = sorted(found, key=str)
             raise BNDoctorError(
                 f"cannot join the window's micro-batches into one batch: tensors of shapes {shapes[:4]}",
                 hint="the micro-batches of a window must share every dimension but the first",
@@ -83,7 +84,8 @@ def concat_batches(batches: list[Any]) -> Any:
     if isinstance(first, Mapping) and all(isinstance(b, Mapping) and b.keys() == first.keys() for b in batches):
         return type(first)({k: concat_batches([b[k] for b in batches]) for k in first})  # type: ignore[call-arg]
     if isinstance(first, (list, tuple)) and all(
-        type(b) is type(first) and len(b) == len(first) for b in batches  # type: ignore[arg-type]
+        type(b) is type(first) and len(b) == len(first)
+        for b in batches  # type: ignore[arg-type]
     ):
         joined = [concat_batches([b[i] for b in batches]) for i in range(len(first))]
         return type(first)(*joined) if hasattr(first, "_fields") else type(first)(joined)

@@ -360,3 +360,31 @@ def test_a_closure_step_without_the_callback_warns_that_the_window_went_uncorrec
 
     with pytest.warns(bd.BNDoctorWarning, match="did not correct this window"):
         opt.step(closure)
+
+
+def test_the_monitor_does_not_count_replays():
+    torch.manual_seed(10)
+    model = bd.to_accum_bn(_chain(), mode="exact")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bd.accumulate_bn(model, opt)
+    xs, ys = _window((1, 16))
+    with bd.BNMonitor(model, every=1, warmup=0, log=False) as monitor:
+        for x, y in zip(xs, ys):
+            F.cross_entropy(model(x.float()), y).backward()
+        opt.step()
+        assert monitor.forwards == len(xs)
+
+
+def test_a_window_closed_by_hand_starts_the_next_recording_afresh():
+    torch.manual_seed(11)
+    model = bd.to_accum_bn(_chain(), mode="exact", passes=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = bd.accumulate_bn(model, opt)
+    xs, ys = _window((1, 16))
+    F.cross_entropy(model(xs[0].float()), ys[0]).backward()
+    from bndoctor.remedies import close_windows
+
+    close_windows(model)
+    F.cross_entropy(model(xs[1].float()), ys[1]).backward()
+    assert len(handle.replay.calls) == 1
+    assert handle.correct() == 1

@@ -10,6 +10,8 @@ BatchNorm's answers when it does not.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -126,6 +128,24 @@ class BNDoctorLayer:
                 f"expected at least 2D input (got {input.dim()}D input)",
                 hint=f"{type(self).__name__} normalises dimension 1 of (N, C, ...) inputs",
             )
+
+
+_REPLAYING = [0]  # open replays of an accumulation window (exact mode)
+
+
+def replaying() -> bool:
+    """Whether the exact accumulation mode is replaying a window now (the monitor does not count those calls)."""
+    return _REPLAYING[0] > 0
+
+
+@contextmanager
+def replay_scope() -> Iterator[None]:
+    """Mark the calls inside as a replay of a window, not as training forwards."""
+    _REPLAYING[0] += 1
+    try:
+        yield
+    finally:
+        _REPLAYING[0] -= 1
 
 
 _IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)

@@ -92,6 +92,7 @@ def require_passes(passes: Any) -> None:
             hint="None replays the window until the gradient is exact; 1 or 2 cost less",
         )
 
+
 AccumMode = Literal["progressive", "renorm", "blend", "exact"]
 MODES = ("progressive", "renorm", "blend", "exact")
 

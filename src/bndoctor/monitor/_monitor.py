@@ -85,7 +85,7 @@ from .._walk import ModuleSelection, with_running_stats
 from ..errors import BNDoctorError, BNDoctorWarning, require_module
 from ..findings import Finding
 from ..layers import normalisation_statistics
-from ..layers._base import compiling, pools_ranks
+from ..layers._base import compiling, pools_ranks, replaying
 from ..layers.renorm import BatchRenorm
 from ._probe import mode_gap
 from .alerts import LayerSample, Rules, normalisation_batch
@@ -402,7 +402,7 @@ class BNMonitor:
     # ------------------------------------------------------------------ hooks
 
     def _enter_root(self, module: nn.Module, args: Any, kwargs: Any = None) -> None:
-        if self._probing:
+        if self._probing or replaying():
             return
         self._depth += 1
         if self._depth > 1:  # the root called inside its own forward: part of the outer call
@@ -413,7 +413,7 @@ class BNMonitor:
         self._forward_at_entry = module.__dict__.get("forward")
 
     def _leave_root(self, module: nn.Module, args: Any, kwargs: Any = None, output: Any = None) -> None:
-        if self._probing:
+        if self._probing or replaying():
             return
         self._depth = max(self._depth - 1, 0)
         if self._depth:
@@ -456,7 +456,7 @@ class BNMonitor:
 
     def _layer_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
-            if self._probing:
+            if self._probing or replaying():
                 return
             if self._depth:  # inside the root's forward, which counted it: between samples, little to do
                 if not self._layers_ran:

@@ -28,6 +28,7 @@ import torch.nn as nn
 from .. import distributed
 from ..errors import BNDoctorError
 from ..layers import AccumBatchNorm
+from ..layers._base import replay_scope
 
 __all__ = ["WindowReplay", "exact_layers"]
 
@@ -57,7 +58,8 @@ class _Recorded:
         self.args = _detached(args)
         self.kwargs = _detached(kwargs)
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.cuda = torch.cuda.get_rng_state_all() if cuda else None
 
     def replay(self) -> None:
         devices = list(range(len(self.cuda))) if self.cuda is not None else []
@@ -94,6 +96,8 @@ class WindowReplay:
 
     def _enter(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self._depth == 0 and not self._replaying and torch.is_grad_enabled() and self._recording():
+            if self.calls and not any(layer.recorded_calls for layer in self.layers):
+                self.clear()  # the window closed without the optimizer hook (close_windows): a new one begins
             self.calls.append(_Recorded(module, args, kwargs))
             self.corrected = False
         self._depth += 1
@@ -137,39 +141,46 @@ class WindowReplay:
         run = 0
         self._replaying = True
         try:
-            for _ in range(limit):
-                if not self._pending(active, synced, group):
-                    break
-                outputs: list[torch.Tensor] = []
-                totals = [layer.begin_pass() for layer in active]
-                if synced:  # the window's totals over all ranks that share it, in one collective
-                    flat = distributed.all_reduce_sum(torch.cat([t.reshape(-1) for t in totals]), group)  # type: ignore[union-attr]
-                    totals = list(flat.split([t.numel() for t in totals]))  # type: ignore[union-attr]
-                    totals = [t.view(2, -1) for t in totals]  # type: ignore[union-attr]
-                for layer, total in zip(active, totals):
-                    layer.open_pass(total, outputs)  # type: ignore[arg-type]
-                try:
-                    for call in self.calls:
-                        outputs.clear()
-                        call.replay()
-                        seeds = [out for out in outputs if out.requires_grad]
-                        if seeds and params:
-                            found = torch.autograd.grad(
-                                seeds, params, [torch.zeros_like(s) for s in seeds], allow_unused=True
-                            )
-                            for i, g in enumerate(found):
-                                if g is not None:
-                                    grads[i] = g if grads[i] is None else grads[i].add_(g)  # type: ignore[union-attr]
-                finally:
-                    for layer in active:
-                        layer.close_pass()
-                run += 1
+            with replay_scope():
+                while run < limit and self._pending(active, synced, group):
+                    self._pass(active, synced, group, params, grads)
+                    run += 1
         finally:
             self._replaying = False
-            outputs = []
         self.passes_run = run
         self._apply(params, grads)
         return run
+
+    def _pass(
+        self,
+        layers: list[AccumBatchNorm],
+        synced: bool,
+        group: Any,
+        params: list[nn.Parameter],
+        grads: list[torch.Tensor | None],
+    ) -> None:
+        """One replay of the window: every call again, back-propagated from what the layers inject."""
+        outputs: list[torch.Tensor] = []
+        totals = [layer.begin_pass() for layer in layers]
+        if synced:  # the window's totals over all ranks that share it, in one collective
+            flat = distributed.all_reduce_sum(torch.cat([t.reshape(-1) for t in totals]), group)  # type: ignore[union-attr]
+            totals = [t.view(2, -1) for t in flat.split([t.numel() for t in totals])]  # type: ignore[union-attr]
+        for layer, total in zip(layers, totals):
+            layer.open_pass(total, outputs)  # type: ignore[arg-type]
+        try:
+            for call in self.calls:
+                outputs.clear()
+                call.replay()
+                seeds = [out for out in outputs if out.requires_grad]
+                if not seeds or not params:
+                    continue
+                found = torch.autograd.grad(seeds, params, [torch.zeros_like(s) for s in seeds], allow_unused=True)
+                for i, g in enumerate(found):
+                    if g is not None:
+                        grads[i] = g if grads[i] is None else grads[i].add_(g)  # type: ignore[union-attr]
+        finally:
+            for layer in layers:
+                layer.close_pass()
 
     def _pending(self, layers: list[AccumBatchNorm], synced: bool, group: Any) -> bool:
         """Whether any layer (on any rank sharing the window) has a correction left to inject (one host read)."""
@@ -201,7 +212,8 @@ def require_exact_passes(layers: list[AccumBatchNorm]) -> int | None:
     asked = {layer.passes for layer in layers}
     if len(asked) > 1:
         raise BNDoctorError(
-            f"the exact-mode AccumBatchNorm layers ask for different numbers of correction passes ({sorted(asked, key=str)})",
+            "the exact-mode AccumBatchNorm layers ask for different numbers of correction passes "
+            f"({sorted(asked, key=str)})",
             hint="convert the model once: bndoctor.to_accum_bn(model, mode='exact', passes=...)",
         )
     return asked.pop()

@@ -34,8 +34,8 @@ from ..findings import Action
 from ..layers import AccumBatchNorm, AccumMode, pools_ranks
 from ..layers.accum import close_windows_together, require_mode, require_passes
 from ..training import TrainingSetup, torch_optimizer
-from ._replay import WindowReplay, exact_layers, require_exact_passes
 from ._registry import FixStep, Prescription, Remedy, register_remedy
+from ._replay import WindowReplay, exact_layers, require_exact_passes
 from ._swap import revert_layers, swap_layers
 
 __all__ = [
