@@ -66,7 +66,8 @@ class Scenario:
     recalibrate: bool = False
     world_size: int = 1
     sync_bn: bool = False
-    accum_bn: Literal["progressive", "renorm", "blend"] | None = None
+    accum_bn: Literal["progressive", "renorm", "blend", "exact"] | None = None
+    passes: int | None = None
     batch_renorm: bool = False
     brn_warmup: int = 5000
     two_pass: bool = False
@@ -80,7 +81,10 @@ class Scenario:
         """The remedies this scenario applies through the remedy registry (after ``remedy``, if any)."""
         out = []
         if self.accum_bn:  # pooling across ranks too with sync_bn: the remedy converts to SyncBN first itself
-            out.append(Action("to_accum_bn", options=(("mode", self.accum_bn), ("sync", self.sync_bn))))
+            options: tuple[tuple[str, Any], ...] = (("mode", self.accum_bn), ("sync", self.sync_bn))
+            if self.accum_bn == "exact":
+                options += (("passes", self.passes),)
+            out.append(Action("to_accum_bn", options=options))
         elif self.sync_bn:
             out.append(Action("to_sync_bn"))
         if self.batch_renorm:
@@ -92,7 +96,10 @@ class Scenario:
         norm = {"batch": "BN", "group": "GN", "layer": "LN", "instance": "IN", "none": "no norm"}[self.norm]
         if self.sync_bn:
             norm = "SyncBN"
-        if self.accum_bn:
+        if self.accum_bn == "exact":
+            passes = "until exact" if self.passes is None else f"{self.passes} pass{'es' if self.passes != 1 else ''}"
+            norm = f"AccumBN (exact, {passes}{', sync' if self.sync_bn else ''})"
+        elif self.accum_bn:
             norm = (
                 f"AccumBN ({self.accum_bn}{', two passes' if self.two_pass else ''}{', sync' if self.sync_bn else ''})"
             )
@@ -420,6 +427,15 @@ _catalogue(
                 f"m1d-accbn-2pass-2x32-{tag}",
                 f"MNIST-1D: accumulation-aware BN (renorm, two passes) at 2 x 32 ({what})",
                 dict(_TINY, sampler=sampler, accum_bn="renorm", two_pass=True),
+            ),
+            *(
+                (
+                    f"m1d-accbn-exact{'' if passes is None else passes}-2x32-{tag}",
+                    f"MNIST-1D: accumulation-aware BN, exact mode ({label}) at 2 x 32 ({what}): the whole window's "
+                    "statistics collected first (collect_window), the gradient corrected by replaying the window",
+                    dict(_TINY, sampler=sampler, accum_bn="exact", passes=passes, two_pass=True),
+                )
+                for passes, label in ((1, "1 correction pass"), (2, "2 correction passes"), (None, "until exact"))
             ),
             (
                 f"m1d-brn-2x32-{tag}",

@@ -451,7 +451,8 @@ def _fix(step: FixStep) -> nn.Module:
         step.model = to_sync_bn(step.model, modules=step.selection, inplace=True)
         step.note("to_sync_bn")
     mode = step.option("mode", "renorm")
-    step.model = to_accum_bn(step.model, mode=mode, modules=step.selection, inplace=True)
+    passes = step.option("passes", None) if mode == "exact" else None
+    step.model = to_accum_bn(step.model, mode=mode, passes=passes, modules=step.selection, inplace=True)
     step.note("to_accum_bn", before=before, suffix=" (pooled across ranks)" if sync else "")
     step.changes.append("  then call bndoctor.accumulate_bn(model, optimizer) once the optimizer exists")
     return step.model
