@@ -136,8 +136,16 @@ def main() -> None:
         for other in others:
             if ours in runs and other in runs:
                 lines.append(f"| {other} against {ours} | {paired(other, ours)} | – |")
+        # the exact mode against the one-pass mode and the remedies it must beat
+        for passes in ("1", "2", ""):
+            exact = f"m1d-accbn-exact{passes}-2x32-{tag}"
+            for other in (ours, f"m1d-gn-2x32-{tag}", f"m1d-brn-2x32-{tag}"):
+                if exact in runs and other in runs:
+                    lines.append(f"| {exact} against {other} | {paired(exact, other)} | – |")
     ours = "m1d-ft-accbn-renorm-2x32-corr"  # fine-tuning: the other remedies against accumulation-aware BN
-    for other in ("m1d-ft-gn-2x32-corr", "m1d-ft-brn-2x32-corr", "m1d-ft-bn-frozen-2x32-corr"):
+    others = ["m1d-ft-gn-2x32-corr", "m1d-ft-brn-2x32-corr", "m1d-ft-bn-frozen-2x32-corr"]
+    others += ["m1d-ft-accbn-exact1-2x32-corr", "m1d-ft-accbn-exact-2x32-corr"]
+    for other in others:
         if ours in runs and other in runs:
             lines.append(f"| {other} against {ours} | {paired(other, ours)} | – |")
     if "m1d-bn-2x32-corr" in runs:

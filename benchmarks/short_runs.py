@@ -48,9 +48,13 @@ def train(seed: int, steps: int, sampler: str, variant: str) -> torch.nn.Module:
     data = load_data("digits", "source")
     torch.manual_seed(seed)
     model = tiny_resnet(10)
+    exact = variant.startswith("exact")
     if variant != "plain BN":
-        model = bndoctor.to_accum_bn(model, warm_start=False if variant == "plain EMA" else None)
-        if variant == "momentum 1":
+        if exact:
+            model = bndoctor.to_accum_bn(model, mode="exact", passes=2)
+        else:
+            model = bndoctor.to_accum_bn(model, warm_start=False if variant == "plain EMA" else None)
+        if variant.endswith("momentum 1"):
             for layer in model.modules():
                 if isinstance(layer, bndoctor.AccumBatchNorm):
                     layer.momentum = 1.0
@@ -59,6 +63,8 @@ def train(seed: int, steps: int, sampler: str, variant: str) -> torch.nn.Module:
     rng = np.random.default_rng(seed)
     for done, logical in enumerate(schedule(data.y_train, MICRO, ACCUM, sampler, rng), 1):
         optimizer.zero_grad()
+        if exact:  # the whole window's statistics first
+            bndoctor.collect_window(model, [data.x_train[idx] for idx in logical])
         for idx in logical:
             F.cross_entropy(model(data.x_train[idx]), data.y_train[idx]).div(len(logical)).backward()
         optimizer.step()
@@ -82,6 +88,8 @@ def table(seeds: int, steps: int) -> str:
         "plain EMA": "accumulation-aware BN, plain EMA per window (`warm_start=False`)",
         "warm start": "accumulation-aware BN, warm start (the default)",
         "momentum 1": "accumulation-aware BN, warm start, `momentum=1` (the last window's)",
+        "exact": "accumulation-aware BN, exact mode (2 passes, whole-window statistics collected first), warm start",
+        "exact, momentum 1": "the same exact mode, `momentum=1`",
     }
     lines = [
         f"Tiny ResNet on digits, {steps} optimizer steps at micro-batch {MICRO} x {ACCUM} (SGD, lr {LR}, momentum "

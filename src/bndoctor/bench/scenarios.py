@@ -501,6 +501,15 @@ _catalogue(
             "accumulation-aware (renorm; its running statistics kept and updated once per window)",
             dict(_TINY, sampler="correlated", accum_bn="renorm"),
         ),
+        *(
+            (
+                f"m1d-ft-accbn-exact{'' if passes is None else passes}-2x32-corr",
+                "MNIST-1D: fine-tune on the shifted domain at 2 x 32 (one class per micro-batch), the pretrained BN "
+                f"made accumulation-aware in the exact mode ({label}; whole-window statistics collected first)",
+                dict(_TINY, sampler="correlated", accum_bn="exact", passes=passes, two_pass=True),
+            )
+            for passes, label in ((1, "1 correction pass"), (None, "until exact"))
+        ),
         (
             "m1d-ft-brn-2x32-corr",
             "MNIST-1D: fine-tune on the shifted domain at 2 x 32 (one class per micro-batch), the pretrained BN made "

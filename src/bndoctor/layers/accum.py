@@ -254,8 +254,9 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         self._opened[0] = False
         # a plain attribute (None or a tuple): nn.Module.__setattr__'s checks would cost more than the rest of this
         self.__dict__["_collected"] = None
-        if self._calls:
-            self._calls.clear()
+        calls = self.__dict__.get("_calls")  # absent in layers pickled by an older bndoctor
+        if calls:
+            calls.clear()
 
     def hold_collected(self) -> None:
         """Keep the open window's statistics as the whole window's (two passes), and start an empty window.
@@ -434,6 +435,8 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         replay = self._replay
         if replay is None:
             return self._window_forward(x)
+        if x.numel() == 0:  # an empty local batch records no call (see _window_forward)
+            return x.clone()
         if replay.index >= len(self._calls):
             raise BNDoctorError(
                 f"the replayed window calls this AccumBatchNorm more often than the recorded window did "
