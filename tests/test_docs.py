@@ -37,7 +37,7 @@ def test_recalibration_doc_snippets_run(index, tmp_path, monkeypatch):
 
 
 def test_accumulation_doc_snippet_runs():
-    code, two_passes = _blocks("accumulation.md")
+    code, two_passes, exact = _blocks("accumulation.md")
     original = tiny_resnet()
     env = {
         "bndoctor": bndoctor,
@@ -55,6 +55,10 @@ def test_accumulation_doc_snippet_runs():
     assert int(trained.stem[1].num_batches_tracked) == 4 and not trained.stem[1].holds_collected
     assert isinstance(env["export"].stem[1], torch.nn.BatchNorm2d)
     assert not torch.equal(trained.fc.weight, original.fc.weight)  # the optimizer trained the converted model
+    env = {**env, "model": tiny_resnet()}
+    exec(compile(exact, "accumulation.md", "exec"), env)
+    layer = env["model"].stem[1]
+    assert layer.mode == "exact" and int(layer.num_batches_tracked) == 2 and not layer.recorded_calls
 
 
 @pytest.mark.parametrize("index", range(len(_blocks("check.md"))))
