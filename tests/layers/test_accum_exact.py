@@ -388,3 +388,27 @@ def test_a_window_closed_by_hand_starts_the_next_recording_afresh():
     F.cross_entropy(model(xs[1].float()), ys[1]).backward()
     assert len(handle.replay.calls) == 1
     assert handle.correct() == 1
+
+
+def test_optimizer_step_alone_corrects_even_after_a_switch_to_eval_mode():
+    """The step's pre-hook replays with gradients on, in the modes the window ran in; the modes come back."""
+    torch.manual_seed(12)
+    model = _chain().double()
+    xs, ys = _window((1, 16))
+    ref = _reference(model, xs, ys)
+    torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3).step()
+    acc, opt, _ = _exact(model, xs, ys)
+    acc.eval()
+    with torch.no_grad():
+        opt.step()
+    assert not acc.training and not acc[1].training
+    for a, b in zip(acc.parameters(), ref.parameters()):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_double_backward_is_refused_in_the_exact_mode():
+    model = bd.to_accum_bn(_chain(), mode="exact")
+    bd.accumulate_bn(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(4, 1, 16, requires_grad=True)
+    with pytest.raises(bd.BNDoctorError, match="double backward"):
+        torch.autograd.grad(model(x).square().sum(), x, create_graph=True)

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ..errors import BNDoctorError
+
 __all__ = ["Call", "ExactRenorm", "Injection"]
 
 
@@ -88,6 +90,11 @@ class ExactRenorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise BNDoctorError(
+                "the exact accumulation mode has no double backward (create_graph=True)",
+                hint="use mode='renorm' for gradient penalties and other second-order terms",
+            )
         x, weight = ctx.saved_tensors
         w, mean, invstd, call, inject = ctx.kept
         need_x = ctx.needs_input_grad[0]

@@ -85,6 +85,8 @@ class WindowReplay:
         self.warned = False  # a window closed without its correction (a closure step), warned once
         self._depth = 0
         self._replaying = False
+        self._root = model
+        self._modes: list[tuple[nn.Module, bool]] = []
         ids = {id(layer) for layer in layers}
         holders = [m for m in model.modules() if any(id(d) in ids for d in m.modules())]
         self._hooks = []
@@ -98,6 +100,8 @@ class WindowReplay:
         if self._depth == 0 and not self._replaying and torch.is_grad_enabled() and self._recording():
             if self.calls and not any(layer.recorded_calls for layer in self.layers):
                 self.clear()  # the window closed without the optimizer hook (close_windows): a new one begins
+            if not self.calls:  # the modules' train/eval modes, which the replays restore
+                self._modes = [(m, m.training) for m in self._root.modules()]
             self.calls.append(_Recorded(module, args, kwargs))
             self.corrected = False
         self._depth += 1
@@ -140,13 +144,18 @@ class WindowReplay:
         grads: list[torch.Tensor | None] = [None] * len(params)
         run = 0
         self._replaying = True
+        changed = [(m, m.training) for m, mode in self._modes if m.training != mode]
         try:
-            with replay_scope():
+            for m, mode in changed:  # the window ran in these modes (an eval() before step() does not count)
+                m.training = not mode
+            with replay_scope(), torch.enable_grad():  # optimizer.step() may run its hooks without gradients
                 while run < limit and self._pending(active, synced, group):
                     self._pass(active, synced, group, params, grads)
                     run += 1
         finally:
             self._replaying = False
+            for m, mode in changed:
+                m.training = mode
         self.passes_run = run
         self._apply(params, grads)
         return run
