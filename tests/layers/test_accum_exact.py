@@ -219,7 +219,7 @@ def test_a_model_that_calls_its_layers_differently_in_the_replay_is_refused():
     for _ in range(2):
         model(torch.randn(4, 3)).pow(3).sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
-    with pytest.raises(bd.BNDoctorError, match="more often than the recorded window"):
+    with pytest.raises(bd.BNDoctorError, match="calls 'bn' more often than the recorded window"):
         opt.step()
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # left as the gradient pass made it
     assert model.bn._replay is None
@@ -412,3 +412,26 @@ def test_double_backward_is_refused_in_the_exact_mode():
     x = torch.randn(4, 1, 16, requires_grad=True)
     with pytest.raises(bd.BNDoctorError, match="double backward"):
         torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+
+
+def test_a_replay_that_calls_a_layer_less_often_names_it_and_leaves_every_layer():
+    class Skipping(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.BatchNorm1d(3)
+            self.second = nn.BatchNorm1d(3)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            x = self.first(x)
+            return self.second(x) if self.calls <= 2 else x
+
+    model = bd.to_accum_bn(Skipping(), mode="exact")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bd.accumulate_bn(model, opt)
+    for _ in range(2):
+        model(torch.randn(4, 3)).pow(3).sum().backward()
+    with pytest.raises(bd.BNDoctorError, match="called 'second' 0 times, the recorded one 2 times"):
+        opt.step()
+    assert model.first._replay is None and model.second._replay is None

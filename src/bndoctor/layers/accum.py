@@ -439,7 +439,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             return x.clone()
         if replay.index >= len(self._calls):
             raise BNDoctorError(
-                f"the replayed window calls this AccumBatchNorm more often than the recorded window did "
+                f"the replayed window calls '{replay.name}' more often than the recorded window did "
                 f"({len(self._calls)} calls recorded)",
                 hint="the exact mode replays the outermost module call of each micro-batch; a model must call its "
                 "BN layers the same way each time it is given the same input",
@@ -448,7 +448,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         replay.index += 1
         if x.numel() // x.shape[1] != call.n:
             raise BNDoctorError(
-                f"a replayed call of this AccumBatchNorm has {x.numel() // x.shape[1]} values per channel, "
+                f"a replayed call of '{replay.name}' has {x.numel() // x.shape[1]} values per channel, "
                 f"the recorded one {call.n}",
                 hint="the exact mode needs the model to do the same with the same input (no data-dependent shapes)",
             )
@@ -477,21 +477,25 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
             call.previous, call.sums = call.sums, torch.zeros_like(call.sums)
         return torch.stack([call.previous for call in self._calls]).sum(0)
 
-    def open_pass(self, totals: torch.Tensor, outputs: list[torch.Tensor]) -> None:
-        """Replay with the window's totals (summed over the ranks that share the window); outputs go to ``outputs``."""
-        count = self._window[0].reshape(()).to(totals.dtype)
-        self._replay = _Replay(Injection(totals, count), outputs)
+    def open_pass(self, totals: torch.Tensor, outputs: list[torch.Tensor], name: str = "") -> None:
+        """Replay with the window's totals (summed over the ranks that share the window); outputs go to ``outputs``.
 
-    def close_pass(self) -> None:
-        """End a replay pass; a pass that did not replay every recorded call is an error."""
+        ``name``: the layer's path in the model, for errors.
+        """
+        count = self._window[0].reshape(()).to(totals.dtype)
+        self._replay = _Replay(Injection(totals, count), outputs, name)
+
+    def close_pass(self) -> BNDoctorError | None:
+        """End a replay pass; returns the error (not raised) when the pass did not replay every recorded call."""
         replay, self._replay = self._replay, None
-        if replay is not None and replay.index != len(self._calls):
-            raise BNDoctorError(
-                f"the replayed window called this AccumBatchNorm {replay.index} times, the recorded one "
-                f"{len(self._calls)} times",
-                hint="the exact mode replays the outermost module call of each micro-batch; call the model "
-                "once per micro-batch, the same way each time",
-            )
+        if replay is None or replay.index == len(self._calls):
+            return None
+        return BNDoctorError(
+            f"the replayed window called '{replay.name}' {replay.index} times, the recorded one "
+            f"{len(self._calls)} times",
+            hint="the exact mode replays the outermost module call of each micro-batch; call the model "
+            "once per micro-batch, the same way each time",
+        )
 
     def pending_correction(self) -> torch.Tensor:
         """The size of what the next pass would inject (0 when this layer's gradient is exact): a 0-d tensor."""
@@ -556,12 +560,13 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
 class _Replay:
     """A replay pass in progress: the next recorded call, the injection, and where outputs go."""
 
-    __slots__ = ("index", "injection", "outputs")
+    __slots__ = ("index", "injection", "name", "outputs")
 
-    def __init__(self, injection: Injection, outputs: list[torch.Tensor]) -> None:
+    def __init__(self, injection: Injection, outputs: list[torch.Tensor], name: str) -> None:
         self.index = 0
         self.injection = injection
         self.outputs = outputs
+        self.name = name
 
 
 @torch.no_grad()

@@ -144,17 +144,19 @@ class WindowReplay:
         grads: list[torch.Tensor | None] = [None] * len(params)
         run = 0
         self._replaying = True
-        changed = [(m, m.training) for m, mode in self._modes if m.training != mode]
+        restore: list[tuple[nn.Module, bool]] = []
         try:
-            for m, mode in changed:  # the window ran in these modes (an eval() before step() does not count)
-                m.training = not mode
+            for m, recorded in self._modes:  # the window ran in these modes (an eval() before step() does not count)
+                if m.training != recorded:
+                    restore.append((m, m.training))
+                    m.training = recorded
             with replay_scope(), torch.enable_grad():  # optimizer.step() may run its hooks without gradients
                 while run < limit and self._pending(active, synced, group):
                     self._pass(active, synced, group, params, grads)
                     run += 1
         finally:
             self._replaying = False
-            for m, mode in changed:
+            for m, mode in restore:
                 m.training = mode
         self.passes_run = run
         self._apply(params, grads)
@@ -174,8 +176,9 @@ class WindowReplay:
         if synced:  # the window's totals over all ranks that share it, in one collective
             flat = distributed.all_reduce_sum(torch.cat([t.reshape(-1) for t in totals]), group)  # type: ignore[union-attr]
             totals = [t.view(2, -1) for t in flat.split([t.numel() for t in totals])]  # type: ignore[union-attr]
+        names = {id(m): n for n, m in self._root.named_modules()}
         for layer, total in zip(layers, totals):
-            layer.open_pass(total, outputs)  # type: ignore[arg-type]
+            layer.open_pass(total, outputs, names.get(id(layer), type(layer).__name__))  # type: ignore[arg-type]
         try:
             for call in self.calls:
                 outputs.clear()
@@ -188,8 +191,10 @@ class WindowReplay:
                     if g is not None:
                         grads[i] = g if grads[i] is None else grads[i].add_(g)  # type: ignore[union-attr]
         finally:
-            for layer in layers:
-                layer.close_pass()
+            mismatches = [layer.close_pass() for layer in layers]  # every layer leaves the replay, then errors
+        error = next((e for e in mismatches if e is not None), None)
+        if error is not None:
+            raise error
 
     def _pending(self, layers: list[AccumBatchNorm], synced: bool, group: Any) -> bool:
         """Whether any layer (on any rank sharing the window) has a correction left to inject (one host read)."""
