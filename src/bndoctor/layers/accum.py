@@ -133,7 +133,9 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
     """BatchNorm whose training statistics span the whole gradient-accumulation window.
 
     Same arguments as ``torch.nn.BatchNorm2d`` plus ``mode`` (``"renorm"``,
-    ``"progressive"`` or ``"blend"``; see :mod:`bndoctor.layers.accum`),
+    ``"progressive"``, ``"blend"`` or ``"exact"``; see :mod:`bndoctor.layers.accum`
+    and :func:`bndoctor.to_accum_bn`), ``passes`` (exact mode: the correction
+    passes at each window's close, None until exact),
     ``sync`` (pool each window across the ranks of ``process_group`` too;
     default the world), ``process_group`` and ``warm_start`` (bias-corrected
     EMA steps from the first window: ``True``, ``False``, or ``None``, the

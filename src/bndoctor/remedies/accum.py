@@ -287,6 +287,12 @@ def correct_window(model: nn.Module) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()                                 # does not correct twice
 
+    Args:
+        model: the model holding exact-mode AccumBatchNorm layers, with window control attached.
+
+    Returns:
+        The correction passes run (0 when the window was corrected already or recorded nothing).
+
     Raises:
         BNDoctorError: ``model`` has no exact-mode AccumBatchNorm layer, or no window control
             (:func:`accumulate_bn` or :func:`accumulation_window`) records its calls.
