@@ -1,6 +1,8 @@
 """AccumBatchNorm's window: pooled across ranks (sync), its dtype and device, closed together or one by one."""
 
 import copy
+import itertools
+import math
 
 import pytest
 import torch
@@ -195,21 +197,39 @@ def _windows(count, seed=0):
 
 
 def test_a_fresh_layer_warm_starts_its_running_statistics_from_the_first_window():
-    """Running statistics still at their initial values: window k commits with momentum / (1 - (1 - momentum)^k)."""
-    layer = bd.AccumBatchNorm(C, momentum=0.1, dtype=torch.float64)
+    """Running statistics still at their initial values: window k commits with max(m, 1 / (1 + m (k - 1))), so
+    after k windows they are a weighted mean of the windows with weights summing to one and growing towards
+    the latest window; from about 1 / m^2 windows on, the steps are plain EMA steps."""
+    m = 0.1
+    layer = bd.AccumBatchNorm(C, momentum=m, dtype=torch.float64)
     assert layer.warm_start is None and layer.warm_decision is None  # decided at the first commit, on the device
     stats = _commit_windows(layer, _windows(1))
     assert bool(layer.warm_decision) and int(layer.num_batches_tracked) == 1
     torch.testing.assert_close(layer.running_mean, stats[0][0], rtol=1e-12, atol=1e-12)  # the initial values are gone
     torch.testing.assert_close(layer.running_var, stats[0][1], rtol=1e-12, atol=1e-12)
-    stats += _commit_windows(layer, _windows(3, seed=1))
-    m, k = 0.1, len(stats)
-    weights = torch.tensor([m * (1 - m) ** (k - i) for i in range(1, k + 1)], dtype=torch.float64)
-    weights /= 1 - (1 - m) ** k  # the EMA of the windows, its weights summing to one
-    assert abs(float(weights.sum()) - 1.0) < 1e-12
-    for index, running in ((0, layer.running_mean), (1, layer.running_var)):
-        expected = sum(w * s[index] for w, s in zip(weights, stats))
-        torch.testing.assert_close(running, expected, rtol=1e-12, atol=1e-12)
+
+    def weights(k):  # window j's weight after k windows: its factor, then (1 - factor) of every later window
+        factors = [max(m, 1 / (1 + m * (j - 1))) for j in range(1, k + 1)]
+        return [f * math.prod(1 - g for g in factors[j + 1 :]) for j, f in enumerate(factors)]
+
+    for more in (9, 90, 20):  # 10 windows, 100 (the handover at 91), 120
+        stats += _commit_windows(layer, _windows(more, seed=len(stats)))
+        w = weights(len(stats))
+        assert abs(sum(w) - 1.0) < 1e-12 and all(a <= b for a, b in itertools.pairwise(w))  # a mean, favouring recent
+        for index, running in ((0, layer.running_mean), (1, layer.running_var)):
+            expected = sum(wj * s[index] for wj, s in zip(w, stats))
+            torch.testing.assert_close(running, expected, rtol=1e-10, atol=1e-12)
+    assert weights(10)[-1] > 0.5  # a 10-window run: mostly the last window's, whose weights are the closest
+    assert max(m, 1 / (1 + m * 119)) == m  # past the handover: plain EMA steps
+
+
+def test_a_fresh_layer_with_momentum_zero_keeps_its_statistics():
+    """momentum 0 means the running statistics never move; the warm start must not override that (or divide by 0)."""
+    layer = bd.AccumBatchNorm(C, momentum=0.0, dtype=torch.float64)
+    _commit_windows(layer, _windows(2))
+    assert torch.equal(layer.running_mean, torch.zeros(C, dtype=torch.float64))
+    assert torch.equal(layer.running_var, torch.ones(C, dtype=torch.float64))
+    assert int(layer.num_batches_tracked) == 2
 
 
 def test_trained_or_loaded_statistics_and_warm_start_false_take_plain_ema_steps():
@@ -244,10 +264,10 @@ def test_reset_running_stats_decides_the_warm_start_again_and_conversion_passes_
     assert converted[0].warm_start is False and "warm_start=False" in repr(converted[0])
 
 
-def test_a_ten_step_run_evaluates_close_to_its_recalibrated_statistics():
-    """One EMA step per window left a 10-step run's statistics near their initial values (digits, shuffled
-    micro-batches of 2 x 32: 46 % against 75 % recalibrated for this seed); the warm start closes most of that
-    (benchmarks/short_runs.py has the table over seeds)."""
+def test_a_ten_step_run_evaluates_within_two_points_of_its_recalibrated_statistics():
+    """One EMA step per window leaves a 10-step run's statistics near their initial values (digits, shuffled
+    micro-batches of 2 x 32: 46 % against 75 % recalibrated for this seed); the default warm start weighs the
+    latest windows most and evaluates within 2 points of recalibration (benchmarks/short_runs.py: over seeds)."""
     import numpy as np
     import torch.nn.functional as F
 
@@ -278,13 +298,14 @@ def test_a_ten_step_run_evaluates_close_to_its_recalibrated_statistics():
     order = torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))[:400]
     bd.recalibrate(model, [data.x_train[order[i : i + 50]] for i in range(0, 400, 50)], progress=False)
     recalibrated = accuracy(model)
-    assert warm - cold >= 0.6 * (recalibrated - cold), (cold, warm, recalibrated)
+    assert abs(warm - recalibrated) <= 0.02, (cold, warm, recalibrated)
+    assert recalibrated - cold > 0.2, (cold, warm, recalibrated)  # what the warm start repairs
 
 
-def test_a_ten_step_exact_run_with_momentum_one_evaluates_within_two_points_of_recalibration():
-    """The exact mode's window statistics are the logical batch's; with momentum 1 the running statistics are
-    the last window's, and a 10-step run evaluates as its recalibrated statistics do, where the default EMA
-    over the windows lags the fast-moving weights (seed 1: 77.4 % against 88.0 %; docs/accumulation.md)."""
+def test_a_ten_step_exact_run_evaluates_within_two_points_of_recalibration():
+    """The exact mode's window statistics are the logical batch's; with the default warm start a 10-step run
+    evaluates as its recalibrated statistics do, where plain EMA steps per window lag the fast-moving weights
+    (docs/accumulation.md)."""
     import numpy as np
     import torch.nn.functional as F
 
@@ -298,12 +319,9 @@ def test_a_ten_step_exact_run_with_momentum_one_evaluates_within_two_points_of_r
         with torch.no_grad():
             return (model.eval()(data.x_val).argmax(1) == data.y_val).double().mean().item()
 
-    def gap(momentum):
+    def gap(warm_start):
         torch.manual_seed(1)
-        model = bd.to_accum_bn(tiny_resnet(10), mode="exact", passes=2)
-        for layer in model.modules():
-            if isinstance(layer, bd.AccumBatchNorm):
-                layer.momentum = momentum
+        model = bd.to_accum_bn(tiny_resnet(10), mode="exact", passes=2, warm_start=warm_start)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         bd.accumulate_bn(model, optimizer)
         for _, logical in zip(range(10), schedule(data.y_train, 2, 32, "iid", np.random.default_rng(1))):
@@ -318,5 +336,5 @@ def test_a_ten_step_exact_run_with_momentum_one_evaluates_within_two_points_of_r
         bd.recalibrate(model, [data.x_train[order[i : i + 50]] for i in range(0, 400, 50)], progress=False)
         return trained - accuracy(model)
 
-    assert abs(gap(1.0)) <= 0.02
-    assert gap(0.1) < -0.05
+    assert abs(gap(None)) <= 0.02
+    assert gap(False) < -0.05  # plain EMA steps per window: 11 points below for this seed

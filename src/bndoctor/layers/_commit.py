@@ -11,11 +11,17 @@ or with no samples, is not committed; that is decided on the device, with no
 host synchronisation.
 
 Warm start (a window's ``warm_start``): window k is committed with the factor
-``momentum / (1 - (1 - momentum)^k)`` (k: the layer's committed windows,
-``num_batches_tracked``), the bias correction of Adam's moment estimates
-(Kingma & Ba 2015). The first window then replaces the initial values, and
-the running statistics are the EMA of the windows so far with weights that
-sum to one. ``warm_start=None`` is decided at a layer's first commit, on the
+``max(momentum, 1 / (1 + momentum (k - 1)))`` (k: the layer's committed windows,
+``num_batches_tracked``), polynomial-decay averaging (Shamir & Zhang 2013) with
+``eta = 1 / momentum - 1``. The first window replaces the initial values; after
+k windows the running statistics weigh window j about as ``(j / k)^eta``, so
+they average roughly the last ``momentum * k`` windows, a fixed share of the run
+so far rather than all of it: early windows were computed with weights that
+have moved since. The factor reaches ``momentum`` at about ``1 / momentum^2``
+windows (91 for 0.1), where the plain EMA, with its horizon of ``1 / momentum``
+windows, takes over continuously. A momentum of 0 (statistics never updated) is
+never warm-started.
+``warm_start=None`` is decided at a layer's first commit, on the
 device: warm when ``num_batches_tracked`` is 0 and the running statistics
 still hold their initial values (mean 0, variance 1), not for statistics
 that were trained or loaded. The decision is kept on the device as the
@@ -149,7 +155,7 @@ def _commit_group(group: list[Window], device: torch.device, dtype: torch.dtype,
     tracked: list[torch.Tensor] = [layer.num_batches_tracked for layer in group]  # type: ignore[misc]
     warm = (
         None
-        if momentum is None or all(layer.warm_start is False for layer in group)
+        if not momentum or all(layer.warm_start is False for layer in group)
         else torch.stack([_decide_warm_start(layer) for layer in group])
     )  # decided before this window is counted
     torch._foreach_add_(tracked, valid.to(tracked[0].dtype).unbind())
@@ -158,10 +164,10 @@ def _commit_group(group: list[Window], device: torch.device, dtype: torch.dtype,
         factor = valid.to(dtype).div_(torch.stack(tracked).clamp(min=1).to(dtype))
     else:
         factor = valid.to(dtype).mul_(momentum)
-        if warm is not None:  # bias-corrected: momentum / (1 - (1 - momentum)^k); the first window's factor is 1
+        if warm is not None:  # polynomial-decay averaging: max(momentum, 1 / (1 + momentum (k - 1))), 1 at k = 1
             committed = torch.stack(tracked).clamp(min=1).to(dtype)
-            correction = torch.pow(1.0 - momentum, committed).neg_().add_(1.0)
-            factor = torch.where(warm, factor / correction, factor)
+            share = committed.sub_(1.0).mul_(momentum).add_(1.0).reciprocal_().clamp_(min=momentum)
+            factor = torch.where(warm, share.mul_(valid.to(dtype)), factor)
     stats = torch.cat([means, unbiased]).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     if stats.dtype != dtype:
         stats = stats.to(dtype)

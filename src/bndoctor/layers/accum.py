@@ -43,14 +43,16 @@ In eval mode it is plain BatchNorm with its running statistics.
 
 Running statistics take one EMA step per window, K times fewer than plain
 BatchNorm takes in the same run, so a short run's EMA would still hold much of
-its initial values (mean 0, variance 1). With ``warm_start`` (the default for
-a layer whose running statistics are still those initial values when its
-first window commits) the steps are bias-corrected as Adam's moments are
-(Kingma & Ba 2015): window k is committed with the factor
-``momentum / (1 - (1 - momentum)^k)``, so the first window replaces the
-initial values, the running statistics are always the EMA of the windows
-committed so far normalised to weights summing to one, and the factor falls
-to ``momentum`` as k grows. Running statistics that were trained or loaded
+its initial values (mean 0, variance 1), and an EMA over all windows so far
+would average statistics of weights that have moved since. With
+``warm_start`` (the default for a layer whose running statistics are still
+those initial values when its first window commits) window k is committed
+with the factor ``max(momentum, 1 / (1 + momentum (k - 1)))``,
+polynomial-decay averaging (Shamir & Zhang 2013): the first window replaces
+the initial values, the running statistics are a mean of the windows so far
+weighing the latest most (roughly the last ``momentum * k`` windows), and
+from about ``1 / momentum^2`` windows on the steps are plain EMA steps.
+Running statistics that were trained or loaded
 (a pretrained model being fine-tuned) take plain EMA steps.
 """
 
@@ -137,8 +139,8 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
     and :func:`bndoctor.to_accum_bn`), ``passes`` (exact mode: the correction
     passes at each window's close, None until exact),
     ``sync`` (pool each window across the ranks of ``process_group`` too;
-    default the world), ``process_group`` and ``warm_start`` (bias-corrected
-    EMA steps from the first window: ``True``, ``False``, or ``None``, the
+    default the world), ``process_group`` and ``warm_start`` (averaged
+    windows from the first on, the latest weighed most: ``True``, ``False``, or ``None``, the
     default: when the running statistics still hold their initial values and
     ``num_batches_tracked`` is 0 at the first commit; see
     :mod:`bndoctor.layers.accum`); accepts inputs

@@ -84,7 +84,7 @@ def to_accum_bn(
             micro-batch x accumulation steps x world size; ``None`` (default) syncs exactly the layers that
             are SyncBatchNorm now (bndoctor's or torch's), keeping their process group unless one is given.
         process_group: the ranks to pool over (default: all).
-        warm_start: commit the first windows with bias-corrected EMA steps, so that a short run's running
+        warm_start: commit the first windows as a mean weighing the latest most, so that a short run's running
             statistics do not keep their initial values (one EMA step per window is K times fewer steps than
             plain BN takes). ``None`` (default): for layers whose running statistics are still the initial
             values (mean 0, variance 1, nothing counted) when their first window commits; statistics that
