@@ -24,66 +24,118 @@ d``, that difference is, per channel, an affine function of ``x``:
 (a, b: the call's sums from the previous pass; A, B: their totals over the
 window, over all ranks that share it). The bias and weight gradients do not
 depend on the centring and are exact in every pass.
+
+The backward only stores its bias and weight gradients; the sums, and the
+slope and offset each call injects (``gamma c1 / sigma_B sigma`` and the
+matching offset, with ``x_hat_B = (x - mu_B) / sigma_B``), are computed for
+all calls of a layer at once between passes (:func:`pass_sums`,
+:func:`injections`), so a replayed call costs a forward, torch's BN backward
+and one fused multiply-add more than nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ..errors import BNDoctorError
 
-__all__ = ["Call", "ExactRenorm", "Injection"]
+__all__ = ["Call", "ExactRenorm", "injections", "pass_sums"]
 
 
 class Call:
-    """One training call of a layer in the window: its renorm constants and the sums its backward saw.
+    """One training call of a layer in the window: its normalisation, and what its backward saw.
 
-    ``r`` and ``d`` (per channel) fix the normalisation, so a replay of the
-    same input normalises exactly as the gradient pass did; ``n`` is the
-    call's values per channel; ``sums`` holds ``a`` and ``b`` (2, C) of the
-    current pass, ``previous`` those of the pass before (None in the gradient
-    pass).
+    ``r`` and ``d`` (per channel) fix the normalisation, and ``factors`` =
+    (mean_B, var_B, invstd_B) of the recorded input, so a replay of the same
+    input normalises exactly as the gradient pass did without computing them
+    again; ``n`` is the call's values per channel. ``grads`` holds the
+    current pass's (sum(dL/dy x_hat_B), sum(dL/dy)) per channel (None until
+    its backward runs); ``shift`` the (slope, offset) a replay injects, shaped
+    for the input ``like`` (dtype, dimensions; None outside a replay).
     """
 
-    __slots__ = ("d", "n", "previous", "r", "sums")
+    __slots__ = ("d", "factors", "grads", "like", "n", "r", "shift")
 
-    def __init__(self, r: torch.Tensor, d: torch.Tensor, n: int) -> None:
+    def __init__(
+        self, r: torch.Tensor, d: torch.Tensor, n: int, factors: tuple[torch.Tensor, ...], like: torch.Tensor
+    ) -> None:
         self.r = r
         self.d = d
         self.n = n
-        self.sums = torch.zeros((2, r.numel()), dtype=r.dtype, device=r.device)
-        self.previous: torch.Tensor | None = None
+        self.factors = factors
+        self.like = like.dtype, like.dim()
+        self.grads: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-class Injection:
-    """What a replayed call adds to its input gradient: the previous pass's sums of the call and of the window."""
+@torch.no_grad()
+def pass_sums(calls: Sequence[Call]) -> torch.Tensor:
+    """The sums ``a`` and ``b`` of every call in the current pass, (calls, 2, C); zeros where no gradient came."""
+    r = calls[0].r
+    zero = torch.zeros_like(r)
+    seen = torch.stack([g.to(r.dtype) for c in calls for g in (c.grads or (zero, zero))]).view(len(calls), 2, -1)
+    a = seen[:, 1]
+    b = torch.stack([c.r for c in calls]).mul_(seen[:, 0]).addcmul_(torch.stack([c.d for c in calls]), a)
+    return torch.stack((a, b), 1)
 
-    __slots__ = ("count", "totals")
 
-    def __init__(self, totals: torch.Tensor, count: torch.Tensor) -> None:
-        self.totals = totals  # (2, C): A and B over the window (all ranks)
-        self.count = count  # N, the window's count (all ranks), a 0-d tensor
+@torch.no_grad()
+def injections(
+    calls: Sequence[Call],
+    previous: torch.Tensor,
+    totals: torch.Tensor,
+    count: torch.Tensor,
+    weight: torch.Tensor | None,
+) -> None:
+    """Set each call's ``shift`` for a replay: the slope and offset of what it adds to its input gradient.
+
+    ``previous`` (calls, 2, C): the calls' sums in the previous pass; ``totals`` (2, C): their sums over the
+    window and the ranks that share it; ``count``: the window's values per channel.
+    """
+    r = torch.stack([c.r for c in calls])
+    d = torch.stack([c.d for c in calls])
+    mean = torch.stack([c.factors[0] for c in calls]).to(r.dtype)
+    invstd = torch.stack([c.factors[2] for c in calls]).to(r.dtype)
+    n = torch.tensor([float(c.n) for c in calls], dtype=r.dtype, device=r.device).unsqueeze(1)
+    a, b = previous.unbind(1)
+    big_a, big_b = (t / count for t in totals.unbind(0))
+    c0 = a / n - big_a - d * big_b
+    c1 = (b - d * a) / (r * n) - r * big_b
+    scale = r * invstd  # 1 / sigma
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    slope = scale * c1 * invstd
+    offset = scale * (c0 - c1 * mean * invstd)
+    kinds = {call.like for call in calls}
+    for dtype, dim in kinds:  # one kind of input in practice: the shifts in one view each
+        shape = [len(calls), 1, -1] + [1] * (dim - 2)
+        pairs = zip(slope.to(dtype).view(shape).unbind(0), offset.to(dtype).view(shape).unbind(0))
+        for call, shift in zip(calls, pairs):
+            if call.like == (dtype, dim):
+                call.shift = shift
 
 
 class ExactRenorm(torch.autograd.Function):
-    """``gamma x_hat + beta`` with x_hat = r x_hat_B + d; the renorm backward, recorded, plus an injection.
+    """``gamma x_hat + beta`` with x_hat = r x_hat_B + d; the renorm backward, recorded, plus a replay's shift.
 
-    ``factors`` = (mean_B, var_B, invstd_B) of the micro-batch; ``call`` (a
-    :class:`Call`) receives the sums; ``inject`` is None in the gradient pass.
+    ``call`` (a :class:`Call`) gives the normalisation and receives the bias
+    and weight gradients; ``replay``: whether this is a replayed call, whose
+    input gradient gets the call's ``shift``.
     """
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, factors, eps: float, call: Call, inject: Injection | None):  # type: ignore[override]
-        mean, var, invstd = factors
+    def forward(ctx: Any, x, weight, bias, eps: float, call: Call, replay: bool):  # type: ignore[override]
+        mean, var, _ = call.factors
         r, d = call.r, call.d
         if weight is None:
             w, b = r, (d if bias is None else d + bias)
         else:
             w, b = weight * r, (torch.addcmul(bias, weight, d) if bias is not None else weight * d)
         ctx.save_for_backward(x, weight)
-        ctx.kept = w, mean, invstd, call, inject
+        ctx.kept = w, call, replay
         ctx.eps = eps
         ctx.has_bias = bias is not None
         return torch.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)[0]
@@ -96,29 +148,20 @@ class ExactRenorm(torch.autograd.Function):
                 hint="use mode='renorm' for gradient penalties and other second-order terms",
             )
         x, weight = ctx.saved_tensors
-        w, mean, invstd, call, inject = ctx.kept
+        w, call, replay = ctx.kept
+        mean, _, invstd = call.factors
         need_x = ctx.needs_input_grad[0]
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             grad.contiguous(), x, w, None, None, mean, invstd, True, ctx.eps, [need_x, True, True]
         )
-        r, d = call.r, call.d
-        b_sum = dw.to(r.dtype).mul(r).addcmul_(db.to(r.dtype), d)  # sum(dL/dy x_hat) = r sum(dL/dy x_hat_B) + d a
-        call.sums[0].add_(db.to(r.dtype))
-        call.sums[1].add_(b_sum)
-        if need_x and inject is not None and call.previous is not None:
-            a, b = call.previous
-            big_a, big_b = inject.totals
-            count = inject.count
-            n = call.n
-            c0 = a / n - big_a / count - d * big_b / count
-            c1 = (b - d * a) / (r * n) - r * big_b / count
-            scale = r * invstd  # 1 / sigma
-            if weight is not None:
-                scale = scale * weight.to(scale.dtype)
-            slope = scale * c1 * invstd
-            offset = scale * (c0 - c1 * mean * invstd)
-            shape = [1, -1] + [1] * (x.dim() - 2)
-            dx = dx + (x * slope.view(shape).to(x.dtype) + offset.view(shape).to(x.dtype))
-        dweight = b_sum.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = db if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (dx if need_x else None), dweight, dbias, None, None, None, None
+        call.grads = (dw, db) if call.grads is None else (call.grads[0] + dw, call.grads[1] + db)
+        if need_x and replay and call.shift is not None:
+            slope, offset = call.shift
+            dx = dx.addcmul_(x, slope).add_(offset)
+        if weight is not None and ctx.needs_input_grad[1]:
+            r, d = call.r, call.d  # sum(dL/dy x_hat) = r sum(dL/dy x_hat_B) + d sum(dL/dy)
+            dweight = dw.to(r.dtype).mul(r).addcmul_(db.to(r.dtype), d).to(weight.dtype)
+        else:
+            dweight = None
+        dbias = db.clone() if ctx.has_bias and ctx.needs_input_grad[2] else None  # call.grads keeps db
+        return (dx if need_x else None), dweight, dbias, None, None, None

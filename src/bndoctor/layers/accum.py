@@ -72,7 +72,7 @@ from ..moments import pool_step, pool_two
 from ._base import BNDoctorLayer, compiling, snapshot
 from ._batch import batch_moments, batch_stats, require_batch
 from ._commit import commit_windows
-from ._exact import Call, ExactRenorm, Injection
+from ._exact import Call, ExactRenorm, injections, pass_sums
 from ._renormalize import renormalize
 
 __all__ = ["MODES", "AccumBatchNorm", "AccumMode", "close_windows_together", "require_mode"]
@@ -203,6 +203,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         self._previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # blend: the last window
         self._calls: list[Call] = []  # exact mode: this window's training calls, in order
         self._replay: _Replay | None = None  # exact mode: set while the window is replayed
+        self._previous: torch.Tensor | None = None  # exact mode: the calls' sums in the last pass, (calls, 2, C)
         self._match_window()
 
     # ----------------------------------------------------------------- window
@@ -424,9 +425,9 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
                 use_count, use_mean, use_var = self._reference(count, w_mean.clone() if in_place else w_mean, w_m2)
         if renorm:
             if self.mode == "exact" and torch.is_grad_enabled():  # a call the window's replays correct
-                call = Call(r, d, n)
+                call = Call(r, d, n, (mean, var, invstd), x)
                 self._calls.append(call)
-                return ExactRenorm.apply(x, self.weight, self.bias, (mean, var, invstd), self.eps, call, None)
+                return ExactRenorm.apply(x, self.weight, self.bias, self.eps, call, False)
             return renormalize(x, self.weight, self.bias, r, d, (mean, var, invstd), eps=self.eps)
         return self._pooled_norm(x, use_mean, use_var, n / use_count)
 
@@ -456,9 +457,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
                 f"the recorded one {call.n}",
                 hint="the exact mode needs the model to do the same with the same input (no data-dependent shapes)",
             )
-        with torch.no_grad():
-            mean, var, invstd = batch_stats(x, self.eps)
-        out = ExactRenorm.apply(x, self.weight, self.bias, (mean, var, invstd), self.eps, call, replay.injection)
+        out = ExactRenorm.apply(x, self.weight, self.bias, self.eps, call, True)  # the recorded normalisation
         replay.outputs.append(out)
         return out
 
@@ -477,9 +476,10 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         """
         if not self._calls:
             return None
+        self._previous = pass_sums(self._calls)
         for call in self._calls:
-            call.previous, call.sums = call.sums, torch.zeros_like(call.sums)
-        return torch.stack([call.previous for call in self._calls]).sum(0)
+            call.grads = None
+        return self._previous.sum(0)
 
     def open_pass(self, totals: torch.Tensor, outputs: list[torch.Tensor], name: str = "") -> None:
         """Replay with the window's totals (summed over the ranks that share the window); outputs go to ``outputs``.
@@ -487,11 +487,16 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         ``name``: the layer's path in the model, for errors.
         """
         count = self._window[0].reshape(()).to(totals.dtype)
-        self._replay = _Replay(Injection(totals, count), outputs, name)
+        previous = self.__dict__.get("_previous")
+        if previous is not None and self._calls:
+            injections(self._calls, previous, totals, count, self.weight)
+        self._replay = _Replay(outputs, name)
 
     def close_pass(self) -> BNDoctorError | None:
         """End a replay pass; returns the error (not raised) when the pass did not replay every recorded call."""
         replay, self._replay = self._replay, None
+        for call in self._calls:
+            call.shift = None
         if replay is None or replay.index == len(self._calls):
             return None
         return BNDoctorError(
@@ -505,7 +510,10 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         """The size of what the next pass would inject (0 when this layer's gradient is exact): a 0-d tensor."""
         if not self._calls:
             return torch.zeros((), dtype=self._window[1].dtype, device=self._window[1].device)
-        return torch.stack([call.sums.abs().sum() for call in self._calls]).sum()
+        seen = [g for call in self._calls if call.grads is not None for g in call.grads]
+        if not seen:
+            return torch.zeros((), dtype=self._window[1].dtype, device=self._window[1].device)
+        return torch.stack(seen).abs().sum()
 
     def _writes_window_in_place(self, synced: bool) -> bool:
         """Whether this forward updates the window's tensors in place (else it replaces them).
@@ -562,13 +570,12 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
 
 
 class _Replay:
-    """A replay pass in progress: the next recorded call, the injection, and where outputs go."""
+    """A replay pass in progress: the next recorded call, and where outputs go."""
 
-    __slots__ = ("index", "injection", "name", "outputs")
+    __slots__ = ("index", "name", "outputs")
 
-    def __init__(self, injection: Injection, outputs: list[torch.Tensor], name: str) -> None:
+    def __init__(self, outputs: list[torch.Tensor], name: str) -> None:
         self.index = 0
-        self.injection = injection
         self.outputs = outputs
         self.name = name
 
