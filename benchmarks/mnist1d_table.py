@@ -148,6 +148,10 @@ def main() -> None:
     for other in others:
         if ours in runs and other in runs:
             lines.append(f"| {other} against {ours} | {paired(other, ours)} | – |")
+    exact = "m1d-ft-accbn-exact-2x32-corr"  # fine-tuning: the exact mode against the remedies that keep up
+    for other in ("m1d-ft-gn-2x32-corr", "m1d-ft-bn-frozen-2x32-corr"):
+        if exact in runs and other in runs:
+            lines.append(f"| {exact} against {other} | {paired(exact, other)} | – |")
     if "m1d-bn-2x32-corr" in runs:
         lines.append(f"| m1d-bn-2x32-corr (no remedy) | – | {paired('m1d-bn-2x32-corr', 'm1d-bn-64')} |")
     publish(
