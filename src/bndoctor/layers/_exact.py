@@ -11,9 +11,9 @@ while a micro-batch's backward can only centre over its own n samples
 uses). Both are linear in G, and the per-channel sums they need, ``a =
 sum(dL/dy)`` and ``b = sum(dL/dy x_hat)``, are the layer's bias and weight
 gradients of each micro-batch. :class:`ExactRenorm` computes the ``renorm``
-gradient and records ``a`` and ``b`` of its call; in a replay of the window it
+gradient and records what ``a`` and ``b`` of its call follow from; in a replay of the window it
 also adds the difference between the window-wide and the micro-batch
-centring of the gradient recorded in the previous pass (:class:`Injection`).
+centring of the gradient recorded in the previous pass.
 With r = sigma_B / sigma and d = (mu_B - mu) / sigma, ``x_hat = r x_hat_B +
 d``, that difference is, per channel, an affine function of ``x``:
 
@@ -29,8 +29,8 @@ The backward only stores its bias and weight gradients; the sums, and the
 slope and offset each call injects (``gamma c1 / sigma_B sigma`` and the
 matching offset, with ``x_hat_B = (x - mu_B) / sigma_B``), are computed for
 all calls of a layer at once between passes (:func:`pass_sums`,
-:func:`injections`), so a replayed call costs a forward, torch's BN backward
-and one fused multiply-add more than nothing.
+:func:`injections`), so a replayed call's BN costs its forward, torch's BN
+backward and one fused multiply-add.
 """
 
 from __future__ import annotations
