@@ -25,12 +25,12 @@ d``, that difference is, per channel, an affine function of ``x``:
 window, over all ranks that share it). The bias and weight gradients do not
 depend on the centring and are exact in every pass.
 
-The backward only stores its bias and weight gradients; the sums, and the
-slope and offset each call injects (``gamma c1 / sigma_B sigma`` and the
-matching offset, with ``x_hat_B = (x - mu_B) / sigma_B``), are computed for
-all calls of a layer at once between passes (:func:`pass_sums`,
-:func:`injections`), so a replayed call's BN costs its forward, torch's BN
-backward and one fused multiply-add.
+The backward stores its bias and weight gradients, which are the call's a
+and b; the slope and offset each call injects (``gamma c1 / sigma_B sigma``
+and the matching offset, with ``x_hat_B = (x - mu_B) / sigma_B``) are
+computed for all calls of a layer at once between passes
+(:func:`pass_sums`, :func:`injections`), so a replayed call's BN costs its
+forward, torch's BN backward and one fused multiply-add.
 """
 
 from __future__ import annotations
@@ -52,9 +52,10 @@ class Call:
     (mean_B, var_B, invstd_B) of the recorded input, so a replay of the same
     input normalises exactly as the gradient pass did without computing them
     again; ``n`` is the call's values per channel. ``grads`` holds the
-    current pass's (sum(dL/dy x_hat_B), sum(dL/dy)) per channel (None until
-    its backward runs); ``shift`` the (slope, offset) a replay injects, shaped
-    for the input ``like`` (dtype, dimensions; None outside a replay).
+    current pass's ``a`` and ``b`` per channel, its bias and weight
+    gradients in the dtype of ``r`` (None until its backward runs);
+    ``shift`` the (slope, offset) a replay injects, shaped for the input
+    ``like`` (dtype, dimensions; None outside a replay).
     """
 
     __slots__ = ("d", "factors", "grads", "like", "n", "r", "shift")
@@ -74,12 +75,8 @@ class Call:
 @torch.no_grad()
 def pass_sums(calls: Sequence[Call]) -> torch.Tensor:
     """The sums ``a`` and ``b`` of every call in the current pass, (calls, 2, C); zeros where no gradient came."""
-    r = calls[0].r
-    zero = torch.zeros_like(r)
-    seen = torch.stack([g.to(r.dtype) for c in calls for g in (c.grads or (zero, zero))]).view(len(calls), 2, -1)
-    a = seen[:, 1]
-    b = torch.stack([c.r for c in calls]).mul_(seen[:, 0]).addcmul_(torch.stack([c.d for c in calls]), a)
-    return torch.stack((a, b), 1)
+    zero = torch.zeros_like(calls[0].r)
+    return torch.stack([g for c in calls for g in (c.grads or (zero, zero))]).view(len(calls), 2, -1)
 
 
 @torch.no_grad()
@@ -154,14 +151,14 @@ class ExactRenorm(torch.autograd.Function):
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
             grad.contiguous(), x, w, None, None, mean, invstd, True, ctx.eps, [need_x, True, True]
         )
-        call.grads = (dw, db) if call.grads is None else (call.grads[0] + dw, call.grads[1] + db)
+        r, d = call.r, call.d
+        a = db.to(r.dtype)
+        b = dw.to(r.dtype).mul_(r).addcmul_(a, d)  # sum(dL/dy x_hat) = r sum(dL/dy x_hat_B) + d sum(dL/dy)
+        call.grads = (a, b) if call.grads is None else (call.grads[0] + a, call.grads[1] + b)
         if need_x and replay and call.shift is not None:
             slope, offset = call.shift
             dx = dx.addcmul_(x, slope).add_(offset)
-        if weight is not None and ctx.needs_input_grad[1]:
-            r, d = call.r, call.d  # sum(dL/dy x_hat) = r sum(dL/dy x_hat_B) + d sum(dL/dy)
-            dweight = dw.to(r.dtype).mul(r).addcmul_(db.to(r.dtype), d).to(weight.dtype)
-        else:
-            dweight = None
-        dbias = db.clone() if ctx.has_bias and ctx.needs_input_grad[2] else None  # call.grads keeps db
+        # copies: call.grads keeps b and a, and autograd may accumulate into the gradients it is given
+        dweight = b.to(weight.dtype, copy=True) if weight is not None and ctx.needs_input_grad[1] else None
+        dbias = db.clone() if ctx.has_bias and ctx.needs_input_grad[2] else None
         return (dx if need_x else None), dweight, dbias, None, None, None

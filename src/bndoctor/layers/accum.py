@@ -203,7 +203,7 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         self._previous: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # blend: the last window
         self._calls: list[Call] = []  # exact mode: this window's training calls, in order
         self._replay: _Replay | None = None  # exact mode: set while the window is replayed
-        self._previous: torch.Tensor | None = None  # exact mode: the calls' sums in the last pass, (calls, 2, C)
+        self._pass_sums: torch.Tensor | None = None  # exact mode, during a replay: the calls' sums it injects
         self._match_window()
 
     # ----------------------------------------------------------------- window
@@ -476,10 +476,10 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         """
         if not self._calls:
             return None
-        self._previous = pass_sums(self._calls)
+        sums = self._pass_sums = pass_sums(self._calls)
         for call in self._calls:
             call.grads = None
-        return self._previous.sum(0)
+        return sums.sum(0)
 
     def open_pass(self, totals: torch.Tensor, outputs: list[torch.Tensor], name: str = "") -> None:
         """Replay with the window's totals (summed over the ranks that share the window); outputs go to ``outputs``.
@@ -487,14 +487,15 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
         ``name``: the layer's path in the model, for errors.
         """
         count = self._window[0].reshape(()).to(totals.dtype)
-        previous = self.__dict__.get("_previous")
-        if previous is not None and self._calls:
+        previous = self.__dict__.get("_pass_sums")  # absent in layers pickled by an older bndoctor
+        if previous is not None:
             injections(self._calls, previous, totals, count, self.weight)
         self._replay = _Replay(outputs, name)
 
     def close_pass(self) -> BNDoctorError | None:
         """End a replay pass; returns the error (not raised) when the pass did not replay every recorded call."""
         replay, self._replay = self._replay, None
+        self._pass_sums = None
         for call in self._calls:
             call.shift = None
         if replay is None or replay.index == len(self._calls):
@@ -508,8 +509,6 @@ class AccumBatchNorm(BNDoctorLayer, HasProcessGroup, _BatchNorm):
 
     def pending_correction(self) -> torch.Tensor:
         """The size of what the next pass would inject (0 when this layer's gradient is exact): a 0-d tensor."""
-        if not self._calls:
-            return torch.zeros((), dtype=self._window[1].dtype, device=self._window[1].device)
         seen = [g for call in self._calls if call.grads is not None for g in call.grads]
         if not seen:
             return torch.zeros((), dtype=self._window[1].dtype, device=self._window[1].device)
